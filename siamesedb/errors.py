@@ -1,0 +1,64 @@
+"""Named exceptions: everything siamesedb raises on purpose derives from SiameseDBError.
+
+The CLI turns any SiameseDBError into one line on stderr and a non-zero exit status, so each
+message must make sense on its own: name the file, index or label, and the problem.
+"""
+
+from __future__ import annotations
+
+
+class SiameseDBError(Exception):
+    """Base class of every error siamesedb raises on purpose."""
+
+
+class InvalidInputError(SiameseDBError, ValueError):
+    """An argument has the wrong shape, type or value."""
+
+
+class ImageLoadError(SiameseDBError):
+    """A file or object could not be read as an image."""
+
+    def __init__(self, source: object, reason: str):
+        self.source = source
+        self.reason = reason
+        super().__init__(f"{source}: {reason}")
+
+
+class FolderError(SiameseDBError):
+    """A labelled folder is missing, is not a folder, or holds no readable images."""
+
+
+class IndexNotFoundError(SiameseDBError):
+    """No index exists at the given path."""
+
+
+class IndexExistsError(SiameseDBError):
+    """An index already exists where a new one was to be built."""
+
+
+class CorruptIndexError(SiameseDBError):
+    """An index file (store, vectors or manifest) is unreadable or inconsistent."""
+
+
+class UnknownLabelError(SiameseDBError):
+    """A label was named that the index does not hold."""
+
+
+class DimensionMismatchError(SiameseDBError):
+    """Vectors have a different dimension than the index expects."""
+
+
+class EncoderError(SiameseDBError):
+    """An encoder is unknown, missing or unreadable."""
+
+
+class EncoderMismatchError(EncoderError):
+    """An encoder differs from the one that made an index's vectors."""
+
+
+class NotCalibratedError(SiameseDBError):
+    """Verification needs a threshold and none has been calibrated."""
+
+
+class EmptyIndexError(SiameseDBError):
+    """The operation needs items and the index (or the chosen classes) holds none."""
