@@ -1,0 +1,422 @@
+"""The `siamesedb` command line: a thin click layer over db, training and evaluation.
+
+Every command's real work lives in the Python API; this module parses options, calls it, and prints. Errors the
+user can fix (SiameseDBError) become one line on stderr and exit status 1, in one place: `SiameseGroup.invoke`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from siamesedb import __version__
+from siamesedb.errors import SiameseDBError
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class SiameseGroup(click.Group):
+    """A click group that turns named siamesedb errors into one clean line and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SiameseDBError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+# ---------------------------------------------------------------------------------------------- shared options
+
+
+def index_option(required: bool = True) -> Callable:
+    return click.option(
+        "--index",
+        "index_dir",
+        required=required,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Index folder (e.g. indexes/omniglot).",
+    )
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+device_option = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where to run the encoder."
+)
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+encoder_option = click.option(
+    "--encoder",
+    default="default",
+    show_default=True,
+    help="Encoder name ('default' = the shipped model) or a folder holding config.json + model.safetensors.",
+)
+images_argument = click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+
+
+def emit_json(document: Any) -> None:
+    click.echo(json.dumps(document, indent=2))
+
+
+def open_db(index_dir: Path, device: str = "auto"):
+    from siamesedb.db import SiameseDB
+
+    return SiameseDB.open(index_dir, device=device)
+
+
+# ---------------------------------------------------------------------------------------------- the group
+
+
+@click.group(cls=SiameseGroup, context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "-V", "--version", prog_name="siamesedb")
+def cli() -> None:
+    """siamesedb: one-shot image recognition with Siamese encoders and a FAISS index.
+
+    \b
+    Build an index from a labelled folder (label = the image's parent folder), then
+    query it for similar images, classify new images against its classes, or verify
+    that an image belongs to a claimed class.
+
+    \b
+    Example:
+      siamesedb build data/omniglot/images_evaluation --index indexes/omniglot
+      siamesedb classify new.png --index indexes/omniglot
+    """
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("folder", type=click.Path(path_type=Path))
+@index_option()
+@encoder_option
+@click.option("--factory", default="Flat", show_default=True, help="FAISS index factory string (Flat, IVF256,Flat, HNSW32…).")
+@device_option
+@click.option("--batch-size", default=256, show_default=True, help="Images encoded per batch.")
+@click.option("--workers", type=int, default=None, help="Decoding processes (default: automatic).")
+@quiet_option
+@json_option
+def build(folder: Path, index_dir: Path, encoder: str, factory: str, device: str, batch_size: int,
+          workers: int | None, quiet: bool, as_json: bool) -> None:
+    """Build (or resume building) an index from a labelled FOLDER.
+
+    Each image's label is its parent folder's path relative to FOLDER (Latin/character07);
+    an image directly in FOLDER is labelled by its file stem. Unreadable files are skipped
+    with a warning. Re-running the same build adds only what the index lacks.
+
+    \b
+    Example:
+      siamesedb build ~/omniglot/images_evaluation --index indexes/omniglot
+    """
+    from siamesedb.db import SiameseDB
+
+    db = SiameseDB.build(folder, path=index_dir, encoder=encoder, factory=factory, device=device,
+                         batch_size=batch_size, workers=workers, progress=not (quiet or as_json))
+    report = db.last_report
+    for path, reason in report.skipped:
+        click.echo(f"warning: skipped {path}: {reason}", err=True)
+    if as_json:
+        emit_json({"index": str(index_dir), **report.to_dict(), "items": len(db), "classes": len(db.labels())})
+        return
+    click.echo(
+        f"{index_dir}: added {report.added} images ({report.images_per_second:.0f} images/s), "
+        f"{report.already_indexed} already indexed, {len(report.skipped)} skipped; "
+        f"{len(db)} items in {len(db.labels())} classes"
+    )
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@images_argument
+@index_option()
+@click.option("--label", required=True, help="Class label for the added image(s).")
+@device_option
+@json_option
+def add(images: tuple[Path, ...], index_dir: Path, label: str, device: str, as_json: bool) -> None:
+    """Add IMAGE(s) to an index under one LABEL.
+
+    \b
+    Example:
+      siamesedb add new1.png new2.png --index indexes/omniglot --label Latin/character27
+    """
+    db = open_db(index_dir, device)
+    ids = [int(i) for i in db.add(list(images), label)]
+    if as_json:
+        emit_json({"label": label, "ids": ids, "paths": [str(p) for p in images]})
+    else:
+        click.echo(f"added {len(ids)} image(s) as {label!r} (ids {', '.join(map(str, ids))}); {len(db)} items")
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@index_option()
+@click.option("--id", "ids", type=int, multiple=True, help="Item id to remove (repeatable).")
+@click.option("--label", default=None, help="Remove every item of this label.")
+@json_option
+def remove(index_dir: Path, ids: tuple[int, ...], label: str | None, as_json: bool) -> None:
+    """Remove items by --id or a whole class by --label.
+
+    \b
+    Example:
+      siamesedb remove --index indexes/omniglot --label Latin/character27
+      siamesedb remove --index indexes/omniglot --id 42 --id 43
+    """
+    if bool(ids) == (label is not None):
+        raise click.UsageError("give either --id (one or more) or --label")
+    db = open_db(index_dir)
+    removed = db.remove(ids=list(ids)) if ids else db.remove(label=label)
+    if as_json:
+        emit_json({"removed": removed, "items": len(db)})
+    else:
+        click.echo(f"removed {removed} item(s); {len(db)} left")
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@index_option()
+@click.option("--target-far", type=float, default=None, help="Aim for this false-accept rate instead of the equal-error point.")
+@click.option("--rule", type=click.Choice(["prototype", "max", "mean_top3"]), default="prototype", show_default=True,
+              help="Score against the class prototype, the best reference, or the mean of the top 3.")
+@json_option
+def calibrate(index_dir: Path, target_far: float | None, rule: str, as_json: bool) -> None:
+    """Calibrate the verification threshold on the index's own genuine/impostor pairs.
+
+    \b
+    Example:
+      siamesedb calibrate --index indexes/signatures --target-far 0.01
+    """
+    result = open_db(index_dir).calibrate(target_far=target_far, rule=rule)
+    if as_json:
+        emit_json(result)
+        return
+    where = "equal-error point" if result["method"] == "eer" else f"target FAR {target_far}"
+    click.echo(
+        f"threshold {result['threshold']:.4f} ({rule}, {where}): FAR {result['far']:.2%}, FRR {result['frr']:.2%} "
+        f"over {result['genuine_pairs']} genuine / {result['impostor_pairs']} impostor pairs"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@images_argument
+@index_option()
+@click.option("-k", "k", default=5, show_default=True, help="How many neighbours to return.")
+@device_option
+@json_option
+def query(images: tuple[Path, ...], index_dir: Path, k: int, device: str, as_json: bool) -> None:
+    """Find the K most similar indexed items to each IMAGE.
+
+    \b
+    Example:
+      siamesedb query new.png --index indexes/omniglot -k 5 --json
+    """
+    db = open_db(index_dir, device)
+    results = db.search(list(images), k=k)
+    if as_json:
+        emit_json([{"query": str(p), "hits": [h.to_dict() for h in hits]} for p, hits in zip(images, results)])
+        return
+    for path, hits in zip(images, results):
+        click.echo(str(path))
+        for rank, hit in enumerate(hits, 1):
+            click.echo(f"  {rank:>2}. {hit.score:.4f}  {hit.label}  (id {hit.id}, {hit.path})")
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@images_argument
+@index_option()
+@click.option("--method", type=click.Choice(["prototype", "knn"]), default="prototype", show_default=True,
+              help="Nearest class prototype, or a score-weighted vote of the k nearest items.")
+@click.option("-k", "k", default=5, show_default=True, help="Neighbours that vote (knn only).")
+@click.option("--class", "classes", multiple=True, help="Restrict to these classes (repeatable): an N-way episode.")
+@click.option("--top", default=5, show_default=True, help="Ranking entries shown (all are in --json).")
+@device_option
+@json_option
+def classify(images: tuple[Path, ...], index_dir: Path, method: str, k: int, classes: tuple[str, ...], top: int,
+             device: str, as_json: bool) -> None:
+    """Say which of the index's classes each IMAGE belongs to.
+
+    \b
+    Example:
+      siamesedb classify new.png --index indexes/omniglot --method prototype --json
+    """
+    db = open_db(index_dir, device)
+    predictions = db.classify(list(images), method=method, k=k, classes=list(classes) or None)
+    if as_json:
+        emit_json([{"query": str(p), **pred.to_dict()} for p, pred in zip(images, predictions)])
+        return
+    for path, pred in zip(images, predictions):
+        click.echo(f"{path}: {pred.label} ({pred.score:.4f})")
+        for label, score in pred.ranking[1:top]:
+            click.echo(f"    {score:.4f}  {label}")
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@index_option(required=False)
+@click.option("--label", default=None, help="Claimed class (with --index).")
+@encoder_option
+@click.option("--threshold", type=float, default=None, help="Accept at or above this score (default: calibrated).")
+@click.option("--rule", type=click.Choice(["prototype", "max", "mean_top3"]), default=None,
+              help="Scoring rule against the support set (default: the calibrated one).")
+@device_option
+@json_option
+def verify(images: tuple[Path, ...], index_dir: Path | None, label: str | None, encoder: str,
+           threshold: float | None, rule: str | None, device: str, as_json: bool) -> None:
+    """Verify IMAGE against a claimed --label of an index, or IMAGE_A against IMAGE_B.
+
+    With --index and --label, IMAGE is scored against that class's support set and
+    accepted when the score reaches the index's calibrated threshold. With two images
+    and no index, they are compared directly with the encoder's pair threshold.
+
+    \b
+    Example:
+      siamesedb verify questioned.png --index indexes/signatures --label U31/genuine
+      siamesedb verify a.png b.png --json
+    """
+    if index_dir is not None:
+        if len(images) != 1 or label is None:
+            raise click.UsageError("with --index, give exactly one IMAGE and --label")
+        result = open_db(index_dir, device).verify(images[0], label, threshold=threshold, rule=rule)
+    else:
+        if len(images) != 2:
+            raise click.UsageError("give IMAGE --index DIR --label LABEL, or two images IMAGE_A IMAGE_B")
+        from siamesedb.db import verify_pair
+
+        result = verify_pair(images[0], images[1], encoder=encoder, threshold=threshold, device=device)
+    document = {"query": str(images[0]), **result.to_dict()}
+    if as_json:
+        emit_json(document)
+        return
+    verdict = "ACCEPTED" if result.accepted else "REJECTED"
+    click.echo(f"{images[0]} as {result.label}: {verdict} (score {result.score:.4f}, threshold {result.threshold:.4f})")
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@index_option()
+@json_option
+def info(index_dir: Path, as_json: bool) -> None:
+    """Show an index's size, classes, dimension, encoder and threshold.
+
+    \b
+    Example:
+      siamesedb info --index indexes/omniglot
+    """
+    summary = open_db(index_dir).info()
+    if as_json:
+        emit_json(summary)
+        return
+    calibration = summary["calibration"]
+    click.echo(f"index      {summary['path']}")
+    click.echo(f"items      {summary['items']} in {summary['classes']} classes")
+    click.echo(f"vectors    {summary['dimension']}-d, {summary['metric']}, FAISS {summary['factory']}")
+    enc = summary["encoder"]
+    click.echo(f"encoder    {enc['backbone']} {enc['name']} (fingerprint {enc['fingerprint']}, input {enc['image_size']})")
+    if calibration:
+        click.echo(f"threshold  {calibration['threshold']:.4f} ({calibration['rule']}, {calibration['method']})")
+    else:
+        click.echo("threshold  not calibrated (run `siamesedb calibrate`)")
+
+
+# ---------------------------------------------------------------------------------------------- training, evaluation
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where the trained encoder (config.json + model.safetensors) and its logs go.")
+@click.option("--loss", type=click.Choice(["contrastive", "triplet", "bce", "proto"]), default="contrastive",
+              show_default=True, help="Training objective.")
+@click.option("--epochs", type=int, default=None, help="Passes over the training schedule.")
+@click.option("--steps-per-epoch", type=int, default=None, help="Optimiser steps per epoch.")
+@click.option("--batch-size", type=int, default=None, help="Pairs / items per step.")
+@click.option("--lr", type=float, default=None, help="Adam learning rate.")
+@click.option("--margin", type=float, default=None, help="Margin of the contrastive / triplet loss.")
+@click.option("--backbone", default=None, help="Backbone from the registry (conv4, resnet…).")
+@click.option("--embedding-dim", type=int, default=None, help="Vector dimension.")
+@click.option("--image-size", type=int, default=None, help="Square input size in pixels.")
+@click.option("--seed", type=int, default=None, help="Random seed (runs are deterministic on CPU).")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
+@device_option
+@quiet_option
+def train(folder: Path, out_dir: Path, loss: str, epochs: int | None, steps_per_epoch: int | None,
+          batch_size: int | None, lr: float | None, margin: float | None, backbone: str | None,
+          embedding_dim: int | None, image_size: int | None, seed: int | None, resume: bool, device: str,
+          quiet: bool) -> None:
+    """Train a Siamese encoder on a labelled FOLDER (twin networks, shared weights).
+
+    \b
+    Example:
+      siamesedb train ~/omniglot/images_background --out runs/omniglot --loss contrastive --epochs 10
+    """
+    from siamesedb.training import TrainConfig, train as run_training
+
+    overrides = {
+        "loss": loss, "epochs": epochs, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "lr": lr,
+        "margin": margin, "backbone": backbone, "embedding_dim": embedding_dim, "seed": seed, "device": device,
+    }
+    if image_size is not None:
+        overrides["image_size"] = image_size
+    config = TrainConfig(**{key: value for key, value in overrides.items() if value is not None})
+    encoder = run_training(folder, out_dir, config, progress=not quiet, resume=resume,
+                           log=None if quiet else (lambda line: click.echo(line, err=True)))
+    click.echo(f"saved encoder {encoder.fingerprint} ({encoder.config.backbone}, {encoder.dimension}-d) to {out_dir}")
+
+
+@cli.group(cls=SiameseGroup, context_settings=CONTEXT_SETTINGS, name="eval")
+def eval_group() -> None:
+    """Measure accuracy on held-apart data (never the training classes).
+
+    \b
+    Example:
+      siamesedb eval oneshot ~/omniglot/images_evaluation --encoder default --within-group
+    """
+
+
+@eval_group.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("folder", type=click.Path(path_type=Path))
+@encoder_option
+@click.option("--way", default=20, show_default=True, help="Classes per episode.")
+@click.option("--shot", default=1, show_default=True, help="Support images per class.")
+@click.option("--queries", default=1, show_default=True, help="Query images per class per episode.")
+@click.option("--episodes", default=1000, show_default=True, help="Episodes to average over.")
+@click.option("--within-group", is_flag=True,
+              help="Lake's protocol: all classes of an episode from one group (alphabet = first label component), "
+                   "support all by one drawer, queries by another.")
+@click.option("--seed", default=0, show_default=True, help="Episode sampling seed.")
+@device_option
+@quiet_option
+@json_option
+def oneshot(folder: Path, encoder: str, way: int, shot: int, queries: int, episodes: int, within_group: bool,
+            seed: int, device: str, quiet: bool, as_json: bool) -> None:
+    """N-way K-shot classification accuracy (mean and 95% CI) over episodes of FOLDER.
+
+    \b
+    Example:
+      siamesedb eval oneshot ~/omniglot/images_evaluation --within-group --way 20 --shot 1 --episodes 1000
+    """
+    from siamesedb.encoder import Encoder
+    from siamesedb.evaluation import evaluate_oneshot
+
+    result = evaluate_oneshot(folder, Encoder.load(encoder, device=device), way=way, shot=shot, queries=queries,
+                              episodes=episodes, within_group=within_group, seed=seed,
+                              progress=not (quiet or as_json))
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    task = "within-group" if within_group else "unstructured"
+    click.echo(f"{way}-way {shot}-shot ({task}, {episodes} episodes, seed {seed}): "
+               f"accuracy {result.accuracy:.2%} ± {result.ci95:.2%} (95% CI)")
+
+
+def main() -> None:
+    cli(prog_name="siamesedb")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,620 @@
+"""SiameseDB, the front door: build, open, add, remove, search, classify, verify and calibrate an index.
+
+An index is a folder (DESIGN.md, "On disk"):
+
+    items.sqlite   the truth: id, label, path, sha256, vector of every item
+    vectors.faiss  derived FAISS index over the same ids; rebuilt from the store when missing, stale or unreadable
+    encoder/       the encoder that made the vectors (config.json + model.safetensors)
+    manifest.json  format version, dimension, metric, factory, encoder fingerprint, calibration
+
+Write order for every change: store transaction first (the durable truth), then the FAISS file, then the manifest,
+which records the store version the FAISS file mirrors. A crash between steps leaves a manifest that names an older
+store version, and the next open rebuilds the FAISS file from the store instead of trusting it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from siamesedb import __version__, query
+from siamesedb.data import LabelledImage, file_sha256, iter_batches, scan_folder
+from siamesedb.encoder import DEFAULT_ENCODER, Encoder
+from siamesedb.errors import (
+    CorruptIndexError,
+    DimensionMismatchError,
+    EmptyIndexError,
+    EncoderMismatchError,
+    IndexExistsError,
+    IndexNotFoundError,
+    InvalidInputError,
+    NotCalibratedError,
+    UnknownLabelError,
+)
+from siamesedb.index import VectorIndex
+from siamesedb.store import ItemStore
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+STORE_FILE = "items.sqlite"
+VECTORS_FILE = "vectors.faiss"
+ENCODER_DIR = "encoder"
+DEFAULT_HOME = Path("indexes")
+VERIFY_RULES = ("prototype", "max", "mean_top3")
+CLASSIFY_METHODS = ("prototype", "knn")
+
+ImageLike = Any  # a path (str / Path), a PIL image or a numpy array
+
+
+@dataclass
+class BuildReport:
+    """What one build or add_folder run did."""
+
+    scanned: int = 0
+    added: int = 0
+    already_indexed: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.added / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scanned": self.scanned,
+            "added": self.added,
+            "already_indexed": self.already_indexed,
+            "skipped": len(self.skipped),
+            "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped],
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 1),
+        }
+
+
+def _is_single(images: Any) -> bool:
+    """One image in -> one result out; a list or tuple in -> a list out (a 2-D+ array is one image)."""
+    return not isinstance(images, (list, tuple))
+
+
+def _write_json_atomic(path: Path, document: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(document, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class SiameseDB:
+    """An index of labelled image embeddings on disk. Create it with `build`/`create`, reopen it with `open`."""
+
+    def __init__(self, path: Path, store: ItemStore, index: VectorIndex, encoder: Encoder, manifest: dict[str, Any]):
+        self.path = path
+        self.store = store
+        self.index = index
+        self.encoder = encoder
+        self.manifest = manifest
+        self.last_report: BuildReport | None = None
+        # Class prototypes are derived from the store; cached per store version so repeated classify calls are cheap.
+        self._prototype_cache: tuple[int, list[str], np.ndarray] | None = None
+
+    # ------------------------------------------------------------------ creation and opening
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        encoder: str | os.PathLike | Encoder = DEFAULT_ENCODER,
+        factory: str = "Flat",
+        device: str = "auto",
+    ) -> SiameseDB:
+        """Make a new, empty index folder at `path` carrying a copy of `encoder`."""
+        path = Path(path)
+        if (path / MANIFEST_FILE).exists() or (path / STORE_FILE).exists():
+            raise IndexExistsError(f"{path}: an index already exists here (remove it first, or use `add`)")
+        if path.exists() and not path.is_dir():
+            raise IndexExistsError(f"{path}: exists and is not a folder")
+        enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder, device=device)
+        index = VectorIndex(enc.dimension, factory=factory)  # validates the factory before anything is written
+        path.mkdir(parents=True, exist_ok=True)
+        enc.save(path / ENCODER_DIR)
+        store = ItemStore(path / STORE_FILE, dim=enc.dimension)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "siamesedb_version": __version__,
+            "dimension": enc.dimension,
+            "metric": "inner_product",
+            "factory": factory,
+            "encoder": {
+                "fingerprint": enc.fingerprint,
+                "backbone": enc.config.backbone,
+                "name": enc.config.name or str(encoder if not isinstance(encoder, Encoder) else ""),
+            },
+            "vectors_store_version": store.version,
+            "calibration": None,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        db = cls(path, store, index, enc, manifest)
+        db._save_index_and_manifest()
+        return db
+
+    @classmethod
+    def build(
+        cls,
+        folder: str | os.PathLike,
+        path: str | os.PathLike | None = None,
+        encoder: str | os.PathLike | Encoder = DEFAULT_ENCODER,
+        factory: str = "Flat",
+        device: str = "auto",
+        batch_size: int = 256,
+        workers: int | None = None,
+        progress: bool = False,
+    ) -> SiameseDB:
+        """Index every image of a labelled folder (label = parent folder relative to the root).
+
+        Re-running a build into an existing index adds only the files it does not hold yet (same label and content
+        hash), so an interrupted build resumes where it stopped. Unreadable files are skipped and reported in
+        `db.last_report`, never fatal.
+        """
+        folder = Path(folder)
+        images = scan_folder(folder)  # FolderError for a missing / empty folder, before anything is created
+        path = Path(path) if path is not None else DEFAULT_HOME / folder.resolve().name
+        if (path / MANIFEST_FILE).exists():
+            db = cls.open(path, device=device)
+            if not isinstance(encoder, Encoder) and encoder != DEFAULT_ENCODER:
+                other = Encoder.load(encoder, device=device)
+                if other.fingerprint != db.encoder.fingerprint:
+                    raise EncoderMismatchError(
+                        f"{path}: index was built with encoder {db.encoder.fingerprint}, not {other.fingerprint}"
+                    )
+        else:
+            db = cls.create(path, encoder=encoder, factory=factory, device=device)
+        db._add_images(images, batch_size=batch_size, workers=workers, progress=progress)
+        return db
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, device: str = "auto") -> SiameseDB:
+        """Open an existing index; its FAISS file is rebuilt from the store when missing, stale or unreadable."""
+        path = Path(path)
+        manifest_path = path / MANIFEST_FILE
+        if not path.is_dir() or not manifest_path.exists():
+            raise IndexNotFoundError(f"{path}: no index here (build one with `siamesedb build FOLDER --index {path}`)")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            dim = int(manifest["dimension"])
+            version = int(manifest["format_version"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CorruptIndexError(f"{manifest_path}: unreadable manifest ({exc})") from None
+        if version > FORMAT_VERSION:
+            raise CorruptIndexError(
+                f"{path}: written by a newer siamesedb (format {version}; this one reads up to {FORMAT_VERSION})"
+            )
+        encoder = Encoder.load(path / ENCODER_DIR, device=device)
+        expected = manifest.get("encoder", {}).get("fingerprint")
+        if expected and encoder.fingerprint != expected:
+            raise EncoderMismatchError(
+                f"{path / ENCODER_DIR}: encoder fingerprint {encoder.fingerprint} differs from the manifest's {expected}"
+            )
+        if encoder.dimension != dim:
+            raise DimensionMismatchError(f"{path}: encoder makes {encoder.dimension}-d vectors, manifest says {dim}")
+        if not (path / STORE_FILE).exists():
+            raise CorruptIndexError(f"{path / STORE_FILE}: missing (the store is the index's truth)")
+        store = ItemStore(path / STORE_FILE, dim=dim)
+        if store.dim is not None and store.dim != dim:
+            raise DimensionMismatchError(f"{path / STORE_FILE}: store holds {store.dim}-d vectors, manifest says {dim}")
+        factory = manifest.get("factory", "Flat")
+        db = cls(path, store, VectorIndex(dim, factory=factory), encoder, manifest)
+        db.index = db._load_or_rebuild_vectors()
+        return db
+
+    def _load_or_rebuild_vectors(self) -> VectorIndex:
+        vectors_path = self.path / VECTORS_FILE
+        fresh = self.manifest.get("vectors_store_version") == self.store.version
+        if fresh and vectors_path.exists():
+            try:
+                index = VectorIndex.load(vectors_path, factory=self.manifest.get("factory", "Flat"))
+                if index.dim == self.store.dim and index.ntotal == self.store.count():
+                    return index
+            except CorruptIndexError:
+                pass  # derived data: fall through and rebuild it from the store
+        index = self._index_from_store()
+        self.index = index
+        self._save_index_and_manifest()
+        return index
+
+    def _index_from_store(self) -> VectorIndex:
+        ids, vectors = self.store.vectors()
+        index = VectorIndex(self.dimension, factory=self.manifest.get("factory", "Flat"))
+        if len(ids):
+            if not index.is_trained:
+                index.train(vectors)
+            index.add(vectors, ids)
+        return index
+
+    def _save_index_and_manifest(self) -> None:
+        self.index.save(self.path / VECTORS_FILE)
+        self.manifest["vectors_store_version"] = self.store.version
+        _write_json_atomic(self.path / MANIFEST_FILE, self.manifest)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> SiameseDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def dimension(self) -> int:
+        return int(self.manifest["dimension"])
+
+    def __len__(self) -> int:
+        return self.store.count()
+
+    def labels(self) -> list[str]:
+        return sorted(self.store.label_counts())
+
+    # ------------------------------------------------------------------ writing
+
+    def _add_images(
+        self,
+        images: list[LabelledImage],
+        batch_size: int = 256,
+        workers: int | None = None,
+        progress: bool = False,
+    ) -> BuildReport:
+        """Decode, encode and store `images` batch by batch; files already held (label + sha256) are skipped."""
+        from tqdm import tqdm
+
+        started = time.perf_counter()
+        report = BuildReport(scanned=len(images))
+        held = self.store.known_label_hashes()
+        todo: list[LabelledImage] = []
+        hashes: list[str] = []
+        for image in images:
+            try:
+                digest = file_sha256(image.path)
+            except OSError as exc:
+                report.skipped.append((str(image.path), exc.strerror or str(exc)))
+                continue
+            if (image.label, digest) in held:
+                report.already_indexed += 1
+                continue
+            held.add((image.label, digest))  # the same file twice under one label is stored once
+            todo.append(image)
+            hashes.append(digest)
+        if workers is None:
+            workers = min(4, os.cpu_count() or 1) if len(todo) >= 2000 else 0
+        bar = tqdm(total=len(todo), unit="img", disable=not progress, desc="build")
+        try:
+            for kept, tensor, skipped in iter_batches(
+                todo, self.encoder.config.preprocessing, batch_size=batch_size, workers=workers
+            ):
+                report.skipped.extend((str(todo[i].path), reason) for i, reason in skipped)
+                if kept:
+                    vectors = self.encoder.encode_tensors(tensor)
+                    self._commit(
+                        [todo[i].label for i in kept],
+                        [str(todo[i].path) for i in kept],
+                        [hashes[i] for i in kept],
+                        vectors,
+                        save=False,
+                    )
+                    report.added += len(kept)
+                bar.update(len(kept) + len(skipped))
+        finally:
+            bar.close()
+            # Save once at the end (and on interruption): the store already holds every committed batch, and a
+            # stale FAISS file is rebuilt from it on open anyway.
+            self._save_index_and_manifest()
+        report.seconds = time.perf_counter() - started
+        self.last_report = report
+        return report
+
+    def _commit(
+        self, labels: list[str], paths: list[str], hashes: list[str], vectors: np.ndarray, save: bool = True
+    ) -> np.ndarray:
+        if self.index.ntotal == 0 and not self.index.is_trained:
+            self.index.train(vectors)
+        ids = self.store.add(labels, paths, hashes, vectors)
+        self.index.add(vectors, ids)
+        self._prototype_cache = None
+        if save:
+            self._save_index_and_manifest()
+        return ids
+
+    def add_folder(
+        self, folder: str | os.PathLike, batch_size: int = 256, workers: int | None = None, progress: bool = False
+    ) -> BuildReport:
+        """Add every image of a labelled folder that the index does not hold yet."""
+        return self._add_images(scan_folder(Path(folder)), batch_size=batch_size, workers=workers, progress=progress)
+
+    def add(self, images: ImageLike | Sequence[ImageLike], label: str | Sequence[str]) -> int | np.ndarray:
+        """Add image(s) under `label` (one label for all, or one per image). Returns the new id(s).
+
+        A bad image raises ImageLoadError before anything is stored: the whole call is all or nothing.
+        """
+        single = _is_single(images)
+        batch = [images] if single else list(images)
+        labels = [label] * len(batch) if isinstance(label, str) else list(label)
+        if len(labels) != len(batch):
+            raise InvalidInputError(f"{len(batch)} images but {len(labels)} labels")
+        if not batch:
+            return np.empty(0, dtype=np.int64)
+        if any(not str(lab).strip() for lab in labels):
+            raise InvalidInputError("labels must be non-empty text")
+        vectors = self._encode(batch)
+        paths = [str(src) if isinstance(src, (str, os.PathLike)) else "" for src in batch]
+        hashes = [file_sha256(src) if isinstance(src, (str, os.PathLike)) else _array_sha256(src) for src in batch]
+        ids = self._commit([str(x) for x in labels], paths, hashes, vectors)
+        return int(ids[0]) if single else ids
+
+    def add_vectors(
+        self,
+        vectors: np.ndarray,
+        labels: Sequence[str],
+        paths: Sequence[str] | None = None,
+    ) -> np.ndarray:
+        """Add precomputed vectors (made by this index's encoder) with their labels. Returns the new ids."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dimension:
+            raise DimensionMismatchError(f"vectors have shape {vectors.shape}, index needs (n, {self.dimension})")
+        if len(labels) != len(vectors):
+            raise InvalidInputError(f"{len(vectors)} vectors but {len(labels)} labels")
+        if not np.isfinite(vectors).all():
+            raise InvalidInputError("vectors contain NaN or infinity")
+        vectors = query.normalize(vectors)
+        paths = list(paths) if paths is not None else [""] * len(vectors)
+        hashes = [_array_sha256(v) for v in vectors]
+        return self._commit([str(x) for x in labels], paths, hashes, vectors)
+
+    def remove(self, ids: int | Iterable[int] | None = None, label: str | None = None) -> int:
+        """Remove items by id(s) or every item of a label. Returns how many were removed."""
+        if (ids is None) == (label is None):
+            raise InvalidInputError("remove needs either ids or a label, not both")
+        if label is not None:
+            removed = self.store.remove_label(label)
+            if len(removed) == 0:
+                raise UnknownLabelError(f"{self.path}: no items with label {label!r}")
+        else:
+            wanted = np.atleast_1d(np.asarray(ids, dtype=np.int64))
+            present = [item.id for item in self.store.items(wanted) if item is not None]
+            missing = sorted(set(wanted.tolist()) - set(present))
+            if missing:
+                raise InvalidInputError(f"{self.path}: no item with id {missing[0]}")
+            self.store.remove_ids(np.asarray(present, dtype=np.int64))
+            removed = np.asarray(present, dtype=np.int64)
+        self.index.remove(removed)
+        self._prototype_cache = None
+        self._save_index_and_manifest()
+        return int(len(removed))
+
+    # ------------------------------------------------------------------ reading
+
+    def _encode(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """(N, D) float32 vectors of `images` with this index's encoder; ImageLoadError names the first bad one."""
+        return np.atleast_2d(self.encoder.encode(list(images)))
+
+    def search(self, images: ImageLike | Sequence[ImageLike], k: int = 5) -> list[query.Hit] | list[list[query.Hit]]:
+        """Top-k most similar items for each image (highest cosine similarity first)."""
+        single = _is_single(images)
+        hits = self.search_vectors(self._encode([images] if single else list(images)), k)
+        return hits[0] if single else hits
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 5) -> list[list[query.Hit]]:
+        """Array-level search: (nq, D) vectors -> one list of Hits per query (fewer than k if the index is small)."""
+        if k < 1:
+            raise InvalidInputError(f"k must be at least 1, got {k}")
+        D, I = self.index.search(np.atleast_2d(vectors), k)
+        found = I[I >= 0]
+        items = {item.id: item for item in self.store.items(np.unique(found)) if item is not None}
+        results = []
+        for scores, ids in zip(D, I):
+            results.append(
+                [
+                    query.Hit(id=int(i), label=items[i].label, path=items[i].path, score=float(s))
+                    for s, i in zip(scores, ids)
+                    if i >= 0 and i in items
+                ]
+            )
+        return results
+
+    def _prototypes(self, classes: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+        version = self.store.version
+        if self._prototype_cache is None or self._prototype_cache[0] != version:
+            ids, vectors = self.store.vectors()
+            if len(ids) == 0:
+                raise EmptyIndexError(f"{self.path}: the index holds no items")
+            labels = self.store.labels_of(ids)
+            names, protos = query.class_prototypes(vectors, labels)
+            self._prototype_cache = (version, names, protos)
+        _, names, protos = self._prototype_cache
+        if classes is None:
+            return names, protos
+        position = {name: i for i, name in enumerate(names)}
+        unknown = [c for c in classes if c not in position]
+        if unknown:
+            raise UnknownLabelError(f"{self.path}: no class {unknown[0]!r}")
+        rows = [position[c] for c in classes]
+        return [names[r] for r in rows], protos[rows]
+
+    def classify(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        method: str = "prototype",
+        k: int = 5,
+        classes: Sequence[str] | None = None,
+    ) -> query.Prediction | list[query.Prediction]:
+        """Which class is each image? `prototype`: nearest class mean; `knn`: score-weighted vote of the top k.
+
+        `classes` restricts the candidates (an N-way episode); by default every class in the index competes.
+        """
+        single = _is_single(images)
+        predictions = self.classify_vectors(self._encode([images] if single else list(images)), method, k, classes)
+        return predictions[0] if single else predictions
+
+    def classify_vectors(
+        self, vectors: np.ndarray, method: str = "prototype", k: int = 5, classes: Sequence[str] | None = None
+    ) -> list[query.Prediction]:
+        """Array-level classify of (nq, D) vectors."""
+        vectors = np.atleast_2d(vectors)
+        if method == "prototype":
+            names, protos = self._prototypes(classes)
+            rankings = query.rank_by_prototype(vectors, protos, names)
+        elif method == "knn":
+            if k < 1:
+                raise InvalidInputError(f"k must be at least 1, got {k}")
+            if len(self) == 0:
+                raise EmptyIndexError(f"{self.path}: the index holds no items")
+            if classes is None:
+                D, I = self.index.search(vectors, k)
+                labels_by_id = dict(zip(I[I >= 0].tolist(), self.store.labels_of(I[I >= 0])))
+                hit_labels = [[labels_by_id.get(int(i)) if i >= 0 else None for i in row] for row in I]
+            else:
+                self._prototypes(classes)  # raises UnknownLabelError for a class the index lacks
+                D, hit_labels = self._knn_within(vectors, classes, k)
+            rankings = query.rank_by_knn(hit_labels, D, k)
+        else:
+            raise InvalidInputError(f"unknown method {method!r}; choose from {', '.join(CLASSIFY_METHODS)}")
+        return [query.Prediction(label=r[0][0], score=r[0][1], ranking=r) for r in rankings]
+
+    def _knn_within(self, vectors: np.ndarray, classes: Sequence[str], k: int) -> tuple[np.ndarray, list[list]]:
+        """Exact top-k among the items of `classes` only (an episode's support set is small: brute force)."""
+        ids, corpus = self.store.vectors()
+        labels = np.asarray(self.store.labels_of(ids), dtype=object)
+        keep = np.isin(labels, np.asarray(list(classes), dtype=object))
+        D, I = query.brute_force_search(vectors, corpus[keep], k)
+        kept_labels = labels[keep]
+        return D, [[kept_labels[i] if i >= 0 else None for i in row] for row in I]
+
+    def support(self, label: str) -> np.ndarray:
+        """(M, D) vectors of a class's support set."""
+        ids, vectors = self.store.vectors(label=label)
+        if len(ids) == 0:
+            raise UnknownLabelError(f"{self.path}: no class {label!r} (see `siamesedb info --index {self.path}`)")
+        return vectors
+
+    def verify(
+        self, image: ImageLike, label: str, threshold: float | None = None, rule: str | None = None
+    ) -> query.Verification:
+        """Is `image` of class `label`? Compares its score against the support set with the calibrated threshold."""
+        return self.verify_vector(self._encode([image])[0], label, threshold=threshold, rule=rule)
+
+    def verify_vector(
+        self, vector: np.ndarray, label: str, threshold: float | None = None, rule: str | None = None
+    ) -> query.Verification:
+        calibration = self.manifest.get("calibration") or {}
+        rule = rule or calibration.get("rule", "prototype")
+        if rule not in VERIFY_RULES:
+            raise InvalidInputError(f"unknown rule {rule!r}; choose from {', '.join(VERIFY_RULES)}")
+        if threshold is None:
+            if not calibration or calibration.get("rule") != rule:
+                raise NotCalibratedError(
+                    f"{self.path}: no threshold calibrated for rule {rule!r}; run `siamesedb calibrate --index {self.path}`"
+                )
+            threshold = float(calibration["threshold"])
+        score = query.verification_score(vector, self.support(label), rule=rule)
+        return query.Verification(label=label, accepted=bool(score >= threshold), score=float(score), threshold=threshold)
+
+    def calibrate(self, target_far: float | None = None, rule: str = "prototype") -> dict[str, Any]:
+        """Choose the verification threshold from the support set's own genuine / impostor pairs.
+
+        Without `target_far` the threshold sits at the equal-error point; with it, at the lowest threshold whose
+        false-accept rate on the impostor pairs is at most `target_far`. Stored in the manifest.
+        """
+        if rule not in VERIFY_RULES:
+            raise InvalidInputError(f"unknown rule {rule!r}; choose from {', '.join(VERIFY_RULES)}")
+        if target_far is not None and not 0.0 <= target_far <= 1.0:
+            raise InvalidInputError(f"target FAR must lie in [0, 1], got {target_far}")
+        ids, vectors = self.store.vectors()
+        if len(ids) == 0:
+            raise EmptyIndexError(f"{self.path}: the index holds no items to calibrate on")
+        genuine, impostor = query.genuine_impostor_scores(vectors, self.store.labels_of(ids), rule=rule)
+        if len(impostor) == 0:
+            raise InvalidInputError(f"{self.path}: calibration needs at least two classes")
+        _, far, frr = query.roc_points(genuine, impostor)
+        if target_far is None:
+            threshold, eer = query.eer_threshold(genuine, impostor)
+            method = "eer"
+        else:
+            threshold = query.far_threshold(impostor, target_far)
+            method = "far"
+        achieved_far = float(np.mean(impostor >= threshold))
+        achieved_frr = float(np.mean(genuine < threshold))
+        calibration = {
+            "threshold": float(threshold),
+            "rule": rule,
+            "method": method,
+            "target_far": target_far,
+            "far": achieved_far,
+            "frr": achieved_frr,
+            "eer": float(eer) if target_far is None else None,
+            "genuine_pairs": int(len(genuine)),
+            "impostor_pairs": int(len(impostor)),
+            "items": int(len(ids)),
+        }
+        self.manifest["calibration"] = calibration
+        _write_json_atomic(self.path / MANIFEST_FILE, self.manifest)
+        return calibration
+
+    def info(self) -> dict[str, Any]:
+        """Counts, classes, dimension, encoder and calibration of this index."""
+        counts = self.store.label_counts()
+        return {
+            "path": str(self.path),
+            "items": int(sum(counts.values())),
+            "classes": len(counts),
+            "dimension": self.dimension,
+            "metric": self.manifest.get("metric", "inner_product"),
+            "factory": self.manifest.get("factory", "Flat"),
+            "encoder": {
+                "fingerprint": self.encoder.fingerprint,
+                "backbone": self.encoder.config.backbone,
+                "name": self.manifest.get("encoder", {}).get("name", ""),
+                "image_size": list(self.encoder.config.preprocessing.size),
+            },
+            "calibration": self.manifest.get("calibration"),
+            "format_version": self.manifest.get("format_version"),
+            "largest_classes": sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5],
+        }
+
+
+def verify_pair(
+    image_a: ImageLike,
+    image_b: ImageLike,
+    encoder: str | os.PathLike | Encoder = DEFAULT_ENCODER,
+    threshold: float | None = None,
+    device: str = "auto",
+) -> query.Verification:
+    """Do two images show the same class? Cosine similarity against the encoder's calibrated pair threshold."""
+    enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder, device=device)
+    if threshold is None:
+        threshold = enc.config.notes.get("pair_threshold")
+        if threshold is None:
+            raise NotCalibratedError("this encoder carries no pair threshold; pass one with --threshold")
+    vectors = np.atleast_2d(enc.encode([image_a, image_b]))
+    score = float(vectors[0] @ vectors[1])
+    return query.Verification(label=str(image_b), accepted=bool(score >= threshold), score=score, threshold=float(threshold))
+
+
+def _array_sha256(obj: Any) -> str:
+    """Content hash of an in-memory image or vector (files are hashed by data.file_sha256)."""
+    import hashlib
+
+    array = np.asarray(obj)
+    return hashlib.sha256(array.tobytes() + str(array.shape).encode()).hexdigest()
+
+
+__all__ = ["SiameseDB", "BuildReport", "verify_pair"]
