@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= ../shared/data
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench-build clean
+
+install: $(STAMP)
+
+# The pinned CPU torch goes in first: a bare `torch` requirement with no torch installed pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python tools/demo.py --data $(DATA)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench-build: install
+	$(BIN)/python tools/bench_build.py --data $(DATA)
+
+clean:
+	rm -rf $(VENV) indexes/omniglot-demo runs/demo
