@@ -1,0 +1,245 @@
+"""Backbone registry and Encoder (preprocessing config + weights): images in, L2-normalised float32 vectors out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from siamesedb.data import Preprocessing, load_image
+from siamesedb.errors import EncoderError, InvalidInputError
+
+DEFAULT_ENCODER = "default"
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_backbone(name: str) -> Callable:
+    """Decorator: make a backbone factory `(in_channels, embedding_dim, image_size, width) -> nn.Module` known."""
+
+    def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        BACKBONES[name] = factory
+        return factory
+
+    return wrap
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+
+
+@register_backbone("conv4")
+def conv4(in_channels: int, embedding_dim: int, image_size: tuple[int, int], width: int = 64) -> nn.Module:
+    """Conv-4 (Vinyals et al. 2016; Snell et al. 2017): 4 x [conv3x3-BN-ReLU-maxpool2], then a linear projection.
+
+    (N, C, H, W) -> (N, width, H/16, W/16) -> flatten -> (N, embedding_dim). At 28x28 the feature map is 1x1.
+    """
+    features = nn.Sequential(*(_conv_block(in_channels if i == 0 else width, width) for i in range(4)))
+    h, w = image_size
+    flat = width * max(1, h // 16) * max(1, w // 16)
+    return nn.Sequential(features, nn.Flatten(), nn.Linear(flat, embedding_dim))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.skip = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        return F.relu(self.bn2(self.conv2(out)) + self.skip(x), inplace=True)
+
+
+@register_backbone("resnet")
+def resnet(in_channels: int, embedding_dim: int, image_size: tuple[int, int], width: int = 32) -> nn.Module:
+    """A small ResNet for photos (He et al. 2016): stem, 4 stages of 2 BasicBlocks (width x 1, 2, 4, 8), GAP, linear."""
+    stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+    stages, cin = [], width
+    for i, mult in enumerate((1, 2, 4, 8)):
+        cout = width * mult
+        stride = 1 if i == 0 else 2
+        stages += [_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)]
+        cin = cout
+    return nn.Sequential(stem, *stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, embedding_dim))
+
+
+@dataclass
+class EncoderConfig:
+    """Everything needed to rebuild an encoder besides its weights; saved as config.json beside them."""
+
+    backbone: str = "conv4"
+    embedding_dim: int = 64
+    width: int = 64
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    name: str = ""
+    notes: dict[str, Any] = field(default_factory=dict)  # provenance: training command, data, pair threshold...
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone,
+            "embedding_dim": self.embedding_dim,
+            "width": self.width,
+            "preprocessing": self.preprocessing.to_dict(),
+            "name": self.name,
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
+        return cls(
+            backbone=d["backbone"],
+            embedding_dim=int(d["embedding_dim"]),
+            width=int(d.get("width", 64)),
+            preprocessing=Preprocessing.from_dict(d.get("preprocessing", {})),
+            name=d.get("name", ""),
+            notes=dict(d.get("notes", {})),
+        )
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else CPU; asking for CUDA without it is a clear error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EncoderError("--device cuda asked for, but no CUDA device is available (use --device cpu or auto)")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise EncoderError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
+
+
+class Encoder:
+    """A backbone plus its preprocessing: `encode(images)` -> L2-normalised float32 vectors."""
+
+    def __init__(self, config: EncoderConfig, net: nn.Module | None = None, device: str | torch.device = "cpu"):
+        if config.backbone not in BACKBONES:
+            raise EncoderError(f"unknown backbone {config.backbone!r}; known: {', '.join(sorted(BACKBONES))}")
+        self.config = config
+        self.device = resolve_device(device)
+        if net is None:
+            net = BACKBONES[config.backbone](
+                config.preprocessing.channels, config.embedding_dim, config.preprocessing.size, config.width
+            )
+        self.net = net.to(self.device)
+        self._fingerprint: str | None = None
+
+    @property
+    def dimension(self) -> int:
+        return int(self.config.embedding_dim)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 (16 hex digits) of the canonical config and every weight: equal iff the same model."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+            for name, tensor in sorted(self.net.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(str(tuple(tensor.shape)).encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, D) L2-normalised; keeps gradients (training)."""
+        return F.normalize(self.net(batch.to(self.device)).float(), dim=1)
+
+    def encode_tensors(self, batch: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+        """Preprocessed (N, C, H, W) -> (N, D) float32 numpy, in inference mode."""
+        self.net.eval()
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, len(batch), batch_size):
+                chunk = batch[start : start + batch_size].to(self.device, non_blocking=True)
+                if self.device.type == "cuda":
+                    with torch.autocast("cuda", dtype=torch.float16):
+                        out = self.net(chunk)
+                else:
+                    out = self.net(chunk)
+                outputs.append(F.normalize(out.float(), dim=1).cpu())
+        if not outputs:
+            return np.empty((0, self.dimension), dtype=np.float32)
+        return torch.cat(outputs).numpy().astype(np.float32, copy=False)
+
+    def preprocess(self, image: Any) -> torch.Tensor:
+        return self.config.preprocessing.to_tensor(load_image(image))
+
+    def encode(self, images: Any, batch_size: int = 256) -> np.ndarray:
+        """One image (path, PIL image or array) -> (D,); a list or tuple of them -> (N, D). L2-normalised float32."""
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        vectors = np.empty((len(items), self.dimension), dtype=np.float32)
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            vectors[start : start + len(chunk)] = self.encode_tensors(torch.stack([self.preprocess(x) for x in chunk]))
+        return vectors[0] if single else vectors
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write config.json + model.safetensors into `folder` (each via a temporary file and a rename)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        tmp_weights = folder / (WEIGHTS_FILE + ".tmp")
+        save_file(state, str(tmp_weights), metadata={"fingerprint": self.fingerprint})
+        os.replace(tmp_weights, folder / WEIGHTS_FILE)
+        tmp_config = folder / (CONFIG_FILE + ".tmp")
+        tmp_config.write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp_config, folder / CONFIG_FILE)
+        return folder
+
+    @classmethod
+    def load(cls, name_or_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Encoder:
+        """'default' (the shipped model) or a folder holding config.json + model.safetensors. Never unpickles."""
+        folder = Path(name_or_dir)
+        if not folder.is_dir() and isinstance(name_or_dir, str) and (MODELS_DIR / name_or_dir).is_dir():
+            folder = MODELS_DIR / name_or_dir
+        if not folder.is_dir():
+            if str(name_or_dir) == DEFAULT_ENCODER:
+                raise EncoderError(f"the default encoder is not installed ({MODELS_DIR / DEFAULT_ENCODER} missing)")
+            known = sorted(p.name for p in MODELS_DIR.iterdir() if p.is_dir()) if MODELS_DIR.is_dir() else []
+            raise EncoderError(f"{name_or_dir}: no such encoder folder (known names: {', '.join(known) or 'none'})")
+        config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+        try:
+            config = EncoderConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise EncoderError(f"{config_path}: missing") from None
+        except (OSError, ValueError, KeyError, TypeError, InvalidInputError) as exc:
+            raise EncoderError(f"{config_path}: unreadable encoder config ({exc})") from None
+        encoder = cls(config, device="cpu")
+        try:
+            state = load_file(str(weights_path))
+        except FileNotFoundError:
+            raise EncoderError(f"{weights_path}: missing") from None
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise EncoderError(f"{weights_path}: unreadable weights ({str(exc).splitlines()[0] if str(exc) else 'corrupt'})") from None
+        try:
+            encoder.net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise EncoderError(f"{weights_path}: weights do not fit the {config.backbone} config ({str(exc).splitlines()[0]})") from None
+        encoder.net.to(resolve_device(device))
+        encoder.device = resolve_device(device)
+        encoder.net.eval()
+        return encoder

@@ -1,0 +1,329 @@
+"""The training loop: a Siamese encoder (one network applied to both sides of every pair) trained on a labelled folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
+
+from siamesedb import query
+from siamesedb.data import ClassBalancedSampler, EpisodeSampler, PairSampler, Preprocessing, iter_batches, scan_folder
+from siamesedb.encoder import Encoder, EncoderConfig, resolve_device
+from siamesedb.errors import InvalidInputError
+from siamesedb.losses import ContrastiveLoss, PairwiseBCELoss, PrototypicalLoss, TripletLoss
+
+LOSSES = ("contrastive", "triplet", "bce", "proto")
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; saved as train_config.json beside the trained encoder."""
+
+    loss: str = "contrastive"
+    epochs: int = 10
+    steps_per_epoch: int = 200
+    batch_size: int = 128  # pairs per step (contrastive, bce) or items per step (triplet); proto uses way/shot/queries
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    margin: float | None = None  # None: 0.75 for contrastive, 0.2 for triplet
+    mining: str = "batch_hard"
+    per_class: int = 4  # K of the P x K triplet batches
+    way: int = 60  # proto episodes: classes, support and query items per class (Snell et al. trained 60-way)
+    shot: int = 5
+    queries: int = 5
+    backbone: str = "conv4"
+    embedding_dim: int = 64
+    width: int = 64
+    image_size: int = 28
+    channels: int = 1
+    invert: bool = True
+    keep_aspect: bool = False
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+    val_fraction: float = 0.1  # of the classes, held out whole for validation
+    val_episodes: int = 200
+    val_way: int = 20
+    workers: int = 2  # decoding processes while loading the folder
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise InvalidInputError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
+        if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 2:
+            raise InvalidInputError("epochs and steps per epoch must be >= 1, batch size >= 2")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise InvalidInputError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
+
+    @property
+    def effective_margin(self) -> float:
+        if self.margin is not None:
+            return self.margin
+        return 0.75 if self.loss == "contrastive" else 0.2
+
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(size=(self.image_size, self.image_size), channels=self.channels, invert=self.invert,
+                             keep_aspect=self.keep_aspect)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def augment(batch: torch.Tensor, generator: torch.Generator, strength: float = 1.0, background_zero: bool = True) -> torch.Tensor:
+    """Small random affine distortions, batched on the batch's device (Koch et al. 2015 used affine distortions).
+
+    (N, C, H, W) -> (N, C, H, W): rotation up to 10 degrees, scale 0.9-1.1, shear up to 0.15, translation up to 2 px,
+    each scaled by `strength` (0 gives the identity).
+    """
+    n, _, h, w = batch.shape
+    rand = torch.rand((n, 6), generator=generator).to(batch.device) * 2 - 1  # uniform in [-1, 1]
+    angle = rand[:, 0] * math.radians(10) * strength
+    scale = 1 + rand[:, 1] * 0.1 * strength
+    shear = rand[:, 2] * 0.15 * strength
+    tx = rand[:, 3] * (2.0 / (w / 2)) * strength  # 2 px in affine_grid's [-1, 1] coordinates
+    ty = rand[:, 4] * (2.0 / (h / 2)) * strength
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack(
+        [
+            torch.stack([cos / scale, (-sin + shear) / scale, tx], dim=1),
+            torch.stack([sin / scale, cos / scale, ty], dim=1),
+        ],
+        dim=1,
+    )  # (N, 2, 3)
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    return F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros" if background_zero else "border", align_corners=False)
+
+
+def _load_folder(folder: Path, config: TrainConfig, log: Callable[[str], None]) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """Every readable image of the folder: ((N, C, H, W) float32, class index (N,), class names)."""
+    images = scan_folder(folder)
+    chunks, kept_labels, skipped = [], [], 0
+    for kept, tensor, bad in iter_batches(images, config.preprocessing(), batch_size=512, workers=config.workers):
+        chunks.append(tensor)
+        kept_labels.extend(images[i].label for i in kept)
+        skipped += len(bad)
+    if skipped:
+        log(f"skipped {skipped} unreadable files")
+    names, index = np.unique(np.asarray(kept_labels, dtype=object).astype(str), return_inverse=True)
+    return torch.cat(chunks), index.astype(np.int64), [str(n) for n in names]
+
+
+def _split_classes(n_classes: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n_classes)
+    n_val = int(round(n_classes * fraction))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def validation_accuracy(encoder: Encoder, images: torch.Tensor, labels: np.ndarray, way: int, episodes: int,
+                        seed: int) -> float:
+    """Mean N-way 1-shot accuracy over seeded episodes of held-out classes (prototype = the single support vector)."""
+    vectors = encoder.encode_tensors(images)
+    sampler = EpisodeSampler(labels, way=min(way, len(np.unique(labels))), shot=1, queries=1, seed=seed)
+    correct = 0
+    for _ in range(episodes):
+        support, queried, answer = sampler.sample()
+        scores = vectors[queried] @ vectors[support].T  # (way, way): support is class-major with shot 1
+        correct += int((scores.argmax(axis=1) == answer).sum())
+    return correct / (episodes * sampler.way)
+
+
+def pair_threshold(encoder: Encoder, images: torch.Tensor, labels: np.ndarray, seed: int, pairs: int = 4000) -> dict[str, float]:
+    """Equal-error threshold for `verify IMAGE_A IMAGE_B` from genuine / impostor pairs of held-out classes."""
+    vectors = encoder.encode_tensors(images)
+    a, b, same = PairSampler(labels, seed=seed).sample(pairs)
+    scores = np.einsum("nd,nd->n", vectors[a], vectors[b])
+    threshold, eer = query.eer_threshold(scores[same == 1], scores[same == 0])
+    return {"pair_threshold": threshold, "pair_eer": eer, "pair_count": pairs}
+
+
+def _save_checkpoint(folder: Path, encoder: Encoder, optimizer: torch.optim.Optimizer, loss_module: torch.nn.Module,
+                     state: dict[str, Any]) -> None:
+    """Weights, loss head and Adam moments as safetensors, the rest as JSON: no pickle anywhere."""
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder.save(folder)
+    tensors = {f"loss.{k}": v.detach().cpu().contiguous() for k, v in loss_module.state_dict().items()}
+    for i, param_state in enumerate(optimizer.state_dict()["state"].values()):
+        for key, value in param_state.items():
+            tensors[f"adam.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous().reshape(-1) if key == "step" else value.detach().cpu().contiguous()
+    save_file(tensors, str(folder / "trainer.safetensors.tmp"))
+    os.replace(folder / "trainer.safetensors.tmp", folder / "trainer.safetensors")
+    (folder / "state.json.tmp").write_text(json.dumps(state, indent=2))
+    os.replace(folder / "state.json.tmp", folder / "state.json")
+
+
+def _restore_checkpoint(folder: Path, encoder: Encoder, optimizer: torch.optim.Optimizer,
+                        loss_module: torch.nn.Module) -> dict[str, Any]:
+    saved = Encoder.load(folder, device=encoder.device)
+    encoder.net.load_state_dict(saved.net.state_dict())
+    tensors = load_file(str(folder / "trainer.safetensors"))
+    loss_state = {k[len("loss."):]: v for k, v in tensors.items() if k.startswith("loss.")}
+    if loss_state:
+        loss_module.load_state_dict(loss_state)
+    opt_state = optimizer.state_dict()
+    for i, pid in enumerate(opt_state["param_groups"][0]["params"]):
+        entry = {}
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            name = f"adam.{i}.{key}"
+            if name in tensors:
+                entry[key] = tensors[name].reshape(()) if key == "step" else tensors[name].to(encoder.device)
+        if entry:
+            opt_state["state"][pid] = entry
+    optimizer.load_state_dict(opt_state)
+    return json.loads((folder / "state.json").read_text())
+
+
+def plot_history(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, left = plt.subplots(figsize=(6, 3.5), dpi=100)
+    left.plot(epochs, [h["loss"] for h in history], "o-", color="tab:blue", label="training loss")
+    left.set_xlabel("epoch")
+    left.set_ylabel("loss", color="tab:blue")
+    if any(h.get("val_accuracy") is not None for h in history):
+        right = left.twinx()
+        right.plot(epochs, [h.get("val_accuracy") for h in history], "s-", color="tab:red", label="validation")
+        right.set_ylabel("held-out 20-way 1-shot accuracy", color="tab:red")
+    left.set_title("siamesedb train")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig | None = None,
+          progress: bool = True, resume: bool = False, log: Callable[[str], None] | None = None) -> Encoder:
+    """Train an encoder on a labelled folder; write it (config.json + model.safetensors) and its logs to out_dir."""
+    from tqdm import tqdm
+
+    config = config or TrainConfig()
+    log = log or (lambda line: None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+
+    images, labels, names = _load_folder(Path(folder), config, log)
+    train_classes, val_classes = _split_classes(len(names), config.val_fraction, config.seed)
+    if len(train_classes) < 2:
+        raise InvalidInputError(f"{folder}: training needs at least two classes, found {len(train_classes)}")
+    train_mask = np.isin(labels, train_classes)
+    x_train, y_train = images[train_mask], labels[train_mask]
+    x_val, y_val = images[~train_mask], labels[~train_mask]
+    has_val = len(val_classes) >= 2
+    log(f"{len(images)} images of {len(names)} classes: {len(train_classes)} for training, {len(val_classes)} held out")
+
+    enc_config = EncoderConfig(backbone=config.backbone, embedding_dim=config.embedding_dim, width=config.width,
+                               preprocessing=config.preprocessing())
+    encoder = Encoder(enc_config, device=device)
+    margin = config.effective_margin
+    loss_module: torch.nn.Module = {
+        "contrastive": lambda: ContrastiveLoss(margin),
+        "triplet": lambda: TripletLoss(margin, config.mining),
+        "bce": lambda: PairwiseBCELoss(config.embedding_dim),
+        "proto": lambda: PrototypicalLoss(),
+    }[config.loss]().to(device)
+    params = list(encoder.net.parameters()) + list(loss_module.parameters())
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    total_steps = config.epochs * config.steps_per_epoch
+
+    state: dict[str, Any] = {"epoch": 0, "history": [], "best_val": None}
+    checkpoint = out / CHECKPOINT_DIR
+    if resume and (checkpoint / "state.json").exists():
+        state = _restore_checkpoint(checkpoint, encoder, optimizer, loss_module)
+        log(f"resumed from epoch {state['epoch']}")
+    x_train_dev = x_train.to(device)
+    use_amp = device.type == "cuda"
+
+    for epoch in range(state["epoch"], config.epochs):
+        # Samplers and augmentation are seeded per epoch, so a resumed run draws what the uninterrupted one would.
+        epoch_seed = config.seed * 100_003 + epoch
+        generator = torch.Generator().manual_seed(epoch_seed)
+        if config.loss in ("contrastive", "bce"):
+            sampler: Any = PairSampler(y_train, seed=epoch_seed)
+        elif config.loss == "triplet":
+            sampler = ClassBalancedSampler(y_train, max(2, config.batch_size // config.per_class), config.per_class, seed=epoch_seed)
+        else:
+            sampler = EpisodeSampler(y_train, config.way, config.shot, config.queries, seed=epoch_seed)
+        encoder.net.train()
+        losses, started, seen = [], time.perf_counter(), 0
+        bar = tqdm(range(config.steps_per_epoch), disable=not progress, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step")
+        for step in bar:
+            global_step = epoch * config.steps_per_epoch + step
+            lr = config.lr * 0.5 * (1 + math.cos(math.pi * global_step / total_steps))  # cosine decay to zero
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if config.loss in ("contrastive", "bce"):
+                a, b, same = sampler.sample(config.batch_size)
+                batch = torch.cat([x_train_dev[torch.from_numpy(a)], x_train_dev[torch.from_numpy(b)]])
+            elif config.loss == "triplet":
+                idx = sampler.sample()
+                batch = x_train_dev[torch.from_numpy(idx)]
+            else:
+                support, queried, answer = sampler.sample()
+                batch = torch.cat([x_train_dev[torch.from_numpy(support)], x_train_dev[torch.from_numpy(queried)]])
+            if config.augment:
+                batch = augment(batch, generator, background_zero=config.invert)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                # The twin network: ONE encoder embeds both halves of every pair, so the weights are shared.
+                emb = encoder.embed(batch)
+            if config.loss in ("contrastive", "bce"):
+                n = config.batch_size
+                loss = loss_module(emb[:n], emb[n:], torch.from_numpy(same).to(device))
+            elif config.loss == "triplet":
+                loss = loss_module(emb, torch.from_numpy(y_train[idx]).to(device))
+            else:
+                n_support = len(support)
+                support_labels = torch.arange(config.way, device=device).repeat_interleave(config.shot)
+                loss = loss_module(emb[:n_support], support_labels, emb[n_support:], torch.from_numpy(answer).to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            seen += len(batch)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
+        bar.close()
+        val = (validation_accuracy(encoder, x_val, y_val, config.val_way, config.val_episodes, seed=config.seed)
+               if has_val else None)
+        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_accuracy": val, "lr": lr,
+                  "seconds": round(time.perf_counter() - started, 2), "images_per_second": round(seen / (time.perf_counter() - started), 1)}
+        state["history"].append(record)
+        log(f"epoch {epoch + 1}: loss {record['loss']:.4f}" + (f", held-out {config.val_way}-way 1-shot {val:.2%}" if val is not None else ""))
+        if val is None or state["best_val"] is None or val >= state["best_val"]:
+            state["best_val"] = val
+            state["best_epoch"] = epoch + 1
+            encoder.save(out / "best")
+        state["epoch"] = epoch + 1
+        _save_checkpoint(checkpoint, encoder, optimizer, loss_module, state)
+
+    final = Encoder.load(out / "best", device=device)
+    notes: dict[str, Any] = {"trained_on": str(folder), "train_config": config.to_dict(),
+                             "best_epoch": state.get("best_epoch"), "val_accuracy": state.get("best_val")}
+    if has_val:
+        notes.update(pair_threshold(final, x_val, y_val, seed=config.seed))
+    final.config.notes = notes
+    final.config.name = final.config.name or Path(out).name
+    final._fingerprint = None
+    final.save(out)
+    (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    (out / "history.json").write_text(json.dumps(state["history"], indent=2) + "\n")
+    plot_history(state["history"], out / "loss_curve.png")
+    return final
