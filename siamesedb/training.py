@@ -306,13 +306,13 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_accuracy": val, "lr": lr,
                   "seconds": round(time.perf_counter() - started, 2), "images_per_second": round(seen / (time.perf_counter() - started), 1)}
         state["history"].append(record)
-        log(f"epoch {epoch + 1}: loss {record['loss']:.4f}" + (f", held-out {config.val_way}-way 1-shot {val:.2%}" if val is not None else ""))
         if val is None or state["best_val"] is None or val >= state["best_val"]:
             state["best_val"] = val
             state["best_epoch"] = epoch + 1
             encoder.save(out / "best")
         state["epoch"] = epoch + 1
         _save_checkpoint(checkpoint, encoder, optimizer, loss_module, state)
+        log(f"epoch {epoch + 1}: loss {record['loss']:.4f}" + (f", held-out {config.val_way}-way 1-shot {val:.2%}" if val is not None else ""))
 
     final = Encoder.load(out / "best", device=device)
     notes: dict[str, Any] = {"trained_on": str(folder), "train_config": config.to_dict(),

@@ -1,0 +1,182 @@
+"""The CLI contract of DESIGN.md: help everywhere, clean one-line errors, JSON shapes, and a real Omniglot run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from siamesedb import __version__
+from siamesedb.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+OMNIGLOT_EVALUATION = ROOT.parent / "shared" / "data" / "omniglot" / "images_evaluation.zip"
+
+
+def all_commands(group: click.Group = cli, prefix: tuple[str, ...] = ()):
+    for name, command in sorted(group.commands.items()):
+        yield (*prefix, name), command
+        if isinstance(command, click.Group):
+            yield from all_commands(command, (*prefix, name))
+
+
+COMMANDS = list(all_commands())
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_the_design_contract_commands_exist():
+    names = {" ".join(path) for path, _ in COMMANDS}
+    assert {"build", "add", "remove", "query", "classify", "verify", "calibrate", "info", "train", "eval oneshot"} <= names
+
+
+@pytest.mark.parametrize("path", [p for p, _ in COMMANDS], ids=[" ".join(p) for p, _ in COMMANDS])
+def test_every_command_has_help_with_an_example_and_is_in_the_readme(path):
+    for flag in ("--help", "-h"):
+        result = run(*path, flag)
+        assert result.exit_code == 0, result.output
+        assert "Example" in result.output and "siamesedb" in result.output
+    assert f"siamesedb {' '.join(path)}" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_version():
+    result = run("--version")
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "siamesedb", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and __version__ in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["build", "/no/such/folder", "--index", "{tmp}/idx"], "/no/such/folder"),
+        (["info", "--index", "{tmp}/nothing-here"], "nothing-here"),
+        (["query", "{tmp}/q.png", "--index", "{tmp}/nothing-here"], "no index"),
+        (["eval", "oneshot", "/no/such/folder", "--encoder", "{tmp}/no-encoder"], "no-encoder"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(tmp_path, args, needle):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = subprocess.run([sys.executable, "-m", "siamesedb", *args], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "siamesedb", "build", str(tmp_path / "empty"), "--index", str(tmp_path / "i")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and "no images" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "i").exists()
+
+
+@pytest.fixture(scope="module")
+def omniglot_subset(tmp_path_factory) -> Path:
+    """20 real characters of two evaluation alphabets, 4 drawings each, unpacked from the official zip."""
+    if not OMNIGLOT_EVALUATION.exists():
+        pytest.skip(f"{OMNIGLOT_EVALUATION} not present")
+    root = tmp_path_factory.mktemp("omniglot")
+    wanted_alphabets: dict[str, set[str]] = {}
+    with zipfile.ZipFile(OMNIGLOT_EVALUATION) as archive:
+        for name in sorted(archive.namelist()):
+            parts = name.split("/")
+            if len(parts) != 4 or not parts[3].endswith(".png"):
+                continue
+            _, alphabet, character, filename = parts
+            if alphabet not in wanted_alphabets and len(wanted_alphabets) == 2:
+                continue
+            chars = wanted_alphabets.setdefault(alphabet, set())
+            if character not in chars and len(chars) == 10:
+                continue
+            drawer = int(filename[-6:-4])
+            if drawer > 4:
+                continue
+            chars.add(character)
+            target = root / alphabet / character / filename
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.read(name))
+    return root
+
+
+def test_end_to_end_on_real_omniglot(omniglot_subset, tmp_path):
+    index = tmp_path / "omniglot-index"
+    # Drawers 1-3 are the support set; drawer 4 is held out as queries.
+    support = tmp_path / "support"
+    queries = []
+    for png in sorted(omniglot_subset.rglob("*.png")):
+        if png.stem.endswith("_04"):
+            queries.append(png)
+        else:
+            target = support / png.relative_to(omniglot_subset)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(png.read_bytes())
+    (support / "not-an-image.png").write_text("hello")
+
+    result = run("build", support, "--index", index, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["added"] == 60 and summary["skipped"] == 1 and summary["classes"] == 20
+
+    result = run("query", queries[0], queries[1], "--index", index, "-k", "3", "--json")
+    assert result.exit_code == 0, result.output
+    answers = json.loads(result.stdout)
+    assert [a["query"] for a in answers] == [str(queries[0]), str(queries[1])]
+    for answer in answers:
+        assert len(answer["hits"]) == 3
+        assert set(answer["hits"][0]) == {"id", "label", "path", "score"}
+        scores = [h["score"] for h in answer["hits"]]
+        assert scores == sorted(scores, reverse=True)
+
+    result = run("classify", *queries, "--index", index, "--json")
+    assert result.exit_code == 0, result.output
+    predictions = json.loads(result.stdout)
+    assert len(predictions) == 20
+    assert set(predictions[0]) == {"query", "label", "score", "ranking"}
+    assert set(predictions[0]["ranking"][0]) == {"label", "score"}
+    truth = [str(Path(q).parent.relative_to(omniglot_subset)) for q in queries]
+    accuracy = sum(p["label"] == t for p, t in zip(predictions, truth)) / len(truth)
+    # 20-way with 3 references per class; chance is 5%. The trained default encoder must do far better.
+    assert accuracy >= 0.6, accuracy
+
+    result = run("calibrate", "--index", index, "--json")
+    assert result.exit_code == 0, result.output
+    threshold = json.loads(result.stdout)["threshold"]
+    result = run("verify", queries[0], "--index", index, "--label", truth[0], "--json")
+    assert result.exit_code == 0, result.output
+    verdict = json.loads(result.stdout)
+    assert set(verdict) == {"query", "label", "accepted", "score", "threshold"}
+    assert verdict["threshold"] == threshold and verdict["label"] == truth[0]
+    assert verdict["accepted"] == (verdict["score"] >= threshold)
+
+    result = run("verify", queries[0], queries[1], "--json")
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.stdout)) == {"query", "label", "accepted", "score", "threshold"}
+
+    result = run("add", queries[0], "--index", index, "--label", truth[0], "--json")
+    assert result.exit_code == 0, result.output
+    new_id = json.loads(result.stdout)["ids"][0]
+    result = run("info", "--index", index, "--json")
+    assert json.loads(result.stdout)["items"] == 61
+    result = run("remove", "--index", index, "--id", new_id)
+    assert result.exit_code == 0, result.output
+    result = run("remove", "--index", index, "--label", truth[1], "--json")
+    assert json.loads(result.stdout) == {"removed": 3, "items": 57}
+
+    result = run("verify", queries[0], "--index", index, "--label", "Nowhere/character99")
+    assert result.exit_code != 0 and "Nowhere/character99" in result.output

@@ -1,0 +1,125 @@
+"""Encoder: shapes, normalisation, one-in-one-out, safetensors round trip, fingerprint, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from siamesedb.data import Preprocessing
+from siamesedb.encoder import BACKBONES, DEFAULT_ENCODER, Encoder, EncoderConfig, resolve_device
+from siamesedb.errors import EncoderError, ImageLoadError
+
+
+def config(backbone="conv4", size=28, channels=1, dim=16):
+    return EncoderConfig(backbone=backbone, embedding_dim=dim, width=8,
+                         preprocessing=Preprocessing(size=(size, size), channels=channels))
+
+
+def images(n=3):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("backbone, size, channels", [("conv4", 28, 1), ("conv4", 64, 1), ("resnet", 32, 3)])
+def test_backbones_map_images_to_unit_vectors(backbone, size, channels):
+    torch.manual_seed(0)
+    encoder = Encoder(config(backbone, size, channels))
+    vectors = encoder.encode(images())
+    assert vectors.shape == (3, 16) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_one_in_one_out_list_in_list_out():
+    torch.manual_seed(0)
+    encoder = Encoder(config())
+    ims = images(2)
+    single = encoder.encode(ims[0])
+    assert single.shape == (16,)
+    assert np.allclose(encoder.encode(ims)[0], single, atol=1e-6)
+    assert encoder.encode(tuple(ims)).shape == (2, 16)
+    assert encoder.encode([]).shape == (0, 16)
+
+
+def test_paths_arrays_and_pil_give_the_same_vector(tmp_path):
+    torch.manual_seed(0)
+    encoder = Encoder(config())
+    image = images(1)[0]
+    image.save(tmp_path / "x.png")
+    from_path = encoder.encode(tmp_path / "x.png")
+    assert np.allclose(from_path, encoder.encode(image), atol=1e-6)
+    assert np.allclose(from_path, encoder.encode(np.asarray(image)), atol=1e-6)
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    with pytest.raises(ImageLoadError, match="bad.png"):
+        encoder.encode([tmp_path / "x.png", tmp_path / "bad.png"])
+
+
+def test_save_load_round_trip_is_identical(tmp_path):
+    torch.manual_seed(0)
+    encoder = Encoder(config("resnet", 32, 3))
+    encoder.save(tmp_path / "enc")
+    assert sorted(p.name for p in (tmp_path / "enc").iterdir()) == ["config.json", "model.safetensors"]
+    again = Encoder.load(tmp_path / "enc")
+    assert again.fingerprint == encoder.fingerprint and len(encoder.fingerprint) == 16
+    assert np.array_equal(again.encode(images()), encoder.encode(images()))
+    assert again.config.to_dict() == encoder.config.to_dict()
+
+
+def test_fingerprint_changes_with_weights_or_config():
+    torch.manual_seed(0)
+    a = Encoder(config())
+    torch.manual_seed(1)
+    b = Encoder(config())
+    assert a.fingerprint != b.fingerprint
+    c = Encoder(config(dim=8))
+    assert c.fingerprint != a.fingerprint
+
+
+def test_broken_encoder_folders_are_clear_errors(tmp_path):
+    torch.manual_seed(0)
+    Encoder(config()).save(tmp_path / "enc")
+    with pytest.raises(EncoderError, match="no such encoder"):
+        Encoder.load(tmp_path / "missing")
+    (tmp_path / "enc" / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(EncoderError, match="model.safetensors"):
+        Encoder.load(tmp_path / "enc")
+    (tmp_path / "enc" / "config.json").write_text("{ broken")
+    with pytest.raises(EncoderError, match="config.json"):
+        Encoder.load(tmp_path / "enc")
+    other = tmp_path / "other"
+    Encoder(config()).save(other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["embedding_dim"] = 99
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EncoderError, match="do not fit"):
+        Encoder.load(other)
+    cfg["backbone"] = "vgg-zillion"
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EncoderError, match="unknown backbone"):
+        Encoder.load(other)
+
+
+def test_weights_are_never_pickled(tmp_path):
+    torch.manual_seed(0)
+    Encoder(config()).save(tmp_path / "enc")
+    head = (tmp_path / "enc" / "model.safetensors").read_bytes()[:2]
+    assert head != b"\x80\x02" and not (tmp_path / "enc" / "model.safetensors").read_bytes().startswith(b"PK")
+
+
+def test_the_default_encoder_is_shipped_and_loads_offline():
+    encoder = Encoder.load(DEFAULT_ENCODER)
+    assert encoder.dimension == encoder.config.embedding_dim
+    assert "pair_threshold" in encoder.config.notes  # calibrated at training time on held-out classes
+    assert encoder.config.notes.get("trained_on", "").endswith("images_background")  # never the evaluation set
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(EncoderError, match="CUDA"):
+            resolve_device("cuda")
+    assert "conv4" in BACKBONES and "resnet" in BACKBONES

@@ -1,0 +1,111 @@
+"""The training loop on a tiny generated folder: artefacts, twin weights, resume, determinism, augmentation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from siamesedb.encoder import Encoder
+from siamesedb.training import TrainConfig, augment, train
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """6 classes x 6 images of simple shapes, 20x20, with small jitter."""
+    root = tmp_path_factory.mktemp("shapes")
+    rng = np.random.default_rng(0)
+    for c in range(6):
+        (root / f"class{c}").mkdir()
+        for i in range(6):
+            image = Image.new("L", (20, 20), 255)
+            pen = ImageDraw.Draw(image)
+            dx, dy = rng.integers(-2, 3, size=2)
+            if c % 3 == 0:
+                pen.ellipse((3 + dx, 3 + dy, 15 + dx, 15 + dy), outline=0, width=2)
+            elif c % 3 == 1:
+                pen.rectangle((4 + dx, 4 + dy, 15 + dx, 15 + dy), outline=0, width=2)
+            else:
+                pen.line((2, 2 + dy, 18, 18 - dx), fill=0, width=2)
+            if c >= 3:
+                pen.line((0, 10, 20, 10), fill=0, width=1)
+            image.save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def tiny(loss="contrastive", **overrides):
+    base = dict(loss=loss, epochs=2, steps_per_epoch=3, batch_size=8, image_size=16, width=8, embedding_dim=8,
+                val_fraction=0.34, val_episodes=5, val_way=2, way=3, shot=2, queries=2, per_class=2, workers=0, device="cpu")
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("loss", ["contrastive", "triplet", "bce", "proto"])
+def test_each_loss_trains_and_writes_every_artefact(folder, tmp_path, loss):
+    encoder = train(folder, tmp_path / "run", tiny(loss), progress=False)
+    for name in ("config.json", "model.safetensors", "train_config.json", "history.json", "loss_curve.png"):
+        assert (tmp_path / "run" / name).exists(), name
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(np.isfinite(h["loss"]) and 0 <= h["val_accuracy"] <= 1 for h in history)
+    loaded = Encoder.load(tmp_path / "run")
+    assert loaded.fingerprint == encoder.fingerprint
+    assert {"pair_threshold", "trained_on", "train_config"} <= set(loaded.config.notes)
+    assert (tmp_path / "run" / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_training_is_deterministic_for_a_seed(folder, tmp_path):
+    a = train(folder, tmp_path / "a", tiny(seed=3), progress=False)
+    b = train(folder, tmp_path / "b", tiny(seed=3), progress=False)
+    for (name, x), (_, y) in zip(a.net.state_dict().items(), b.net.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(folder, tmp_path):
+    straight = train(folder, tmp_path / "straight", tiny(epochs=2), progress=False)
+
+    def crash_after_first_epoch(line: str) -> None:
+        if line.startswith("epoch 1:"):  # logged once epoch 1's checkpoint is on disk
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(folder, tmp_path / "resumed", tiny(epochs=2), progress=False, log=crash_after_first_epoch)
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    lines = []
+    resumed = train(folder, tmp_path / "resumed", tiny(epochs=2), progress=False, resume=True, log=lines.append)
+    assert any("resumed from epoch 1" in line for line in lines)
+    history = json.loads((tmp_path / "resumed" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    for (name, x), (_, y) in zip(straight.net.state_dict().items(), resumed.net.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_resume_from_a_checkpoint_skips_finished_epochs(folder, tmp_path):
+    train(folder, tmp_path / "run", tiny(epochs=2), progress=False)
+    lines = []
+    train(folder, tmp_path / "run", tiny(epochs=3), progress=False, resume=True, log=lines.append)
+    assert any("resumed from epoch 2" in line for line in lines)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_augmentation_keeps_shapes_and_is_the_identity_at_zero_strength():
+    g = torch.Generator().manual_seed(0)
+    batch = torch.rand(5, 1, 16, 16)
+    out = augment(batch, g, strength=1.0)
+    assert out.shape == batch.shape and not torch.equal(out, batch)
+    same = augment(batch, torch.Generator().manual_seed(0), strength=0.0)
+    assert torch.allclose(same, batch, atol=1e-5)
+    assert augment(torch.rand(2, 3, 12, 20), g).shape == (2, 3, 12, 20)
+
+
+def test_bad_config_is_refused():
+    from siamesedb.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="loss"):
+        TrainConfig(loss="magic")
+    with pytest.raises(InvalidInputError):
+        TrainConfig(epochs=0)
