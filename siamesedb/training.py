@@ -42,6 +42,7 @@ class TrainConfig:
     way: int = 60  # proto episodes: classes, support and query items per class (Snell et al. trained 60-way)
     shot: int = 5
     queries: int = 5
+    proto_scale: float = 10.0  # logit scale of the prototypical loss on unit vectors (see losses.PrototypicalLoss)
     backbone: str = "conv4"
     embedding_dim: int = 64
     width: int = 64
@@ -239,7 +240,7 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
         "contrastive": lambda: ContrastiveLoss(margin),
         "triplet": lambda: TripletLoss(margin, config.mining),
         "bce": lambda: PairwiseBCELoss(config.embedding_dim),
-        "proto": lambda: PrototypicalLoss(),
+        "proto": lambda: PrototypicalLoss(config.proto_scale),
     }[config.loss]().to(device)
     params = list(encoder.net.parameters()) + list(loss_module.parameters())
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
