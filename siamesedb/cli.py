@@ -339,29 +339,40 @@ def info(index_dir: Path, as_json: bool) -> None:
 @click.option("--margin", type=float, default=None, help="Margin of the contrastive / triplet loss.")
 @click.option("--backbone", default=None, help="Backbone from the registry (conv4, resnet…).")
 @click.option("--embedding-dim", type=int, default=None, help="Vector dimension.")
-@click.option("--image-size", type=int, default=None, help="Square input size in pixels.")
+@click.option("--width", type=int, default=None, help="Backbone channel width.")
+@click.option("--image-size", type=int, default=None, help="Input height in pixels (and width, unless --image-width).")
+@click.option("--image-width", type=int, default=None, help="Input width in pixels, for wide images (signatures).")
+@click.option("--keep-aspect", is_flag=True, default=None, help="Fit images inside the input size, padding the rest.")
+@click.option("--groups", default=None,
+              help="Train only on these groups (first label component): 'U01-U30' or 'Latin,Greek'.")
 @click.option("--seed", type=int, default=None, help="Random seed (runs are deterministic on CPU).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
 @device_option
 @quiet_option
 def train(folder: Path, out_dir: Path, loss: str, epochs: int | None, steps_per_epoch: int | None,
           batch_size: int | None, lr: float | None, margin: float | None, backbone: str | None,
-          embedding_dim: int | None, image_size: int | None, seed: int | None, resume: bool, device: str,
+          embedding_dim: int | None, width: int | None, image_size: int | None, image_width: int | None,
+          keep_aspect: bool | None, groups: str | None, seed: int | None, resume: bool, device: str,
           quiet: bool) -> None:
     """Train a Siamese encoder on a labelled FOLDER (twin networks, shared weights).
 
+    Skilled forgeries: a class X/forged beside a class X/genuine holds forgeries of X.
+    They never form genuine pairs and serve as hard impostors of X/genuine (pair losses).
+
     \b
     Example:
-      siamesedb train ~/omniglot/images_background --out runs/omniglot --loss contrastive --epochs 10
+      siamesedb train ~/omniglot/images_background --out runs/omniglot --loss proto --epochs 8
+      siamesedb train ~/svc2004 --out runs/signatures --groups U01-U30 --loss contrastive \\
+          --backbone signet --image-size 64 --image-width 128 --keep-aspect
     """
     from siamesedb.training import TrainConfig, train as run_training
 
     overrides = {
         "loss": loss, "epochs": epochs, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "lr": lr,
-        "margin": margin, "backbone": backbone, "embedding_dim": embedding_dim, "seed": seed, "device": device,
+        "margin": margin, "backbone": backbone, "embedding_dim": embedding_dim, "width": width, "seed": seed,
+        "device": device, "image_size": image_size, "image_width": image_width, "keep_aspect": keep_aspect,
+        "groups": groups,
     }
-    if image_size is not None:
-        overrides["image_size"] = image_size
     config = TrainConfig(**{key: value for key, value in overrides.items() if value is not None})
     encoder = run_training(folder, out_dir, config, progress=not quiet, resume=resume,
                            log=None if quiet else (lambda line: click.echo(line, err=True)))
@@ -412,6 +423,51 @@ def oneshot(folder: Path, encoder: str, way: int, shot: int, queries: int, episo
     task = "within-group" if within_group else "unstructured"
     click.echo(f"{way}-way {shot}-shot ({task}, {episodes} episodes, seed {seed}): "
                f"accuracy {result.accuracy:.2%} ± {result.ci95:.2%} (95% CI)")
+
+
+@eval_group.command(name="verify", context_settings=CONTEXT_SETTINGS)
+@click.argument("folder", type=click.Path(path_type=Path))
+@encoder_option
+@click.option("--references", default=5, show_default=True, help="Genuine references per test writer.")
+@click.option("--test-groups", default="U31-U40", show_default=True, help="Unseen groups (writers) to verify.")
+@click.option("--calibration-groups", default="U01-U30", show_default=True,
+              help="Groups whose trials set the threshold (the training writers; never the test ones).")
+@click.option("--rule", type=click.Choice(["prototype", "max", "mean_top3"]), default="prototype", show_default=True,
+              help="Score against the references' prototype, the best one, or the mean of the top 3.")
+@click.option("--repeats", default=10, show_default=True, help="Random reference sets drawn per writer.")
+@click.option("--seed", default=0, show_default=True, help="Reference sampling seed.")
+@click.option("--plots", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for roc.png and scores.png.")
+@device_option
+@quiet_option
+@json_option
+def eval_verify(folder: Path, encoder: str, references: int, test_groups: str, calibration_groups: str, rule: str,
+                repeats: int, seed: int, plots: Path | None, device: str, quiet: bool, as_json: bool) -> None:
+    """Skilled-forgery verification on unseen writers: AUC, EER, FAR and FRR.
+
+    FOLDER holds <writer>/genuine and <writer>/forged classes. For each test writer,
+    REFERENCES genuine signatures form the reference set; its other genuine ones and
+    its skilled forgeries are verified against it. The threshold is the equal-error
+    point of the same protocol on the calibration writers, never on the test answers.
+
+    \b
+    Example:
+      siamesedb eval verify ~/svc2004 --encoder runs/signatures --references 5 --plots runs/plots
+    """
+    from siamesedb.encoder import Encoder
+    from siamesedb.evaluation import evaluate_verification
+
+    result = evaluate_verification(folder, Encoder.load(encoder, device=device), references=references,
+                                   test_groups=test_groups, calibration_groups=calibration_groups, rule=rule,
+                                   repeats=repeats, seed=seed, plots=plots, progress=not (quiet or as_json))
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    click.echo(f"{len(result.test_groups)} unseen writers, {references} references, rule {rule}: "
+               f"AUC {result.auc:.4f}, EER {result.eer:.2%}; at the calibrated threshold {result.threshold:.4f}: "
+               f"FAR {result.far:.2%}, FRR {result.frr:.2%}, accuracy {result.accuracy:.2%}")
+    for name, path in result.plots.items():
+        click.echo(f"wrote {path}")
 
 
 def main() -> None:

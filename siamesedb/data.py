@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,10 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".pbm", "
 MAX_PIXELS = 64_000_000  # refuse larger declared sizes: a decompression bomb must fail fast, not fill memory
 
 
+FORGED = "forged"  # a class `X/forged` holds skilled forgeries of class `X/genuine`
+GENUINE = "genuine"
+
+
 @dataclass(frozen=True)
 class LabelledImage:
     path: Path
@@ -32,6 +37,55 @@ def label_for(path: str | os.PathLike, root: str | os.PathLike) -> str:
     relative = Path(path).relative_to(root)
     parent = relative.parent.as_posix()
     return relative.stem if parent in ("", ".") else parent
+
+
+def group_of(label: str) -> str:
+    """The first component of a label: the alphabet of `Latin/character07`, the writer of `U31/genuine`."""
+    return label.split("/", 1)[0]
+
+
+def forgery_target(label: str, labels: set[str] | frozenset[str]) -> str | None:
+    """The genuine class that `label` forges (`U01/forged` -> `U01/genuine` when that class exists), else None."""
+    head, _, tail = label.rpartition("/")
+    if tail != FORGED or not head:
+        return None
+    target = f"{head}/{GENUINE}"
+    return target if target in labels else None
+
+
+def _expand_group_range(spec: str) -> set[str] | None:
+    """`U01-U30` -> {U01, ..., U30} (same prefix, zero-padded numbers); None if `spec` is not such a range."""
+    match = re.fullmatch(r"([^\d,]*)(\d+)-\1(\d+)", spec.strip())
+    if not match:
+        return None
+    prefix, start, end = match.group(1), match.group(2), match.group(3)
+    width = len(start)
+    return {f"{prefix}{n:0{width}d}" for n in range(int(start), int(end) + 1)}
+
+
+def parse_groups(spec: str | None) -> set[str] | None:
+    """A group selection: comma-separated names and ranges (`U01-U30`, `Latin,Greek`); None/empty selects all."""
+    if not spec:
+        return None
+    selected: set[str] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        expanded = _expand_group_range(part)
+        selected |= expanded if expanded is not None else {part}
+    return selected
+
+
+def select_groups(images: Sequence[LabelledImage], spec: str | None) -> list[LabelledImage]:
+    """The images whose group (first label component) is in the selection; every image when `spec` is empty."""
+    groups = parse_groups(spec)
+    if groups is None:
+        return list(images)
+    chosen = [im for im in images if group_of(im.label) in groups]
+    if not chosen:
+        raise FolderError(f"no images in the groups {spec!r}")
+    return chosen
 
 
 def scan_folder(root: str | os.PathLike) -> list[LabelledImage]:
@@ -269,14 +323,26 @@ def iter_batches(
 
 
 class PairSampler:
-    """Random genuine / impostor pairs for contrastive and pairwise losses: half same-class, half different."""
+    """Random genuine / impostor pairs for contrastive and pairwise losses: half same-class, half different.
 
-    def __init__(self, labels: Sequence[int], seed: int = 0):
+    `forgery_of` maps a forged class to the genuine class it imitates (`U01/forged` -> `U01/genuine`). Forged
+    classes never form genuine pairs; a `hard_fraction` of the impostor pairs is (genuine item, its skilled forgery),
+    the hardest negatives there are, and the rest are random pairs of different classes.
+    """
+
+    def __init__(self, labels: Sequence[int], seed: int = 0, forgery_of: dict[int, int] | None = None,
+                 hard_fraction: float = 0.5):
         self.labels = np.asarray(labels, dtype=np.int64)
         self.rng = np.random.default_rng(seed)
         classes, inverse = np.unique(self.labels, return_inverse=True)
+        position = {int(c): i for i, c in enumerate(classes)}
         self.members = [np.flatnonzero(inverse == c) for c in range(len(classes))]
-        self.pairable = np.asarray([c for c, m in enumerate(self.members) if len(m) >= 2])
+        # forged class position -> genuine class position, for the classes present in `labels`
+        self.forgeries = {position[f]: position[g] for f, g in (forgery_of or {}).items()
+                          if f in position and g in position}
+        self.pairable = np.asarray([c for c, m in enumerate(self.members) if len(m) >= 2 and c not in self.forgeries])
+        self.forged_classes = np.asarray(sorted(self.forgeries), dtype=np.int64)
+        self.hard_fraction = hard_fraction if len(self.forged_classes) else 0.0
         if len(self.members) < 2 or len(self.pairable) == 0:
             raise InvalidInputError("pairs need at least two classes and one class with two items")
 
@@ -289,6 +355,11 @@ class PairSampler:
             a[i], b[i] = self.rng.choice(self.members[c], size=2, replace=False)
         n_classes = len(self.members)
         for i in range(n_same, n):
+            if self.hard_fraction and self.rng.random() < self.hard_fraction:
+                forged = int(self.rng.choice(self.forged_classes))
+                a[i] = self.rng.choice(self.members[self.forgeries[forged]])
+                b[i] = self.rng.choice(self.members[forged])
+                continue
             ca, cb = self.rng.choice(n_classes, size=2, replace=False)
             a[i] = self.rng.choice(self.members[ca])
             b[i] = self.rng.choice(self.members[cb])

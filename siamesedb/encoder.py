@@ -54,6 +54,22 @@ def conv4(in_channels: int, embedding_dim: int, image_size: tuple[int, int], wid
     return nn.Sequential(features, nn.Flatten(), nn.Linear(flat, embedding_dim))
 
 
+@register_backbone("signet")
+def signet(in_channels: int, embedding_dim: int, image_size: tuple[int, int], width: int = 32) -> nn.Module:
+    """A small SigNet-style net for offline signatures (after Dey et al. 2017, scaled down for CPU).
+
+    Wide grey input (e.g. 64x128, inverted, aspect kept): a 5x5 stem then 3 conv blocks (width x 1, 2, 4, 4), each
+    halving the map, an adaptive pool to (2, 4) that keeps the left-to-right layout of the strokes, and two fully
+    connected layers with dropout. (N, C, H, W) -> (N, embedding_dim).
+    """
+    stem = nn.Sequential(nn.Conv2d(in_channels, width, 5, padding=2, bias=False), nn.BatchNorm2d(width),
+                         nn.ReLU(inplace=True), nn.MaxPool2d(2))
+    blocks = [_conv_block(width, width * 2), _conv_block(width * 2, width * 4), _conv_block(width * 4, width * 4)]
+    head = nn.Sequential(nn.AdaptiveAvgPool2d((2, 4)), nn.Flatten(), nn.Linear(width * 4 * 8, 256),
+                         nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(256, embedding_dim))
+    return nn.Sequential(stem, *blocks, head)
+
+
 class _BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()

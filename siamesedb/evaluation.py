@@ -209,3 +209,167 @@ def evaluate_oneshot(
         encoder=encoder.fingerprint,
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+# ---------------------------------------------------------------------------------------------- verification
+
+
+@dataclass
+class VerificationResult:
+    """Writer-independent verification: reference sets of `references` genuine items per test group, queried with
+    the group's other genuine items and its skilled forgeries; threshold calibrated on other groups."""
+
+    references: int
+    rule: str
+    repeats: int
+    seed: int
+    test_groups: list[str]
+    calibration_groups: list[str]
+    auc: float
+    eer: float
+    threshold: float
+    far: float
+    frr: float
+    accuracy: float
+    genuine_trials: int
+    forgery_trials: int
+    calibration_eer: float
+    encoder: str
+    seconds: float
+    plots: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def roc_auc(genuine: np.ndarray, impostor: np.ndarray) -> float:
+    """Area under the ROC curve: P(genuine score > impostor score) + half P(equal) (Mann-Whitney U / (G * I))."""
+    genuine = np.asarray(genuine, dtype=np.float64)
+    impostor = np.sort(np.asarray(impostor, dtype=np.float64))
+    if len(genuine) == 0 or len(impostor) == 0:
+        raise InvalidInputError("AUC needs genuine and impostor scores")
+    below = np.searchsorted(impostor, genuine, side="left")
+    equal = np.searchsorted(impostor, genuine, side="right") - below
+    return float((below + 0.5 * equal).sum() / (len(genuine) * len(impostor)))
+
+
+def reference_trials(
+    vectors: np.ndarray,
+    labels: list[str],
+    groups: list[str],
+    references: int,
+    repeats: int,
+    rng: np.random.Generator,
+    rule: str = "prototype",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of (genuine queries, skilled forgeries) against `references` random genuine items of their own group.
+
+    Each group needs classes `<group>/genuine` and `<group>/forged`; `repeats` draws of the reference set per group.
+    """
+    label_array = np.asarray(labels, dtype=object)
+    genuine_scores: list[float] = []
+    forged_scores: list[float] = []
+    for group in groups:
+        genuine = np.flatnonzero(label_array == f"{group}/genuine")
+        forged = np.flatnonzero(label_array == f"{group}/forged")
+        if len(genuine) <= references:
+            raise InvalidInputError(f"group {group!r} has {len(genuine)} genuine items; {references} references leave none to query")
+        for _ in range(repeats):
+            chosen = rng.permutation(genuine)
+            refs, others = chosen[:references], chosen[references:]
+            support = vectors[refs]
+            genuine_scores.extend(query.verification_score(vectors[i], support, rule) for i in others)
+            forged_scores.extend(query.verification_score(vectors[i], support, rule) for i in forged)
+    return np.asarray(genuine_scores), np.asarray(forged_scores)
+
+
+def _groups_with_forgeries(labels: list[str], selection: str | None) -> list[str]:
+    from siamesedb.data import parse_groups
+
+    present = sorted({label.rsplit("/", 1)[0] for label in labels if label.endswith("/genuine")})
+    wanted = parse_groups(selection)
+    chosen = [g for g in present if wanted is None or g in wanted]
+    if not chosen:
+        raise InvalidInputError(f"no groups with <group>/genuine images match {selection!r}")
+    return chosen
+
+
+def plot_verification(genuine: np.ndarray, forged: np.ndarray, threshold: float, title: str, folder: Path) -> dict[str, str]:
+    """Write roc.png (false accepts vs true accepts) and scores.png (genuine vs forged histograms) into `folder`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _, far, frr = query.roc_points(genuine, forged)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    ax.plot(far, 1 - frr, color="tab:blue", label=f"AUC {roc_auc(genuine, forged):.3f}")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    at = (float(np.mean(forged >= threshold)), float(np.mean(genuine >= threshold)))
+    ax.plot(*at, "o", color="tab:red", label=f"calibrated threshold {threshold:.3f}")
+    ax.set_xlabel("false accept rate (skilled forgeries accepted)")
+    ax.set_ylabel("true accept rate (genuine accepted)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "roc.png")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    bins = np.linspace(min(genuine.min(), forged.min()), max(genuine.max(), forged.max()), 40)
+    ax.hist(genuine, bins=bins, alpha=0.6, color="tab:green", label=f"genuine ({len(genuine)})")
+    ax.hist(forged, bins=bins, alpha=0.6, color="tab:red", label=f"skilled forgeries ({len(forged)})")
+    ax.axvline(threshold, color="black", linestyle="--", label="calibrated threshold")
+    ax.set_xlabel("similarity to the reference set")
+    ax.set_ylabel("trials")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "scores.png")
+    plt.close(fig)
+    return {"roc": str(folder / "roc.png"), "scores": str(folder / "scores.png")}
+
+
+def evaluate_verification(
+    folder: str | Path,
+    encoder: Encoder,
+    references: int = 5,
+    test_groups: str | None = "U31-U40",
+    calibration_groups: str | None = "U01-U30",
+    rule: str = "prototype",
+    repeats: int = 10,
+    seed: int = 0,
+    plots: str | Path | None = None,
+    progress: bool = False,
+) -> VerificationResult:
+    """Skilled-forgery verification on unseen groups, thresholded at the EER point of the calibration groups.
+
+    The threshold never sees the test groups' answers: it is the equal-error threshold of the same protocol run on
+    `calibration_groups` (the training writers). AUC and EER on the test groups are threshold-free.
+    """
+    started = time.perf_counter()
+    vectors, images, _ = encode_folder(folder, encoder, progress=progress)
+    labels = [im.label for im in images]
+    tests = _groups_with_forgeries(labels, test_groups)
+    calibration = _groups_with_forgeries(labels, calibration_groups)
+    if set(tests) & set(calibration):
+        raise InvalidInputError("test and calibration groups overlap")
+    rng = np.random.default_rng(seed)
+    cal_genuine, cal_forged = reference_trials(vectors, labels, calibration, references, repeats, rng, rule)
+    threshold, calibration_eer = query.eer_threshold(cal_genuine, cal_forged)
+    genuine, forged = reference_trials(vectors, labels, tests, references, repeats, rng, rule)
+    _, eer = query.eer_threshold(genuine, forged)
+    far = float(np.mean(forged >= threshold))
+    frr = float(np.mean(genuine < threshold))
+    accuracy = float((np.sum(genuine >= threshold) + np.sum(forged < threshold)) / (len(genuine) + len(forged)))
+    written: dict[str, str] = {}
+    if plots is not None:
+        title = f"{len(tests)} unseen writers, {references} references, rule {rule}"
+        written = plot_verification(genuine, forged, threshold, title, Path(plots))
+    return VerificationResult(
+        references=references, rule=rule, repeats=repeats, seed=seed, test_groups=tests,
+        calibration_groups=calibration, auc=roc_auc(genuine, forged), eer=eer, threshold=threshold, far=far, frr=frr,
+        accuracy=accuracy, genuine_trials=len(genuine), forgery_trials=len(forged),
+        calibration_eer=calibration_eer, encoder=encoder.fingerprint,
+        seconds=round(time.perf_counter() - started, 3), plots=written,
+    )

@@ -17,7 +17,17 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
 from siamesedb import query
-from siamesedb.data import ClassBalancedSampler, EpisodeSampler, PairSampler, Preprocessing, iter_batches, scan_folder
+from siamesedb.data import (
+    GENUINE,
+    ClassBalancedSampler,
+    EpisodeSampler,
+    PairSampler,
+    Preprocessing,
+    forgery_target,
+    iter_batches,
+    scan_folder,
+    select_groups,
+)
 from siamesedb.encoder import Encoder, EncoderConfig, resolve_device
 from siamesedb.errors import InvalidInputError
 from siamesedb.losses import ContrastiveLoss, PairwiseBCELoss, PrototypicalLoss, TripletLoss
@@ -46,7 +56,8 @@ class TrainConfig:
     backbone: str = "conv4"
     embedding_dim: int = 64
     width: int = 64
-    image_size: int = 28
+    image_size: int = 28  # input height (and width, unless image_width is set)
+    image_width: int | None = None
     channels: int = 1
     invert: bool = True
     keep_aspect: bool = False
@@ -57,6 +68,8 @@ class TrainConfig:
     val_episodes: int = 200
     val_way: int = 20
     workers: int = 2  # decoding processes while loading the folder
+    groups: str | None = None  # train only on these groups (first label component): "U01-U30", "Latin,Greek"
+    hard_negative_fraction: float = 0.5  # of impostor pairs drawn as (genuine, its skilled forgery) where forgeries exist
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -73,7 +86,8 @@ class TrainConfig:
         return 0.75 if self.loss == "contrastive" else 0.2
 
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing(size=(self.image_size, self.image_size), channels=self.channels, invert=self.invert,
+        return Preprocessing(size=(self.image_size, self.image_width or self.image_size), channels=self.channels,
+                             invert=self.invert,
                              keep_aspect=self.keep_aspect)
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,7 +126,7 @@ def augment(batch: torch.Tensor, generator: torch.Generator, strength: float = 1
 
 def _load_folder(folder: Path, config: TrainConfig, log: Callable[[str], None]) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     """Every readable image of the folder: ((N, C, H, W) float32, class index (N,), class names)."""
-    images = scan_folder(folder)
+    images = select_groups(scan_folder(folder), config.groups)
     chunks, kept_labels, skipped = [], [], 0
     for kept, tensor, bad in iter_batches(images, config.preprocessing(), batch_size=512, workers=config.workers):
         chunks.append(tensor)
@@ -124,16 +138,35 @@ def _load_folder(folder: Path, config: TrainConfig, log: Callable[[str], None]) 
     return torch.cat(chunks), index.astype(np.int64), [str(n) for n in names]
 
 
-def _split_classes(n_classes: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.random.default_rng(seed).permutation(n_classes)
-    n_val = int(round(n_classes * fraction))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+def _split_classes(names: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out a fraction of the classes, keeping a genuine class and its forgeries on the same side."""
+    def base(name: str) -> str:
+        head, _, tail = name.rpartition("/")
+        return head if head and tail in (GENUINE, "forged") else name
+
+    bases = sorted({base(n) for n in names})
+    order = np.random.default_rng(seed).permutation(len(bases))
+    held = {bases[i] for i in order[: int(round(len(bases) * fraction))]}
+    val = np.asarray([i for i, n in enumerate(names) if base(n) in held], dtype=np.int64)
+    train_ = np.asarray([i for i, n in enumerate(names) if base(n) not in held], dtype=np.int64)
+    return train_, val
+
+
+def forgery_map(names: list[str]) -> dict[int, int]:
+    """Class index of each forged class -> class index of the genuine class it imitates."""
+    position = {n: i for i, n in enumerate(names)}
+    return {i: position[t] for i, n in enumerate(names) if (t := forgery_target(n, frozenset(position))) is not None}
 
 
 def validation_accuracy(encoder: Encoder, images: torch.Tensor, labels: np.ndarray, way: int, episodes: int,
-                        seed: int) -> float:
-    """Mean N-way 1-shot accuracy over seeded episodes of held-out classes (prototype = the single support vector)."""
-    vectors = encoder.encode_tensors(images)
+                        seed: int, exclude: set[int] | frozenset[int] = frozenset()) -> float:
+    """Mean N-way 1-shot accuracy over seeded episodes of held-out classes (prototype = the single support vector).
+
+    Classes in `exclude` (skilled-forgery classes) take no part: they are no class a user would enrol.
+    """
+    keep = ~np.isin(labels, list(exclude))
+    vectors = encoder.encode_tensors(images[torch.from_numpy(keep)])
+    labels = labels[keep]
     sampler = EpisodeSampler(labels, way=min(way, len(np.unique(labels))), shot=1, queries=1, seed=seed)
     correct = 0
     for _ in range(episodes):
@@ -143,10 +176,11 @@ def validation_accuracy(encoder: Encoder, images: torch.Tensor, labels: np.ndarr
     return correct / (episodes * sampler.way)
 
 
-def pair_threshold(encoder: Encoder, images: torch.Tensor, labels: np.ndarray, seed: int, pairs: int = 4000) -> dict[str, float]:
+def pair_threshold(encoder: Encoder, images: torch.Tensor, labels: np.ndarray, seed: int, pairs: int = 4000,
+                   forgery_of: dict[int, int] | None = None) -> dict[str, float]:
     """Equal-error threshold for `verify IMAGE_A IMAGE_B` from genuine / impostor pairs of held-out classes."""
     vectors = encoder.encode_tensors(images)
-    a, b, same = PairSampler(labels, seed=seed).sample(pairs)
+    a, b, same = PairSampler(labels, seed=seed, forgery_of=forgery_of).sample(pairs)
     scores = np.einsum("nd,nd->n", vectors[a], vectors[b])
     threshold, eer = query.eer_threshold(scores[same == 1], scores[same == 0])
     return {"pair_threshold": threshold, "pair_eer": eer, "pair_count": pairs}
@@ -223,13 +257,16 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
     np.random.seed(config.seed)
 
     images, labels, names = _load_folder(Path(folder), config, log)
-    train_classes, val_classes = _split_classes(len(names), config.val_fraction, config.seed)
+    train_classes, val_classes = _split_classes(names, config.val_fraction, config.seed)
+    forgeries = forgery_map(names)
+    if forgeries:
+        log(f"{len(forgeries)} classes of skilled forgeries serve as hard impostors of their genuine classes")
     if len(train_classes) < 2:
         raise InvalidInputError(f"{folder}: training needs at least two classes, found {len(train_classes)}")
     train_mask = np.isin(labels, train_classes)
     x_train, y_train = images[train_mask], labels[train_mask]
     x_val, y_val = images[~train_mask], labels[~train_mask]
-    has_val = len(val_classes) >= 2
+    has_val = len(set(val_classes.tolist()) - set(forgeries)) >= 2
     log(f"{len(images)} images of {len(names)} classes: {len(train_classes)} for training, {len(val_classes)} held out")
 
     enc_config = EncoderConfig(backbone=config.backbone, embedding_dim=config.embedding_dim, width=config.width,
@@ -259,7 +296,8 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
         epoch_seed = config.seed * 100_003 + epoch
         generator = torch.Generator().manual_seed(epoch_seed)
         if config.loss in ("contrastive", "bce"):
-            sampler: Any = PairSampler(y_train, seed=epoch_seed)
+            sampler: Any = PairSampler(y_train, seed=epoch_seed, forgery_of=forgeries,
+                                       hard_fraction=config.hard_negative_fraction)
         elif config.loss == "triplet":
             sampler = ClassBalancedSampler(y_train, max(2, config.batch_size // config.per_class), config.per_class, seed=epoch_seed)
         else:
@@ -302,8 +340,8 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
             seen += len(batch)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
         bar.close()
-        val = (validation_accuracy(encoder, x_val, y_val, config.val_way, config.val_episodes, seed=config.seed)
-               if has_val else None)
+        val = (validation_accuracy(encoder, x_val, y_val, config.val_way, config.val_episodes, seed=config.seed,
+                                   exclude=set(forgeries)) if has_val else None)
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_accuracy": val, "lr": lr,
                   "seconds": round(time.perf_counter() - started, 2), "images_per_second": round(seen / (time.perf_counter() - started), 1)}
         state["history"].append(record)
@@ -319,7 +357,7 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
     notes: dict[str, Any] = {"trained_on": str(folder), "train_config": config.to_dict(),
                              "best_epoch": state.get("best_epoch"), "val_accuracy": state.get("best_val")}
     if has_val:
-        notes.update(pair_threshold(final, x_val, y_val, seed=config.seed))
+        notes.update(pair_threshold(final, x_val, y_val, seed=config.seed, forgery_of=forgeries))
     final.config.notes = notes
     final.config.name = final.config.name or Path(out).name
     final._fingerprint = None

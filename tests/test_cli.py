@@ -180,3 +180,48 @@ def test_end_to_end_on_real_omniglot(omniglot_subset, tmp_path):
 
     result = run("verify", queries[0], "--index", index, "--label", "Nowhere/character99")
     assert result.exit_code != 0 and "Nowhere/character99" in result.output
+
+
+def squiggle_folder(root: Path, writers: int = 6, genuine: int = 4, forged: int = 3) -> Path:
+    """Signature-like PNGs: each writer a wavy stroke of its own frequency; forgeries imitate it imperfectly."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    for w in range(1, writers + 1):
+        for kind, count, noise in (("genuine", genuine, 0.5), ("forged", forged, 3.0)):
+            for i in range(count):
+                image = Image.new("L", (64, 32), 255)
+                xs = np.arange(0, 64, 2)
+                ys = 16 + 8 * np.sin(xs * w / 20 + rng.normal(0, 0.1)) + rng.normal(0, noise, len(xs))
+                ImageDraw.Draw(image).line(list(zip(xs.tolist(), ys.tolist())), fill=0, width=2)
+                target = root / f"W{w:02d}" / kind / f"W{w:02d}S{i:02d}.png"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                image.save(target)
+    return root
+
+
+def test_signature_training_and_writer_independent_verification(tmp_path):
+    folder = squiggle_folder(tmp_path / "signatures")
+    model = tmp_path / "model"
+    result = run("train", folder, "--out", model, "--groups", "W01-W04", "--loss", "contrastive", "--epochs", "1",
+                 "--steps-per-epoch", "2", "--batch-size", "8", "--backbone", "signet", "--width", "4",
+                 "--embedding-dim", "8", "--image-size", "16", "--image-width", "32", "--keep-aspect", "--quiet")
+    assert result.exit_code == 0, result.output
+    config = json.loads((model / "config.json").read_text())
+    assert config["preprocessing"]["size"] == [16, 32] and config["preprocessing"]["keep_aspect"] is True
+    assert config["notes"]["train_config"]["groups"] == "W01-W04"
+
+    plots = tmp_path / "plots"
+    result = run("eval", "verify", folder, "--encoder", model, "--references", "2", "--test-groups", "W05-W06",
+                 "--calibration-groups", "W01-W04", "--repeats", "2", "--plots", plots, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["test_groups"] == ["W05", "W06"] and report["calibration_groups"] == ["W01", "W02", "W03", "W04"]
+    assert report["genuine_trials"] == 2 * 2 * (4 - 2) and report["forgery_trials"] == 2 * 2 * 3
+    assert 0 <= report["auc"] <= 1 and 0 <= report["eer"] <= 1 and 0 <= report["far"] <= 1
+    for name in ("roc.png", "scores.png"):
+        assert (plots / name).read_bytes()[:4] == b"\x89PNG"
+
+    result = run("eval", "verify", folder, "--encoder", model, "--test-groups", "W01-W02", "--calibration-groups", "W02-W04")
+    assert result.exit_code != 0 and "overlap" in result.output

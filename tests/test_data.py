@@ -240,3 +240,33 @@ def test_episode_sampler_is_disjoint_and_deterministic():
     assert answer.tolist() == [0, 0, 1, 1, 2, 2]
     again = EpisodeSampler(LABELS, way=3, shot=2, queries=2, seed=2).sample()
     assert all(np.array_equal(x, y) for x, y in zip((support, queried, answer), again))
+
+
+def test_group_selection_and_forgery_targets():
+    from siamesedb.data import forgery_target, parse_groups, select_groups
+
+    assert parse_groups("U01-U03, Latin") == {"U01", "U02", "U03", "Latin"}
+    assert parse_groups("s8-s10") == {"s8", "s9", "s10"}
+    assert parse_groups(None) is None and parse_groups("") is None
+    images = [LabelledImage(f"/x/{g}/genuine/1.png", f"{g}/genuine") for g in ("U01", "U02", "U31")]
+    assert [im.label for im in select_groups(images, "U01-U30")] == ["U01/genuine", "U02/genuine"]
+    with pytest.raises(FolderError):
+        select_groups(images, "U99")
+    labels = {"U01/genuine", "U01/forged", "U02/forged"}
+    assert forgery_target("U01/forged", labels) == "U01/genuine"
+    assert forgery_target("U02/forged", labels) is None  # no genuine class to forge
+    assert forgery_target("U01/genuine", labels) is None
+
+
+def test_pair_sampler_uses_forgeries_as_hard_impostors_only():
+    # classes: 0 = A/genuine, 1 = A/forged, 2 = B/genuine, 3 = B/forged
+    labels = np.repeat(np.arange(4), 6)
+    sampler = PairSampler(labels, seed=0, forgery_of={1: 0, 3: 2}, hard_fraction=0.5)
+    a, b, same = sampler.sample(2000)
+    genuine = same == 1
+    assert set(labels[a[genuine]]) <= {0, 2}  # forgeries never make a genuine pair
+    assert np.all(labels[a[genuine]] == labels[b[genuine]])
+    impostor_pairs = {tuple(sorted(p)) for p in zip(labels[a[~genuine]], labels[b[~genuine]])}
+    assert all(x != y for x, y in impostor_pairs)
+    hard = np.mean([(x, y) in {(0, 1), (2, 3)} for x, y in (sorted(p) for p in zip(labels[a[~genuine]], labels[b[~genuine]]))])
+    assert 0.5 <= hard <= 0.75  # half drawn as hard pairs, plus random pairs that happen to be (genuine, its forgery)

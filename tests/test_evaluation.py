@@ -102,3 +102,53 @@ def test_too_few_classes_is_a_clear_error():
         episode_accuracies(vectors, labels, paths, way=20, episodes=1)
     with pytest.raises(InvalidInputError, match="no group"):
         episode_accuracies(vectors, labels, paths, way=6, episodes=1, within_group=True)
+
+
+def test_roc_auc_against_an_explicit_double_loop():
+    from siamesedb.evaluation import roc_auc
+
+    rng = np.random.default_rng(5)
+    genuine = np.round(rng.normal(0.6, 0.2, 40), 2)  # rounded: ties are counted as halves
+    impostor = np.round(rng.normal(0.4, 0.2, 60), 2)
+    explicit = sum((g > i) + 0.5 * (g == i) for g in genuine for i in impostor) / (40 * 60)
+    assert roc_auc(genuine, impostor) == pytest.approx(explicit)
+    assert roc_auc([1.0], [0.0]) == 1.0 and roc_auc([0.0], [1.0]) == 0.0
+
+
+def signature_like(writers=8, genuine=6, forged=5, dim=8, seed=0):
+    """Writer w: genuine vectors near centre_w, forgeries near it too but shifted (hard impostors)."""
+    rng = np.random.default_rng(seed)
+    labels, vectors = [], []
+    for w in range(1, writers + 1):
+        centre = rng.normal(size=dim)
+        for _ in range(genuine):
+            labels.append(f"U{w:02d}/genuine")
+            vectors.append(centre + 0.1 * rng.normal(size=dim))
+        for _ in range(forged):
+            labels.append(f"U{w:02d}/forged")
+            vectors.append(centre + 0.6 * rng.normal(size=dim))
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True), labels
+
+
+def test_reference_trials_follow_the_protocol():
+    from siamesedb import query
+    from siamesedb.evaluation import reference_trials
+
+    vectors, labels = signature_like()
+    rng = np.random.default_rng(0)
+    genuine, forged = reference_trials(vectors, labels, ["U01", "U02"], references=2, repeats=3, rng=rng)
+    assert len(genuine) == 2 * 3 * (6 - 2) and len(forged) == 2 * 3 * 5
+    # Re-draw the same references explicitly and score with the query layer.
+    rng = np.random.default_rng(0)
+    label_array = np.asarray(labels, dtype=object)
+    expected_genuine = []
+    for group in ["U01", "U02"]:
+        members = np.flatnonzero(label_array == f"{group}/genuine")
+        for _ in range(3):
+            chosen = rng.permutation(members)
+            refs = vectors[chosen[:2]]
+            expected_genuine += [query.verification_score(vectors[i], refs) for i in chosen[2:]]
+    assert np.allclose(genuine, expected_genuine)
+    with pytest.raises(InvalidInputError, match="references"):
+        reference_trials(vectors, labels, ["U01"], references=6, repeats=1, rng=rng)
