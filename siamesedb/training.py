@@ -236,7 +236,7 @@ def plot_history(history: list[dict[str, float]], path: Path) -> None:
     if any(h.get("val_accuracy") is not None for h in history):
         right = left.twinx()
         right.plot(epochs, [h.get("val_accuracy") for h in history], "s-", color="tab:red", label="validation")
-        right.set_ylabel("held-out 20-way 1-shot accuracy", color="tab:red")
+        right.set_ylabel(f"held-out {history[-1].get('val_way', 20)}-way 1-shot accuracy", color="tab:red")
     left.set_title("siamesedb train")
     fig.tight_layout()
     fig.savefig(path)
@@ -266,7 +266,8 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
     train_mask = np.isin(labels, train_classes)
     x_train, y_train = images[train_mask], labels[train_mask]
     x_val, y_val = images[~train_mask], labels[~train_mask]
-    has_val = len(set(val_classes.tolist()) - set(forgeries)) >= 2
+    val_way = min(config.val_way, len(set(val_classes.tolist()) - set(forgeries)))  # enrollable held-out classes
+    has_val = val_way >= 2
     log(f"{len(images)} images of {len(names)} classes: {len(train_classes)} for training, {len(val_classes)} held out")
 
     enc_config = EncoderConfig(backbone=config.backbone, embedding_dim=config.embedding_dim, width=config.width,
@@ -340,9 +341,9 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
             seen += len(batch)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
         bar.close()
-        val = (validation_accuracy(encoder, x_val, y_val, config.val_way, config.val_episodes, seed=config.seed,
+        val = (validation_accuracy(encoder, x_val, y_val, val_way, config.val_episodes, seed=config.seed,
                                    exclude=set(forgeries)) if has_val else None)
-        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_accuracy": val, "lr": lr,
+        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_accuracy": val, "val_way": val_way, "lr": lr,
                   "seconds": round(time.perf_counter() - started, 2), "images_per_second": round(seen / (time.perf_counter() - started), 1)}
         state["history"].append(record)
         if val is None or state["best_val"] is None or val >= state["best_val"]:
@@ -351,7 +352,7 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
             encoder.save(out / "best")
         state["epoch"] = epoch + 1
         _save_checkpoint(checkpoint, encoder, optimizer, loss_module, state)
-        log(f"epoch {epoch + 1}: loss {record['loss']:.4f}" + (f", held-out {config.val_way}-way 1-shot {val:.2%}" if val is not None else ""))
+        log(f"epoch {epoch + 1}: loss {record['loss']:.4f}" + (f", held-out {val_way}-way 1-shot {val:.2%}" if val is not None else ""))
 
     final = Encoder.load(out / "best", device=device)
     notes: dict[str, Any] = {"trained_on": str(folder), "train_config": config.to_dict(),
