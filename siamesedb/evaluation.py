@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from siamesedb import query
-from siamesedb.data import LabelledImage, iter_batches, scan_folder
+from siamesedb.data import FORGED, GENUINE, LabelledImage, group_of, iter_batches, parse_groups, scan_folder
 from siamesedb.encoder import Encoder
 from siamesedb.errors import InvalidInputError
 
@@ -57,11 +57,6 @@ def drawer_of(path: str | Path) -> str | None:
     """Omniglot's drawer id from a file name (`0709_17.png` -> '17'); None when the name carries none."""
     match = _DRAWER.search(Path(path).stem)
     return match.group(1) if match else None
-
-
-def group_of(label: str) -> str:
-    """The group of a label is its first path component (`Latin/character07` -> 'Latin')."""
-    return label.split("/", 1)[0]
 
 
 def sample_episode(
@@ -270,8 +265,8 @@ def reference_trials(
     genuine_scores: list[float] = []
     forged_scores: list[float] = []
     for group in groups:
-        genuine = np.flatnonzero(label_array == f"{group}/genuine")
-        forged = np.flatnonzero(label_array == f"{group}/forged")
+        genuine = np.flatnonzero(label_array == f"{group}/{GENUINE}")
+        forged = np.flatnonzero(label_array == f"{group}/{FORGED}")
         if len(genuine) <= references:
             raise InvalidInputError(f"group {group!r} has {len(genuine)} genuine items; {references} references leave none to query")
         for _ in range(repeats):
@@ -284,9 +279,7 @@ def reference_trials(
 
 
 def _groups_with_forgeries(labels: list[str], selection: str | None) -> list[str]:
-    from siamesedb.data import parse_groups
-
-    present = sorted({label.rsplit("/", 1)[0] for label in labels if label.endswith("/genuine")})
+    present = sorted({label.rsplit("/", 1)[0] for label in labels if label.endswith(f"/{GENUINE}")})
     wanted = parse_groups(selection)
     chosen = [g for g in present if wanted is None or g in wanted]
     if not chosen:

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from siamesedb import query
 from siamesedb.data import (
+    FORGED,
     GENUINE,
     ClassBalancedSampler,
     EpisodeSampler,
@@ -142,7 +143,7 @@ def _split_classes(names: list[str], fraction: float, seed: int) -> tuple[np.nda
     """Hold out a fraction of the classes, keeping a genuine class and its forgeries on the same side."""
     def base(name: str) -> str:
         head, _, tail = name.rpartition("/")
-        return head if head and tail in (GENUINE, "forged") else name
+        return head if head and tail in (GENUINE, FORGED) else name
 
     bases = sorted({base(n) for n in names})
     order = np.random.default_rng(seed).permutation(len(bases))

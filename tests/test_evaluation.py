@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from siamesedb.errors import InvalidInputError
-from siamesedb.evaluation import drawer_of, episode_accuracies, group_of, sample_episode
+from siamesedb.data import group_of
+from siamesedb.evaluation import drawer_of, episode_accuracies, sample_episode
 
 
 def omniglot_like(groups: int = 3, chars: int = 25, drawers: int = 6, dim: int = 16, seed: int = 0):

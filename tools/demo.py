@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from siamesedb.data import scan_folder
+from siamesedb.data import group_of, scan_folder
 from siamesedb.datasets import omniglot
 from siamesedb.db import SiameseDB
-from siamesedb.evaluation import drawer_of, group_of
+from siamesedb.evaluation import drawer_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORT_DRAWERS = ("01", "02")
