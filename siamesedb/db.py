@@ -389,7 +389,7 @@ class SiameseDB:
             if len(removed) == 0:
                 raise UnknownLabelError(f"{self.path}: no items with label {label!r}")
         else:
-            wanted = np.atleast_1d(np.asarray(ids, dtype=np.int64))
+            wanted = np.unique(np.atleast_1d(np.asarray(ids, dtype=np.int64)))
             present = [item.id for item in self.store.items(wanted) if item is not None]
             missing = sorted(set(wanted.tolist()) - set(present))
             if missing:

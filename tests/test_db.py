@@ -294,3 +294,9 @@ def test_manifest_that_disagrees_with_the_encoder_or_is_newer(db, tmp_path):
     manifest_path.write_text("{ not json")
     with pytest.raises(CorruptIndexError, match="manifest"):
         SiameseDB.open(tmp_path / "index")
+
+
+def test_removing_the_same_id_twice_in_one_call_counts_it_once(db):
+    ids, _ = db.store.vectors()
+    assert db.remove(ids=[int(ids[0]), int(ids[0])]) == 1
+    assert len(db) == 15
