@@ -63,6 +63,7 @@ class TrainConfig:
     invert: bool = True
     keep_aspect: bool = False
     augment: bool = True
+    rotate_classes: bool = False  # add 90/180/270-degree copies of every training class as new classes (Vinyals et al. 2016)
     seed: int = 0
     device: str = "auto"
     val_fraction: float = 0.1  # of the classes, held out whole for validation
@@ -77,6 +78,8 @@ class TrainConfig:
             raise InvalidInputError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
         if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 2:
             raise InvalidInputError("epochs and steps per epoch must be >= 1, batch size >= 2")
+        if self.rotate_classes and self.image_width not in (None, self.image_size):
+            raise InvalidInputError("rotate_classes needs square inputs (image_width equal to image_size)")
         if not 0.0 <= self.val_fraction < 1.0:
             raise InvalidInputError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
 
@@ -267,6 +270,13 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
     train_mask = np.isin(labels, train_classes)
     x_train, y_train = images[train_mask], labels[train_mask]
     x_val, y_val = images[~train_mask], labels[~train_mask]
+    if config.rotate_classes:
+        # A character turned by 90 degrees is a new character: 4x the training classes, none of the held-out ones.
+        n_names = len(names)
+        x_train = torch.cat([torch.rot90(x_train, k, dims=(2, 3)) for k in range(4)])
+        y_train = np.concatenate([y_train + k * n_names for k in range(4)])
+        forgeries = {f + k * n_names: g + k * n_names for f, g in forgeries.items() for k in range(4)}
+        log(f"rotated copies: {len(np.unique(y_train))} training classes, {len(y_train)} images")
     val_way = min(config.val_way, len(set(val_classes.tolist()) - set(forgeries)))  # enrollable held-out classes
     has_val = val_way >= 2
     log(f"{len(images)} images of {len(names)} classes: {len(train_classes)} for training, {len(val_classes)} held out")

@@ -102,6 +102,16 @@ def test_augmentation_keeps_shapes_and_is_the_identity_at_zero_strength():
     assert augment(torch.rand(2, 3, 12, 20), g).shape == (2, 3, 12, 20)
 
 
+def test_rotated_copies_add_training_classes(folder, tmp_path):
+    lines = []
+    train(folder, tmp_path / "rot", tiny("proto", rotate_classes=True), progress=False, log=lines.append)
+    assert (tmp_path / "rot" / "model.safetensors").exists()
+    # 6 classes, 2 held out (val_fraction 0.34): 4 training classes x 4 rotations, 6 images each
+    assert "rotated copies: 16 training classes, 96 images" in lines
+    with pytest.raises(Exception, match="square"):
+        TrainConfig(rotate_classes=True, image_size=16, image_width=32)
+
+
 def test_bad_config_is_refused():
     from siamesedb.errors import InvalidInputError
 

@@ -29,6 +29,7 @@ SETTINGS: dict[str, dict] = {
     "contrastive-28": {"loss": "contrastive", "batch_size": 128},
     "triplet-28": {"loss": "triplet", "batch_size": 128, "per_class": 4},
     "proto-40": {"loss": "proto", "image_size": 40},
+    "proto-28-rot4": {"loss": "proto", "rotate_classes": True},
 }
 
 
