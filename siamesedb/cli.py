@@ -345,6 +345,8 @@ def info(index_dir: Path, as_json: bool) -> None:
 @click.option("--keep-aspect", is_flag=True, default=None, help="Fit images inside the input size, padding the rest.")
 @click.option("--groups", default=None,
               help="Train only on these groups (first label component): 'U01-U30' or 'Latin,Greek'.")
+@click.option("--way", type=int, default=None, help="Classes per prototypical episode (default 60).")
+@click.option("--shot", type=int, default=None, help="Support items per class in a prototypical episode (default 5).")
 @click.option("--rotate-classes", is_flag=True, default=None,
               help="Add 90/180/270-degree copies of each training class as new classes (characters).")
 @click.option("--augment/--no-augment", default=None, help="Random small affine distortions (default: on).")
@@ -355,7 +357,8 @@ def info(index_dir: Path, as_json: bool) -> None:
 def train(folder: Path, out_dir: Path, loss: str, epochs: int | None, steps_per_epoch: int | None,
           batch_size: int | None, lr: float | None, margin: float | None, backbone: str | None,
           embedding_dim: int | None, width: int | None, image_size: int | None, image_width: int | None,
-          keep_aspect: bool | None, groups: str | None, rotate_classes: bool | None, augment: bool | None,
+          keep_aspect: bool | None, groups: str | None, way: int | None, shot: int | None,
+          rotate_classes: bool | None, augment: bool | None,
           seed: int | None, resume: bool, device: str, quiet: bool) -> None:
     """Train a Siamese encoder on a labelled FOLDER (twin networks, shared weights).
 
@@ -374,7 +377,7 @@ def train(folder: Path, out_dir: Path, loss: str, epochs: int | None, steps_per_
         "loss": loss, "epochs": epochs, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "lr": lr,
         "margin": margin, "backbone": backbone, "embedding_dim": embedding_dim, "width": width, "seed": seed,
         "device": device, "image_size": image_size, "image_width": image_width, "keep_aspect": keep_aspect,
-        "groups": groups, "rotate_classes": rotate_classes, "augment": augment,
+        "groups": groups, "way": way, "shot": shot, "rotate_classes": rotate_classes, "augment": augment,
     }
     config = TrainConfig(**{key: value for key, value in overrides.items() if value is not None})
     encoder = run_training(folder, out_dir, config, progress=not quiet, resume=resume,
