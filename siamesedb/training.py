@@ -54,6 +54,7 @@ class TrainConfig:
     shot: int = 5
     queries: int = 5
     proto_scale: float = 10.0  # logit scale of the prototypical loss on unit vectors (see losses.PrototypicalLoss)
+    normalize_train: bool = True  # False: losses see raw embeddings (Snell et al.'s Euclidean head); search stays cosine
     backbone: str = "conv4"
     embedding_dim: int = 64
     width: int = 64
@@ -335,7 +336,7 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
                 batch = augment(batch, generator, background_zero=config.invert)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 # The twin network: ONE encoder embeds both halves of every pair, so the weights are shared.
-                emb = encoder.embed(batch)
+                emb = encoder.embed(batch) if config.normalize_train else encoder.net(batch.to(device)).float()
             if config.loss in ("contrastive", "bce"):
                 n = config.batch_size
                 loss = loss_module(emb[:n], emb[n:], torch.from_numpy(same).to(device))

@@ -102,6 +102,12 @@ def test_augmentation_keeps_shapes_and_is_the_identity_at_zero_strength():
     assert augment(torch.rand(2, 3, 12, 20), g).shape == (2, 3, 12, 20)
 
 
+def test_raw_embeddings_option_trains(folder, tmp_path):
+    encoder = train(folder, tmp_path / "raw", tiny("proto", normalize_train=False, proto_scale=1.0), progress=False)
+    vectors = encoder.encode_tensors(torch.rand(3, 1, 16, 16))
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)  # search vectors are normalised regardless
+
+
 def test_rotated_copies_add_training_classes(folder, tmp_path):
     lines = []
     train(folder, tmp_path / "rot", tiny("proto", rotate_classes=True), progress=False, log=lines.append)

@@ -30,6 +30,7 @@ SETTINGS: dict[str, dict] = {
     "triplet-28": {"loss": "triplet", "batch_size": 128, "per_class": 4},
     "proto-40": {"loss": "proto", "image_size": 40},
     "proto-28-rot4": {"loss": "proto", "rotate_classes": True},
+    "proto-28-euclid": {"loss": "proto", "normalize_train": False, "proto_scale": 1.0},
 }
 
 
