@@ -47,7 +47,6 @@ STORE_FILE = "items.sqlite"
 VECTORS_FILE = "vectors.faiss"
 ENCODER_DIR = "encoder"
 DEFAULT_HOME = Path("indexes")
-VERIFY_RULES = ("prototype", "max", "mean_top3")
 CLASSIFY_METHODS = ("prototype", "knn")
 
 ImageLike = Any  # a path (str / Path), a PIL image or a numpy array
@@ -517,8 +516,8 @@ class SiameseDB:
     ) -> query.Verification:
         calibration = self.manifest.get("calibration") or {}
         rule = rule or calibration.get("rule", "prototype")
-        if rule not in VERIFY_RULES:
-            raise InvalidInputError(f"unknown rule {rule!r}; choose from {', '.join(VERIFY_RULES)}")
+        if rule not in query.VERIFY_RULES:
+            raise InvalidInputError(f"unknown rule {rule!r}; choose from {', '.join(query.VERIFY_RULES)}")
         if threshold is None:
             if not calibration or calibration.get("rule") != rule:
                 raise NotCalibratedError(
@@ -534,8 +533,8 @@ class SiameseDB:
         Without `target_far` the threshold sits at the equal-error point; with it, at the lowest threshold whose
         false-accept rate on the impostor pairs is at most `target_far`. Stored in the manifest.
         """
-        if rule not in VERIFY_RULES:
-            raise InvalidInputError(f"unknown rule {rule!r}; choose from {', '.join(VERIFY_RULES)}")
+        if rule not in query.VERIFY_RULES:
+            raise InvalidInputError(f"unknown rule {rule!r}; choose from {', '.join(query.VERIFY_RULES)}")
         if target_far is not None and not 0.0 <= target_far <= 1.0:
             raise InvalidInputError(f"target FAR must lie in [0, 1], got {target_far}")
         ids, vectors = self.store.vectors()
