@@ -16,6 +16,7 @@ import click
 
 from siamesedb import __version__
 from siamesedb.errors import SiameseDBError
+from siamesedb.query import VERIFY_RULES
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -179,7 +180,7 @@ def remove(index_dir: Path, ids: tuple[int, ...], label: str | None, as_json: bo
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @index_option()
 @click.option("--target-far", type=float, default=None, help="Aim for this false-accept rate instead of the equal-error point.")
-@click.option("--rule", type=click.Choice(["prototype", "max", "mean_top3"]), default="prototype", show_default=True,
+@click.option("--rule", type=click.Choice(VERIFY_RULES), default="prototype", show_default=True,
               help="Score against the class prototype, the best reference, or the mean of the top 3.")
 @json_option
 def calibrate(index_dir: Path, target_far: float | None, rule: str, as_json: bool) -> None:
@@ -262,7 +263,7 @@ def classify(images: tuple[Path, ...], index_dir: Path, method: str, k: int, cla
 @click.option("--label", default=None, help="Claimed class (with --index).")
 @encoder_option
 @click.option("--threshold", type=float, default=None, help="Accept at or above this score (default: calibrated).")
-@click.option("--rule", type=click.Choice(["prototype", "max", "mean_top3"]), default=None,
+@click.option("--rule", type=click.Choice(VERIFY_RULES), default=None,
               help="Scoring rule against the support set (default: the calibrated one).")
 @device_option
 @json_option
@@ -438,7 +439,7 @@ def oneshot(folder: Path, encoder: str, way: int, shot: int, queries: int, episo
 @click.option("--test-groups", default="U31-U40", show_default=True, help="Unseen groups (writers) to verify.")
 @click.option("--calibration-groups", default="U01-U30", show_default=True,
               help="Groups whose trials set the threshold (the training writers; never the test ones).")
-@click.option("--rule", type=click.Choice(["prototype", "max", "mean_top3"]), default="prototype", show_default=True,
+@click.option("--rule", type=click.Choice(VERIFY_RULES), default="prototype", show_default=True,
               help="Score against the references' prototype, the best one, or the mean of the top 3.")
 @click.option("--repeats", default=10, show_default=True, help="Random reference sets drawn per writer.")
 @click.option("--seed", default=0, show_default=True, help="Reference sampling seed.")
