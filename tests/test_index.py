@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -68,6 +69,18 @@ def test_remove_then_search():
     _, I2 = index.search(queries, 5)
     assert not set(I2.ravel()) & set(gone.tolist())
     assert index.remove(np.array([], dtype=np.int64)) == 0
+    assert index.remove([10**9]) == 0  # unknown ids are ignored
+    assert set(index.ids().tolist()) == set(range(len(corpus))) - set(gone.tolist())
+    index.add(corpus[gone], gone)  # removed ids can be added again
+    assert np.array_equal(index.search(queries, 1)[1][:, 0], I[:, 0])
+
+
+def test_ivf_padding_when_probed_lists_hold_fewer_than_k():
+    corpus, queries = data(n=400)
+    index = VectorIndex.from_vectors(corpus, np.arange(len(corpus)), factory="IVF16,Flat")
+    D, I = index.search(queries, 300)  # nprobe 1: one list of ~25 vectors cannot fill k = 300
+    assert ((I == -1) == np.isneginf(D)).all() and (I == -1).any()
+    assert np.isfinite(D[I >= 0]).all()
 
 
 def test_save_load_round_trip(tmp_path):
@@ -79,15 +92,41 @@ def test_save_load_round_trip(tmp_path):
     for a, b in zip(index.search(queries, 7), again.search(queries, 7)):
         assert np.array_equal(a, b)
     assert np.array_equal(np.sort(again.ids()), np.arange(len(corpus)) * 3)
-    assert not (tmp_path / "v.faiss.tmp").exists()
+    assert again.factory == "Flat"
+    assert [p.name for p in tmp_path.iterdir()] == ["v.faiss"]  # no temporary file left behind
+    index.remove(np.arange(10) * 3)
+    index.save(tmp_path / "v.faiss")  # overwrite in place
+    assert VectorIndex.load(tmp_path / "v.faiss", factory="Flat").ntotal == len(corpus) - 10
+
+
+def test_ivf_save_load_keeps_training(tmp_path):
+    corpus, queries = data(n=1000)
+    index = VectorIndex.from_vectors(corpus, np.arange(len(corpus)), factory="IVF8,Flat")
+    index.save(tmp_path / "ivf.faiss")
+    again = VectorIndex.load(tmp_path / "ivf.faiss", factory="IVF8,Flat")
+    assert again.is_trained and again.factory == "IVF8,Flat"
+    for a, b in zip(index.search(queries, 5), again.search(queries, 5)):
+        assert np.array_equal(a, b)
 
 
 def test_corrupt_or_missing_file(tmp_path):
     (tmp_path / "bad.faiss").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(CorruptIndexError, match="bad.faiss"):
         VectorIndex.load(tmp_path / "bad.faiss")
-    with pytest.raises(CorruptIndexError, match="missing.faiss"):
+    with pytest.raises(CorruptIndexError, match="missing.faiss: missing"):
         VectorIndex.load(tmp_path / "missing.faiss")
+    (tmp_path / "empty.faiss").write_bytes(b"")
+    with pytest.raises(CorruptIndexError, match="empty.faiss"):
+        VectorIndex.load(tmp_path / "empty.faiss")
+    good = VectorIndex.from_vectors(data(n=50)[0], np.arange(50))
+    good.save(tmp_path / "cut.faiss")
+    whole = (tmp_path / "cut.faiss").read_bytes()
+    (tmp_path / "cut.faiss").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CorruptIndexError, match="cut.faiss"):
+        VectorIndex.load(tmp_path / "cut.faiss")
+    faiss.write_index(faiss.IndexFlatIP(16), str(tmp_path / "plain.faiss"))  # a FAISS file, but not ours
+    with pytest.raises(CorruptIndexError, match="id map"):
+        VectorIndex.load(tmp_path / "plain.faiss")
 
 
 def test_boundary_checks():
@@ -101,9 +140,53 @@ def test_boundary_checks():
     bad[0, 0] = np.nan
     with pytest.raises(InvalidInputError, match="NaN"):
         index.add(bad, np.arange(len(bad)))
-    with pytest.raises(InvalidInputError):
-        index.search(corpus[:1], 0)
+    with pytest.raises(InvalidInputError, match="ids"):
+        index.add(corpus[:2], np.array([0.5, 1.5]))  # float ids are not silently truncated
+    with pytest.raises(InvalidInputError, match="non-negative"):
+        index.add(corpus[:2], np.array([-1, 3]))  # -1 means "no result" in I
+    with pytest.raises(InvalidInputError, match="repeat"):
+        index.add(corpus[:2], np.array([4, 4]))
+    with pytest.raises(InvalidInputError, match="numeric"):
+        index.add(corpus.astype(np.complex64), np.arange(len(corpus)))
+    with pytest.raises(InvalidInputError, match="2-D"):
+        index.add(corpus[None], np.arange(len(corpus)))
+    for k in (0, -3, 2.5):
+        with pytest.raises(InvalidInputError, match="k must"):
+            index.search(corpus[:1], k)
+    with pytest.raises(DimensionMismatchError, match="dimension 8.*16-d"):
+        index.search(corpus[:1, :8], 3)
+    inf = corpus[:1].copy()
+    inf[0, 3] = np.inf
+    with pytest.raises(InvalidInputError, match="infinity"):
+        index.search(inf, 3)
+    assert index.ntotal == 0  # nothing slipped in through a failed call
     with pytest.raises(InvalidInputError, match="factory"):
         VectorIndex(16, factory="NotAFactory")
     index.add(corpus.astype(np.float64), np.arange(len(corpus)))  # float64 is cast, not refused
     assert index.ntotal == len(corpus)
+    with pytest.raises(InvalidInputError, match="id 3 is already"):
+        index.add(corpus[:2], np.array([len(corpus) + 7, 3]))
+    assert index.ntotal == len(corpus)
+    D, I = index.search(np.asfortranarray(corpus[:4]), 1)  # non-contiguous input is copied, not refused
+    assert I[:, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_training_errors_are_one_line():
+    corpus, _ = data(n=100)
+    index = VectorIndex(16, factory="PQ4")  # 256 centroids per sub-quantiser: 100 vectors are too few
+    with pytest.raises(InvalidInputError, match="cannot train") as info:
+        index.train(corpus)
+    assert "\n" not in str(info.value) and ".cpp" not in str(info.value)
+
+
+def test_hnsw_searches_but_refuses_removal_cleanly():
+    corpus, queries = data()
+    index = VectorIndex.from_vectors(corpus, np.arange(len(corpus)), factory="HNSW16")
+    assert not index.supports_remove and VectorIndex(16).supports_remove
+    _, I = index.search(queries, 10)
+    _, I_ref = brute_force_search(queries, corpus, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, I_ref)]) > 0.8
+    with pytest.raises(InvalidInputError, match="HNSW16.*cannot remove") as info:
+        index.remove([1, 2])
+    assert ".cpp" not in str(info.value)
+    assert index.ntotal == len(corpus)  # the failed removal changed nothing
