@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 from siamesedb.errors import CorruptIndexError, DimensionMismatchError, IndexNotFoundError, InvalidInputError
 
 SCHEMA_VERSION = 1
-_MAX_PARAMS = 900  # stay under SQLite's default limit of host parameters per statement
+_MAX_PARAMS = 900  # stay under SQLite's historical limit of 999 host parameters per statement
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -38,67 +39,102 @@ class Item:
 
 
 class ItemStore:
-    """items.sqlite: every write is one transaction, and bumps a version counter in the same transaction."""
+    """items.sqlite: every write is one transaction, and bumps a version counter in the same transaction.
+
+    `ItemStore(path, dim=D)` creates the store (or opens it, checking D); `ItemStore(path)` and
+    `ItemStore.open_existing(path)` only open one that exists (IndexNotFoundError otherwise).
+    """
 
     def __init__(self, path: str | os.PathLike, dim: int | None = None):
         self.path = Path(path)
-        if not self.path.exists() and dim is None:
+        self._conn: sqlite3.Connection | None = None
+        existed = self.path.exists()
+        if not existed and dim is None:
             raise IndexNotFoundError(f"{self.path}: no item store here")
+        if not existed and not self.path.parent.is_dir():
+            raise IndexNotFoundError(f"{self.path.parent}: folder not found")
+        if dim is not None and int(dim) < 1:
+            raise InvalidInputError(f"dimension must be positive, got {dim}")
         try:
             # isolation_level=None: we open transactions ourselves (BEGIN IMMEDIATE), so a writer takes the write
             # lock up front instead of failing half-way through a batch.
             self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0, check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if existed and tables and not {"items", "meta"} <= tables:
+                # Some other SQLite database: do not write our tables into it.
+                raise CorruptIndexError(f"{self.path}: a SQLite file, but not a siamesedb item store")
+            self._conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
             # NORMAL in WAL mode: a committed transaction survives a process crash (kill -9); only a power loss may
-            # drop the last commits, never corrupt the file.
+            # drop the last commits, never corrupt the file. FULL would fsync every commit for little more safety.
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(_SCHEMA)
             stored_dim = self._meta("dim")
+            schema = self._meta("schema_version")
         except sqlite3.DatabaseError as exc:
+            self.close()
             raise CorruptIndexError(f"{self.path}: not a readable SQLite store ({exc})") from None
+        except CorruptIndexError:
+            self.close()
+            raise
+        if schema is not None and int(schema) > SCHEMA_VERSION:
+            self.close()
+            raise CorruptIndexError(
+                f"{self.path}: store format {schema} is newer than this siamesedb reads ({SCHEMA_VERSION}); upgrade it"
+            )
         if stored_dim is None:
             if dim is None:
+                self.close()
                 raise CorruptIndexError(f"{self.path}: store has no dimension recorded")
             with self._transaction():
                 self._set_meta("dim", str(int(dim)))
                 self._set_meta("schema_version", str(SCHEMA_VERSION))
                 self._set_meta("version", "0")
         elif dim is not None and int(stored_dim) != int(dim):
+            self.close()
             raise DimensionMismatchError(f"{self.path}: store holds {stored_dim}-d vectors, not {dim}-d")
         self.dim = int(self._meta("dim"))
 
+    @classmethod
+    def open_existing(cls, path: str | os.PathLike) -> ItemStore:
+        """Open a store that must already exist (IndexNotFoundError if missing); its dimension is read from it."""
+        if not Path(path).exists():
+            raise IndexNotFoundError(f"{path}: no item store here")
+        return cls(path)
+
     # -------------------------------------------------------------------------------------------- plumbing
 
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise InvalidInputError(f"{self.path}: the item store is closed")
+        return self._conn
+
     def _meta(self, key: str) -> str | None:
-        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def _set_meta(self, key: str, value: str) -> None:
-        self._conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+        self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
-    class _Txn:
-        def __init__(self, store: ItemStore):
-            self.store = store
-
-        def __enter__(self) -> sqlite3.Connection:
-            self.store._conn.execute("BEGIN IMMEDIATE")
-            return self.store._conn
-
-        def __exit__(self, exc_type, exc, tb) -> None:
-            if exc_type is None:
-                self.store._conn.execute("COMMIT")
-            else:
-                self.store._conn.execute("ROLLBACK")
-
-    def _transaction(self) -> ItemStore._Txn:
-        return ItemStore._Txn(self)
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (a failed batch leaves no row behind)."""
+        conn = self._db
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # COMMIT itself may fail (disk full, busy): undo rather than leave it open
+                conn.execute("ROLLBACK")
+            raise
 
     def _bump(self) -> None:
-        self._conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'version'")
+        self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'version'")
 
     @property
     def version(self) -> int:
-        """Incremented by every write: the FAISS file records which version it mirrors."""
+        """Incremented by every write that changes items: the FAISS file records which version it mirrors."""
         return int(self._meta("version") or 0)
 
     def close(self) -> None:
@@ -115,45 +151,72 @@ class ItemStore:
     # -------------------------------------------------------------------------------------------- writes
 
     def add(
-        self, labels: Sequence[str], paths: Sequence[str], hashes: Sequence[str], vectors: np.ndarray
+        self, labels: Sequence[str], paths: Sequence[str | os.PathLike], hashes: Sequence[str], vectors: np.ndarray
     ) -> np.ndarray:
         """Insert a batch in one transaction; returns the new ids (n,) int64 in input order."""
         vectors = np.asarray(vectors)
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise DimensionMismatchError(f"vectors have shape {vectors.shape}, the store holds {self.dim}-d vectors")
+        if vectors.ndim != 2:
+            raise InvalidInputError(f"vectors must be a 2-D array (n, {self.dim}), got shape {vectors.shape}")
+        if not (np.issubdtype(vectors.dtype, np.floating) or np.issubdtype(vectors.dtype, np.integer)):
+            raise InvalidInputError(f"vectors must be a real-valued numeric array, got dtype {vectors.dtype}")
+        if vectors.shape[1] != self.dim:
+            raise DimensionMismatchError(f"vectors have dimension {vectors.shape[1]}, the store holds {self.dim}-d vectors")
         n = len(vectors)
         if not (len(labels) == len(paths) == len(hashes) == n):
             raise InvalidInputError(
                 f"lengths differ: {n} vectors, {len(labels)} labels, {len(paths)} paths, {len(hashes)} hashes"
             )
-        vectors = np.ascontiguousarray(vectors, dtype="<f4")
+        vectors = np.ascontiguousarray(vectors, dtype="<f4")  # the on-disk layout, whatever the machine
         if not np.isfinite(vectors).all():
             raise InvalidInputError("vectors contain NaN or infinity")
         if any(not isinstance(label, str) or not label for label in labels):
             raise InvalidInputError("every label must be a non-empty string")
-        rows = [(labels[i], str(paths[i]), hashes[i], vectors[i].tobytes()) for i in range(n)]
-        ids = np.empty(n, dtype=np.int64)
+        if any(not isinstance(h, str) for h in hashes):
+            raise InvalidInputError("every content hash must be a string")
+        if any(not isinstance(p, (str, os.PathLike)) for p in paths):
+            raise InvalidInputError("every path must be a string or a path")
+        if n == 0:
+            return np.empty(0, dtype=np.int64)
+        rows = [(labels[i], os.fspath(paths[i]), hashes[i], vectors[i].tobytes()) for i in range(n)]
         with self._transaction() as conn:
-            for i, row in enumerate(rows):
-                ids[i] = conn.execute("INSERT INTO items(label, path, sha256, vector) VALUES (?, ?, ?, ?)", row).lastrowid
+            # AUTOINCREMENT hands out ids above every id ever used (sqlite_sequence), and we hold the write lock:
+            # the rows above that mark after one executemany are exactly this batch, in insertion order.
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
+            mark = int(row[0]) if row else 0
+            conn.executemany("INSERT INTO items(label, path, sha256, vector) VALUES (?, ?, ?, ?)", rows)
+            ids = np.fromiter(
+                (r[0] for r in conn.execute("SELECT id FROM items WHERE id > ? ORDER BY id", (mark,))), dtype=np.int64
+            )
+            if len(ids) != n:  # cannot happen under the write lock; refuse to return wrong ids if it ever does
+                raise CorruptIndexError(f"{self.path}: inserted {n} items but found {len(ids)} new ids")
             self._bump()
         return ids
 
     def remove_ids(self, ids: Sequence[int] | np.ndarray) -> int:
-        ids = [int(i) for i in np.atleast_1d(np.asarray(ids, dtype=np.int64))]
+        """Remove these ids in one transaction (unknown ones are ignored); returns how many rows went."""
+        array = np.atleast_1d(np.asarray(ids))
+        if array.size and not np.issubdtype(array.dtype, np.integer):
+            raise InvalidInputError(f"ids must be integers, got dtype {array.dtype}")
+        unique = sorted({int(i) for i in array.reshape(-1)})
+        if not unique:
+            return 0
         removed = 0
         with self._transaction() as conn:
-            for start in range(0, len(ids), _MAX_PARAMS):
-                chunk = ids[start : start + _MAX_PARAMS]
+            for start in range(0, len(unique), _MAX_PARAMS):
+                chunk = unique[start : start + _MAX_PARAMS]
                 marks = ",".join("?" * len(chunk))
                 removed += conn.execute(f"DELETE FROM items WHERE id IN ({marks})", chunk).rowcount
-            self._bump()
+            if removed:
+                self._bump()
         return removed
 
     def remove_label(self, label: str) -> np.ndarray:
-        """Remove every item of `label`; returns their ids."""
+        """Remove every item of `label` in one transaction; returns their ids (n,) int64 in id order."""
         with self._transaction() as conn:
-            ids = np.asarray([r[0] for r in conn.execute("SELECT id FROM items WHERE label = ?", (label,))], dtype=np.int64)
+            ids = np.fromiter(
+                (r[0] for r in conn.execute("SELECT id FROM items WHERE label = ? ORDER BY id", (label,))),
+                dtype=np.int64,
+            )
             if len(ids):
                 conn.execute("DELETE FROM items WHERE label = ?", (label,))
                 self._bump()
@@ -162,47 +225,61 @@ class ItemStore:
     # -------------------------------------------------------------------------------------------- reads
 
     def count(self) -> int:
-        return int(self._conn.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+        return int(self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
 
     def label_counts(self) -> dict[str, int]:
-        return {label: int(n) for label, n in self._conn.execute("SELECT label, COUNT(*) FROM items GROUP BY label ORDER BY label")}
+        """{label: number of items}, labels sorted."""
+        rows = self._db.execute("SELECT label, COUNT(*) FROM items GROUP BY label ORDER BY label")
+        return {label: int(n) for label, n in rows}
 
-    def items(self, ids: Sequence[int] | np.ndarray) -> list[Item | None]:
-        """Items in the order of `ids`; None for an id the store does not hold."""
-        wanted = [int(i) for i in np.atleast_1d(np.asarray(ids, dtype=np.int64))]
-        found: dict[int, Item] = {}
+    def _by_id(self, ids: Sequence[int] | np.ndarray, columns: str) -> tuple[list[int], dict[int, tuple]]:
+        """(wanted ids in order, {id: row}) with `columns` fetched in IN (...) batches of at most _MAX_PARAMS."""
+        array = np.atleast_1d(np.asarray(ids))
+        if array.size and not np.issubdtype(array.dtype, np.integer):
+            raise InvalidInputError(f"ids must be integers, got dtype {array.dtype}")
+        wanted = [int(i) for i in array.reshape(-1)]
         unique = sorted(set(wanted))
+        found: dict[int, tuple] = {}
         for start in range(0, len(unique), _MAX_PARAMS):
             chunk = unique[start : start + _MAX_PARAMS]
             marks = ",".join("?" * len(chunk))
-            for row in self._conn.execute(f"SELECT id, label, path, sha256 FROM items WHERE id IN ({marks})", chunk):
-                found[row[0]] = Item(*row)
-        return [found.get(i) for i in wanted]
+            for row in self._db.execute(f"SELECT id, {columns} FROM items WHERE id IN ({marks})", chunk):
+                found[row[0]] = row
+        return wanted, found
+
+    def items(self, ids: Sequence[int] | np.ndarray) -> list[Item | None]:
+        """Items in the order of `ids`; None for an id the store does not hold."""
+        wanted, found = self._by_id(ids, "label, path, sha256")
+        items = {i: Item(*row) for i, row in found.items()}
+        return [items.get(i) for i in wanted]
 
     def labels_of(self, ids: Sequence[int] | np.ndarray) -> list[str | None]:
-        return [item.label if item is not None else None for item in self.items(ids)]
+        """Labels in the order of `ids`; None for an id the store does not hold."""
+        wanted, found = self._by_id(ids, "label")
+        return [found[i][1] if i in found else None for i in wanted]
 
     def vectors(self, label: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids (n,) int64, vectors (n, dim) float32) in id order, optionally of one label only."""
         if label is None:
-            rows = self._conn.execute("SELECT id, vector FROM items ORDER BY id").fetchall()
+            rows = self._db.execute("SELECT id, vector FROM items ORDER BY id").fetchall()
         else:
-            rows = self._conn.execute("SELECT id, vector FROM items WHERE label = ? ORDER BY id", (label,)).fetchall()
+            rows = self._db.execute("SELECT id, vector FROM items WHERE label = ? ORDER BY id", (label,)).fetchall()
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         # One join + one frombuffer instead of n small arrays: fast for 100k+ rows.
         blob = b"".join(r[1] for r in rows)
         if len(blob) != len(rows) * self.dim * 4:
-            raise CorruptIndexError(f"{self.path}: a stored vector has the wrong length")
+            raise CorruptIndexError(f"{self.path}: a stored vector does not hold {self.dim} float32 values")
+        # astype copies into a writable, native-endian array (frombuffer over bytes is read-only).
         return ids, np.frombuffer(blob, dtype="<f4").reshape(len(rows), self.dim).astype(np.float32)
 
     def all_labels(self) -> tuple[np.ndarray, list[str]]:
         """(ids, labels) of every item in id order."""
-        rows = self._conn.execute("SELECT id, label FROM items ORDER BY id").fetchall()
-        return np.asarray([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows]
+        rows = self._db.execute("SELECT id, label FROM items ORDER BY id").fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)), [r[1] for r in rows]
 
     def known_hashes(self) -> set[str]:
-        return {r[0] for r in self._conn.execute("SELECT DISTINCT sha256 FROM items")}
+        return {r[0] for r in self._db.execute("SELECT DISTINCT sha256 FROM items")}
 
     def known_label_hashes(self) -> set[tuple[str, str]]:
         """(label, sha256) of every item: what a resumed build skips."""
-        return {(r[0], r[1]) for r in self._conn.execute("SELECT label, sha256 FROM items")}
+        return {(r[0], r[1]) for r in self._db.execute("SELECT label, sha256 FROM items")}
