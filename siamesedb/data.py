@@ -6,15 +6,17 @@ import hashlib
 import os
 import re
 import warnings
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from siamesedb.errors import FolderError, ImageLoadError, InvalidInputError
 
@@ -34,7 +36,10 @@ class LabelledImage:
 
 def label_for(path: str | os.PathLike, root: str | os.PathLike) -> str:
     """Parent folder relative to root with '/' separators (`Latin/character07`); a root-level file -> its stem."""
-    relative = Path(path).relative_to(root)
+    try:
+        relative = Path(path).relative_to(root)
+    except ValueError:
+        raise InvalidInputError(f"{path} is not inside {root}") from None
     parent = relative.parent.as_posix()
     return relative.stem if parent in ("", ".") else parent
 
@@ -88,6 +93,7 @@ def select_groups(images: Sequence[LabelledImage], spec: str | None) -> list[Lab
     return chosen
 
 
+
 def scan_folder(root: str | os.PathLike) -> list[LabelledImage]:
     """Every image under `root` (recursively, hidden entries skipped), sorted by (label, path)."""
     root = Path(root)
@@ -121,11 +127,29 @@ def scan_folder(root: str | os.PathLike) -> list[LabelledImage]:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (constant memory for any size)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+_HIGH_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+
+
+def _white_level(mode: str, array: np.ndarray) -> float:
+    """The value that means white: 65535 for 16-bit modes; 32-bit 'I' and float 'F' are judged by their range."""
+    if mode.startswith("I;16"):
+        return 65535.0
+    peak = float(array.max(initial=0.0))
+    if mode == "F" and peak <= 1.0:
+        return 1.0
+    if peak <= 255.0:
+        return 255.0
+    return 65535.0 if peak <= 65535.0 else peak
 
 
 def _to_l_or_rgb(image: Image.Image) -> Image.Image:
@@ -135,10 +159,12 @@ def _to_l_or_rgb(image: Image.Image) -> Image.Image:
         return image
     if mode == "1":
         return image.convert("L")
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
-        return Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if mode in _HIGH_BIT_MODES:
+        # PIL's own convert('L') clips 16-bit values at 255 (a white page of 65535 would stay white, but a mid-grey
+        # 30000 would too); scaling keeps the tones.
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        scaled = np.clip(array / _white_level(mode, array) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled)
     if mode == "P":
         image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
         mode = image.mode
@@ -147,35 +173,55 @@ def _to_l_or_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         out = Image.alpha_composite(background, rgba).convert("RGB")
         return out.convert("L") if mode in ("LA", "La") else out
-    return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV...
+    return image.convert("RGB")  # CMYK, YCbCr, HSV...
+
+
+def _decode_opened(opened: Image.Image, source: Any) -> Image.Image:
+    """An image fresh from Image.open -> its decoded first frame, upright, detached from the file."""
+    width, height = opened.size
+    # The declared size is known before any pixel is decoded: a bomb is refused here, at no cost.
+    if width * height > MAX_PIXELS:
+        raise ImageLoadError(source, f"image too large ({width}x{height} pixels, limit {MAX_PIXELS:,})")
+    opened.load()  # Image.open leaves an animation on its first frame, so this decodes frame 0
+    try:
+        return ImageOps.exif_transpose(opened)  # a new, upright image (a plain copy when there is no orientation)
+    except Exception:  # a malformed EXIF block says nothing about the pixels, which did decode: keep them as stored
+        return opened.copy()
+
+
+def _open_path(source: str | os.PathLike) -> Image.Image:
+    path = Path(source)
+    if not path.exists():
+        raise ImageLoadError(source, "no such file")
+    if path.is_dir():
+        raise ImageLoadError(source, "is a folder, not an image")
+    if not path.is_file():
+        raise ImageLoadError(source, "not a regular file")  # a FIFO or device would block the reader forever
+    if path.stat().st_size == 0:
+        raise ImageLoadError(source, "empty file")
+    with warnings.catch_warnings():
+        # PIL only warns between its own limit and twice that; make it an error so nothing that large is decoded.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as opened:
+            return _decode_opened(opened, source)
 
 
 def load_image(source: Any) -> Image.Image:
-    """A path, PIL image or numpy array -> a PIL image in mode 'L' or 'RGB'. Every failure is an ImageLoadError."""
+    """A path, PIL image or numpy array -> a PIL image in mode 'L' or 'RGB'. Every failure is an ImageLoadError.
+
+    Files: first frame of an animation, EXIF orientation applied, 16-bit scaled to 8-bit, alpha composited on white,
+    images declaring more than MAX_PIXELS pixels refused before decoding. A PIL image straight from Image.open is
+    treated like its file; any other PIL image is taken as it is.
+    """
     try:
-        if isinstance(source, Image.Image):
+        if isinstance(source, (str, os.PathLike)):
+            image = _open_path(source)
+        elif isinstance(source, ImageFile.ImageFile):
+            image = _decode_opened(source, getattr(source, "filename", None) or "<image>")
+        elif isinstance(source, Image.Image):
             image = source
         elif isinstance(source, np.ndarray):
             image = _array_to_image(source)
-        elif isinstance(source, (str, os.PathLike)):
-            path = Path(source)
-            if not path.exists():
-                raise ImageLoadError(source, "no such file")
-            if path.is_dir():
-                raise ImageLoadError(source, "is a folder, not an image")
-            if path.stat().st_size == 0:
-                raise ImageLoadError(source, "empty file")
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as opened:
-                    width, height = opened.size
-                    if width * height > MAX_PIXELS:
-                        raise ImageLoadError(source, f"image too large ({width}x{height} pixels)")
-                    if getattr(opened, "n_frames", 1) > 1:
-                        opened.seek(0)  # animated: the first frame
-                    opened.load()
-                    image = ImageOps.exif_transpose(opened) or opened
-                    image = image.copy()
         else:
             raise ImageLoadError(repr(source)[:80], f"unsupported image type {type(source).__name__}")
         if image.width < 1 or image.height < 1:
@@ -189,20 +235,31 @@ def load_image(source: Any) -> Image.Image:
         raise ImageLoadError(source, "permission denied") from None
     except Image.UnidentifiedImageError:
         raise ImageLoadError(source, "not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError, IndexError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # decoders raise OSError, SyntaxError, struct.error, zlib.error...: one kind for callers
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
         raise ImageLoadError(source, f"unreadable image ({reason})") from None
 
 
 def _array_to_image(array: np.ndarray) -> Image.Image:
+    """HxW or HxWx{1,3,4} array -> PIL image. uint8 as is; uint16 scaled from 0..65535; float taken in [0, 1]."""
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
         raise ImageLoadError("<array>", f"array of shape {array.shape} is not an HxW or HxWx3/4 image")
     if array.dtype == np.uint8:
         pass
+    elif array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
     elif array.dtype == np.uint16:
         array = (array.astype(np.float64) / 65535.0 * 255.0 + 0.5).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.integer):
+        # Other integer arrays (np.array([[0, 255]]) is int64): 8-bit values if they fit, else 16-bit ones.
+        low, high = int(array.min(initial=0)), int(array.max(initial=0))
+        if low < 0 or high > 65535:
+            raise ImageLoadError("<array>", f"integer values {low}..{high} outside 0..65535")
+        top = 255.0 if high <= 255 else 65535.0
+        array = (array.astype(np.float64) / top * 255.0 + 0.5).astype(np.uint8)
     elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise ImageLoadError("<array>", "array contains NaN or infinity")
@@ -210,6 +267,9 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
     else:
         raise ImageLoadError("<array>", f"unsupported array dtype {array.dtype}")
     return Image.fromarray(np.ascontiguousarray(array))
+
+
+# ------------------------------------------------------------------------------------------------ preprocessing
 
 
 @dataclass
@@ -224,32 +284,50 @@ class Preprocessing:
     keep_aspect: bool = False  # fit inside size and pad with background (signatures are wide)
 
     def __post_init__(self) -> None:
-        self.size = (int(self.size[0]), int(self.size[1]))
+        try:
+            size = (int(self.size), int(self.size)) if np.ndim(self.size) == 0 else tuple(int(s) for s in self.size)
+        except (TypeError, ValueError):
+            size = ()
+        if len(size) != 2 or min(size) < 1:
+            raise InvalidInputError(f"size must be (height, width) of positive integers, got {self.size!r}")
+        self.size = size
         if self.channels not in (1, 3):
             raise InvalidInputError(f"channels must be 1 or 3, got {self.channels}")
-        if self.std <= 0:
+        # Plain Python scalars, so to_dict() is JSON-safe even when numpy values were passed in.
+        self.mean, self.std = float(self.mean), float(self.std)
+        self.invert, self.keep_aspect = bool(self.invert), bool(self.keep_aspect)
+        if not self.std > 0:
             raise InvalidInputError(f"std must be positive, got {self.std}")
 
-    def to_tensor(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> (C, H, W) float32."""
-        image = image.convert("L" if self.channels == 1 else "RGB")
+    def to_array(self, image: Image.Image) -> np.ndarray:
+        """PIL image -> (C, H, W) float32 numpy array (what to_tensor wraps; numpy only, so safe in worker processes)."""
+        if image.mode not in ("L", "RGB"):
+            image = _to_l_or_rgb(image)
+        wanted = "L" if self.channels == 1 else "RGB"
+        if image.mode != wanted:
+            image = image.convert(wanted)
         height, width = self.size
         if self.keep_aspect:
             scale = min(width / image.width, height / image.height)
             inner = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
             resized = image.resize(inner, Image.Resampling.BILINEAR, reducing_gap=3.0)
+            # Background is white paper before inversion, so padding matches the page, not the ink.
             canvas = Image.new(image.mode, (width, height), 255 if image.mode == "L" else (255, 255, 255))
             canvas.paste(resized, ((width - inner[0]) // 2, (height - inner[1]) // 2))
             image = canvas
         elif image.size != (width, height):
             # BILINEAR in PIL widens its filter when shrinking, so this is antialiased.
             image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        array = np.asarray(image, dtype=np.float32) / 255.0
+        array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W) or (H, W, 3) in [0, 1]
         if self.invert:
             array = 1.0 - array
         array = (array - self.mean) / self.std
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-        return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        return np.ascontiguousarray(array, dtype=np.float32)
+
+    def to_tensor(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> (C, H, W) float32 tensor."""
+        return torch.from_numpy(self.to_array(image))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -263,37 +341,49 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        """Inverse of to_dict; unknown keys are ignored so older readers accept newer configs."""
         known = {k: d[k] for k in ("size", "channels", "invert", "mean", "std", "keep_aspect") if k in d}
         if "size" in known:
             known["size"] = tuple(known["size"])
         return cls(**known)
 
 
-def load_batch(
-    sources: Sequence[Any], preprocessing: Preprocessing, skip_errors: bool = False
-) -> tuple[torch.Tensor, list[int], list[tuple[Any, str]]]:
-    """(N, C, H, W) tensor of the readable sources, their indices, and (source, reason) of the skipped ones."""
-    tensors, kept, skipped = [], [], []
+# ------------------------------------------------------------------------------------------------ batches
+
+
+def _decode_arrays(
+    sources: Sequence[Any], preprocessing: Preprocessing, skip_errors: bool
+) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    """Sources -> ((n, C, H, W) float32 of the readable ones, their positions, (position, reason) of the rest)."""
+    arrays, kept, skipped = [], [], []
     for i, source in enumerate(sources):
         try:
-            tensors.append(preprocessing.to_tensor(load_image(source)))
-            kept.append(i)
+            arrays.append(preprocessing.to_array(load_image(source)))
         except ImageLoadError as exc:
             if not skip_errors:
                 raise
-            skipped.append((source, exc.reason))
+            skipped.append((i, exc.reason))
+            continue
+        kept.append(i)
     height, width = preprocessing.size
-    batch = torch.stack(tensors) if tensors else torch.empty((0, preprocessing.channels, height, width))
-    return batch, kept, skipped
+    stacked = np.stack(arrays) if arrays else np.empty((0, preprocessing.channels, height, width), np.float32)
+    return stacked, kept, skipped
 
 
-def _decode_chunk(args: tuple[list[str], dict[str, Any]]) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
-    """Worker: decode a chunk of paths -> (n, C, H, W) float32 array, kept positions, (position, reason)."""
-    paths, prep = args
-    preprocessing = Preprocessing.from_dict(prep)
-    batch, kept, skipped = load_batch(paths, preprocessing, skip_errors=True)
-    positions = {p: i for i, p in enumerate(paths)}
-    return batch.numpy(), kept, [(positions[s], r) for s, r in skipped]
+def load_batch(
+    sources: Sequence[Any], preprocessing: Preprocessing, skip_errors: bool = False
+) -> tuple[torch.Tensor, list[int], list[tuple[Any, str]]]:
+    """(N, C, H, W) tensor of the readable sources, their indices, and (source, reason) of the skipped ones.
+
+    With skip_errors=False the first unreadable source raises its ImageLoadError.
+    """
+    array, kept, skipped = _decode_arrays(sources, preprocessing, skip_errors)
+    return torch.from_numpy(array), kept, [(sources[i], reason) for i, reason in skipped]
+
+
+def _decode_chunk(paths: list[str], prep: dict[str, Any]) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    """Worker process: decode one batch of paths. Numpy and PIL only: torch's thread pools are not fork-safe."""
+    return _decode_arrays(paths, Preprocessing.from_dict(prep), skip_errors=True)
 
 
 def iter_batches(
@@ -301,116 +391,171 @@ def iter_batches(
 ) -> Iterator[tuple[list[int], torch.Tensor, list[tuple[int, str]]]]:
     """Decode `images` in order, one batch at a time: (kept indices, (n, C, H, W) tensor, [(index, reason)]).
 
-    With workers > 0 a process pool decodes several batches ahead of the caller, so decoding overlaps whatever the
-    caller does with each batch (encoding, writing).
+    Indices are positions in `images`; unreadable files are reported, never raised. With workers > 0 a process pool
+    decodes up to 2 x workers batches ahead of the caller, so decoding overlaps whatever the caller does with each
+    batch (encoding, writing) while memory stays bounded however many images there are.
     """
     if batch_size < 1:
         raise InvalidInputError(f"batch size must be positive, got {batch_size}")
-    starts = range(0, len(images), batch_size)
-    jobs = [([str(im.path) for im in images[s : s + batch_size]], preprocessing.to_dict()) for s in starts]
-    if workers <= 0:
-        results: Iterator = map(_decode_chunk, jobs)
-        for start, (array, kept, skipped) in zip(starts, results):
-            yield [start + i for i in kept], torch.from_numpy(array), [(start + i, r) for i, r in skipped]
+    chunks = [(start, [str(im.path) for im in images[start : start + batch_size]])
+              for start in range(0, len(images), batch_size)]
+
+    def shifted(start: int, result: tuple[np.ndarray, list[int], list[tuple[int, str]]]):
+        array, kept, skipped = result
+        return [start + i for i in kept], torch.from_numpy(array), [(start + i, r) for i, r in skipped]
+
+    if workers <= 0 or len(chunks) < 2:  # one batch: a pool would only add its start-up time
+        for start, paths in chunks:
+            yield shifted(start, _decode_arrays(paths, preprocessing, skip_errors=True))
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        # map() submits every chunk at once and yields in order: decoding runs ahead while the caller encodes.
-        for start, (array, kept, skipped) in zip(starts, pool.map(_decode_chunk, jobs)):
-            yield [start + i for i in kept], torch.from_numpy(array), [(start + i, r) for i, r in skipped]
+    prep = preprocessing.to_dict()
+    todo = iter(chunks)
+    pending: deque[tuple[int, Future]] = deque()
+    with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
+        try:
+            for start, paths in islice(todo, 2 * workers):
+                pending.append((start, pool.submit(_decode_chunk, paths, prep)))
+            while pending:
+                start, future = pending.popleft()
+                result = future.result()
+                following = next(todo, None)
+                if following is not None:  # refill before yielding: workers keep decoding while the caller works
+                    pending.append((following[0], pool.submit(_decode_chunk, following[1], prep)))
+                yield shifted(start, result)
+        finally:
+            # A caller that stops early (break, exception) waits only for the batches already being decoded.
+            for _, future in pending:
+                future.cancel()
 
 
 # ------------------------------------------------------------------------------------------------ samplers
 
 
+def _group_by_class(labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(labels (n,) int64, order (n,), offsets (C,), counts (C,)): the items of class position c, ascending, are
+    order[offsets[c] : offsets[c] + counts[c]] — so a uniform item of class c is one integer draw, no Python loop."""
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    order = np.argsort(inverse, kind="stable")
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return labels, order, offsets, counts.astype(np.int64)
+
+
+def _members(order: np.ndarray, offsets: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+    return [order[o : o + c] for o, c in zip(offsets, counts)]
+
+
 class PairSampler:
     """Random genuine / impostor pairs for contrastive and pairwise losses: half same-class, half different.
 
-    `forgery_of` maps a forged class to the genuine class it imitates (`U01/forged` -> `U01/genuine`). Forged
-    classes never form genuine pairs; a `hard_fraction` of the impostor pairs is (genuine item, its skilled forgery),
-    the hardest negatives there are, and the rest are random pairs of different classes.
+    Genuine pairs: a class uniformly among those with two or more items, then two different items of it. Impostor
+    pairs: two different classes uniformly, one item of each. `forgery_of` maps a forged class to the genuine class it
+    imitates (`U01/forged` -> `U01/genuine`). Forged classes never form genuine pairs; a `hard_fraction` of the
+    impostor pairs is (genuine item, its skilled forgery), the hardest negatives there are.
     """
 
     def __init__(self, labels: Sequence[int], seed: int = 0, forgery_of: dict[int, int] | None = None,
                  hard_fraction: float = 0.5):
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.labels, self.order, self.offsets, self.counts = _group_by_class(labels)
         self.rng = np.random.default_rng(seed)
-        classes, inverse = np.unique(self.labels, return_inverse=True)
+        classes = np.unique(self.labels)
         position = {int(c): i for i, c in enumerate(classes)}
-        self.members = [np.flatnonzero(inverse == c) for c in range(len(classes))]
+        self.members = _members(self.order, self.offsets, self.counts)
         # forged class position -> genuine class position, for the classes present in `labels`
         self.forgeries = {position[f]: position[g] for f, g in (forgery_of or {}).items()
                           if f in position and g in position}
-        self.pairable = np.asarray([c for c, m in enumerate(self.members) if len(m) >= 2 and c not in self.forgeries])
+        self.pairable = np.asarray([c for c, n in enumerate(self.counts) if n >= 2 and c not in self.forgeries],
+                                   dtype=np.int64)
         self.forged_classes = np.asarray(sorted(self.forgeries), dtype=np.int64)
-        self.hard_fraction = hard_fraction if len(self.forged_classes) else 0.0
-        if len(self.members) < 2 or len(self.pairable) == 0:
+        self.genuine_of = np.full(len(classes), -1, dtype=np.int64)
+        for forged, genuine in self.forgeries.items():
+            self.genuine_of[forged] = genuine
+        self.hard_fraction = float(hard_fraction) if len(self.forged_classes) else 0.0
+        if len(classes) < 2 or len(self.pairable) == 0:
             raise InvalidInputError("pairs need at least two classes and one class with two items")
 
+    def _item_of(self, classes: np.ndarray) -> np.ndarray:
+        """One uniformly drawn item index of each class position in `classes`."""
+        return self.order[self.offsets[classes] + self.rng.integers(0, self.counts[classes])]
+
     def sample(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(idx_a (n,), idx_b (n,), same (n,) float32): the first n // 2 genuine, the rest impostor."""
-        n_same = n // 2
-        a = np.empty(n, dtype=np.int64)
-        b = np.empty(n, dtype=np.int64)
-        for i, c in enumerate(self.rng.choice(self.pairable, size=n_same)):
-            a[i], b[i] = self.rng.choice(self.members[c], size=2, replace=False)
-        n_classes = len(self.members)
-        for i in range(n_same, n):
-            if self.hard_fraction and self.rng.random() < self.hard_fraction:
-                forged = int(self.rng.choice(self.forged_classes))
-                a[i] = self.rng.choice(self.members[self.forgeries[forged]])
-                b[i] = self.rng.choice(self.members[forged])
-                continue
-            ca, cb = self.rng.choice(n_classes, size=2, replace=False)
-            a[i] = self.rng.choice(self.members[ca])
-            b[i] = self.rng.choice(self.members[cb])
+        """(idx_a (n,) int64, idx_b (n,) int64, same (n,) float32): the first n // 2 genuine, the rest impostor."""
+        if n < 0:
+            raise InvalidInputError(f"number of pairs must be >= 0, got {n}")
+        n_same, n_diff = n // 2, n - n // 2
+        # Genuine: positions i != j inside one class (j drawn from the count - 1 others, then shifted past i).
+        cls = self.rng.choice(self.pairable, size=n_same)
+        i = self.rng.integers(0, self.counts[cls])
+        j = self.rng.integers(0, self.counts[cls] - 1)
+        j += j >= i
+        base = self.offsets[cls]
+        same_a, same_b = self.order[base + i], self.order[base + j]
+        # Impostor: two different classes (cb drawn from the C - 1 others, then shifted past ca) ...
+        n_classes = len(self.counts)
+        ca = self.rng.integers(0, n_classes, size=n_diff)
+        cb = self.rng.integers(0, n_classes - 1, size=n_diff)
+        cb += cb >= ca
+        if self.hard_fraction:
+            # ... or, for a hard_fraction of them, a genuine class and its own forgeries.
+            hard = self.rng.random(n_diff) < self.hard_fraction
+            forged = self.rng.choice(self.forged_classes, size=n_diff)
+            ca = np.where(hard, self.genuine_of[forged], ca)
+            cb = np.where(hard, forged, cb)
+        a = np.concatenate([same_a, self._item_of(ca)]).astype(np.int64)
+        b = np.concatenate([same_b, self._item_of(cb)]).astype(np.int64)
         same = np.zeros(n, dtype=np.float32)
         same[:n_same] = 1.0
         return a, b, same
 
 
 class ClassBalancedSampler:
-    """P x K batches: P distinct classes, K items each (for triplet mining)."""
+    """P x K batches: P distinct classes, K items each (for triplet mining).
+
+    A class with fewer than K items gives all it has plus repeats (drawn with replacement); others give K distinct.
+    """
 
     def __init__(self, labels: Sequence[int], classes_per_batch: int, per_class: int, seed: int = 0):
-        self.labels = np.asarray(labels, dtype=np.int64)
-        classes, inverse = np.unique(self.labels, return_inverse=True)
-        self.members = [np.flatnonzero(inverse == c) for c in range(len(classes))]
+        self.labels, order, offsets, counts = _group_by_class(labels)
+        self.members = _members(order, offsets, counts)
+        if classes_per_batch < 1 or per_class < 1:
+            raise InvalidInputError(f"need P >= 1 and K >= 1, got P={classes_per_batch}, K={per_class}")
         if classes_per_batch > len(self.members):
             raise InvalidInputError(f"{classes_per_batch} classes per batch but only {len(self.members)} classes")
         self.p, self.k = classes_per_batch, per_class
         self.rng = np.random.default_rng(seed)
 
     def sample(self) -> np.ndarray:
-        """(P*K,) indices, class-major: items of the first class, then the second..."""
+        """(P*K,) indices, class-major: K items of the first class, then K of the second..."""
         out = []
         for c in self.rng.choice(len(self.members), size=self.p, replace=False):
             m = self.members[c]
             out.append(self.rng.choice(m, size=self.k, replace=len(m) < self.k))
-        return np.concatenate(out)
+        return np.concatenate(out).astype(np.int64)
 
 
 class EpisodeSampler:
-    """N-way K-shot episodes for prototypical training: disjoint support and query items per class."""
+    """N-way K-shot episodes for prototypical training and evaluation: disjoint support and query items per class."""
 
     def __init__(self, labels: Sequence[int], way: int, shot: int, queries: int, seed: int = 0):
-        self.labels = np.asarray(labels, dtype=np.int64)
-        classes, inverse = np.unique(self.labels, return_inverse=True)
-        self.members = [np.flatnonzero(inverse == c) for c in range(len(classes))]
-        self.eligible = np.asarray([c for c, m in enumerate(self.members) if len(m) >= shot + queries])
+        if way < 1 or shot < 1 or queries < 0:
+            raise InvalidInputError(f"need way >= 1, shot >= 1, queries >= 0; got {way}, {shot}, {queries}")
+        self.labels, order, offsets, counts = _group_by_class(labels)
+        self.members = _members(order, offsets, counts)
+        self.eligible = np.asarray([c for c, n in enumerate(counts) if n >= shot + queries], dtype=np.int64)
         if len(self.eligible) < way:
             raise InvalidInputError(f"only {len(self.eligible)} classes have {shot + queries} items; need {way}")
         self.way, self.shot, self.queries = way, shot, queries
         self.rng = np.random.default_rng(seed)
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(support (way*shot,), query (way*queries,), episode labels (way*shot,) and (way*queries,) in 0..way-1).
+        """(support (way*shot,), query (way*queries,), query episode labels (way*queries,) in 0..way-1).
 
-        Returns support indices, query indices and the episode label of each query; the support's episode labels
-        are np.repeat(arange(way), shot).
+        Both index arrays are class-major; the support's episode labels are np.repeat(arange(way), shot).
         """
         support, query = [], []
         for c in self.rng.choice(self.eligible, size=self.way, replace=False):
             picked = self.rng.choice(self.members[c], size=self.shot + self.queries, replace=False)
             support.append(picked[: self.shot])
             query.append(picked[self.shot :])
-        return np.concatenate(support), np.concatenate(query), np.repeat(np.arange(self.way), self.queries)
+        return (np.concatenate(support).astype(np.int64), np.concatenate(query).astype(np.int64),
+                np.repeat(np.arange(self.way), self.queries))
