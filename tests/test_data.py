@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import struct
+import time
+import zlib
 
 import numpy as np
 import pytest
@@ -23,7 +27,7 @@ from siamesedb.data import (
     load_image,
     scan_folder,
 )
-from siamesedb.errors import FolderError, ImageLoadError
+from siamesedb.errors import FolderError, ImageLoadError, InvalidInputError
 
 
 def write(path, image, **kwargs):
@@ -52,6 +56,9 @@ def test_labels_from_folders(tmp_path):
         ("s12", "x.jpg"),
     ]
     assert label_for(tmp_path / "a" / "b" / "c.png", tmp_path) == "a/b"
+    assert label_for(tmp_path / "x.png", tmp_path) == "x"
+    with pytest.raises(InvalidInputError):
+        label_for("/elsewhere/x.png", tmp_path)
 
 
 def test_scan_folder_errors(tmp_path):
@@ -72,28 +79,85 @@ def test_symlink_loops_do_not_hang(tmp_path):
     assert [im.path.name for im in found] == ["a.png"]
 
 
+def uint16(value):
+    return Image.fromarray(np.full((10, 12), value, dtype=np.uint16))  # mode "I;16"
+
+
+def int32(value):
+    return Image.fromarray(np.full((10, 12), value, dtype=np.int32))  # mode "I"
+
+
+def palette_with_transparency():
+    image = grey().convert("P")
+    image.info["transparency"] = 0
+    return image
+
+
 @pytest.mark.parametrize(
-    "make, fmt",
+    "make, name",
     [
-        (lambda: grey(), "PNG"),
-        (lambda: grey().convert("RGB"), "JPEG"),
-        (lambda: grey(), "PPM"),  # PGM-family
-        (lambda: grey().convert("RGB"), "BMP"),
-        (lambda: grey().convert("RGB"), "WEBP"),
-        (lambda: grey(), "TIFF"),
-        (lambda: Image.new("RGBA", (12, 10), (0, 0, 0, 0)), "PNG"),
-        (lambda: Image.new("LA", (12, 10), (0, 128)), "PNG"),
-        (lambda: grey().convert("P"), "PNG"),
-        (lambda: grey().convert("1"), "PNG"),
-        (lambda: Image.fromarray(np.full((10, 12), 40000, dtype=np.uint16)), "PNG"),
-        (lambda: Image.new("CMYK", (12, 10), (0, 0, 0, 0)), "TIFF"),
+        (lambda: grey(), "grey.png"),
+        (lambda: grey().convert("RGB"), "rgb.jpg"),
+        (lambda: grey().convert("RGB"), "rgb.JPEG"),
+        (lambda: grey(), "grey.pgm"),
+        (lambda: grey().convert("RGB"), "rgb.ppm"),
+        (lambda: grey().convert("1"), "bits.pbm"),
+        (lambda: grey().convert("RGB"), "rgb.bmp"),
+        (lambda: grey(), "grey.bmp"),
+        (lambda: grey().convert("RGB"), "rgb.webp"),
+        (lambda: Image.new("RGBA", (12, 10), (0, 0, 0, 0)), "rgba.webp"),
+        (lambda: grey(), "grey.tif"),
+        (lambda: grey().convert("RGB"), "rgb.tiff"),
+        (lambda: Image.new("RGBA", (12, 10), (0, 0, 0, 0)), "rgba.png"),
+        (lambda: Image.new("LA", (12, 10), (0, 128)), "la.png"),
+        (lambda: grey().convert("P"), "palette.png"),
+        (palette_with_transparency, "palette_transparent.png"),
+        (lambda: grey().convert("1"), "bits.png"),
+        (lambda: grey().convert("1"), "bits.tif"),
+        (lambda: uint16(40000), "sixteen.png"),
+        (lambda: uint16(40000), "sixteen.tif"),
+        (lambda: int32(40000), "thirtytwo.tif"),
+        (lambda: Image.new("CMYK", (12, 10), (0, 0, 0, 0)), "cmyk.tif"),
+        (lambda: Image.new("CMYK", (12, 10), (0, 0, 0, 0)), "cmyk.jpg"),
     ],
 )
-def test_every_mode_loads_as_l_or_rgb(tmp_path, make, fmt):
-    path = tmp_path / f"img.{fmt.lower()}"
-    make().save(path, format=fmt)
+def test_every_format_and_mode_loads_as_l_or_rgb(tmp_path, make, name):
+    path = tmp_path / name
+    make().save(path)
     image = load_image(path)
     assert image.mode in ("L", "RGB") and image.size == (12, 10)
+    tensor = Preprocessing(size=(8, 8)).to_tensor(image)
+    assert tensor.shape == (1, 8, 8) and torch.isfinite(tensor).all()
+
+
+def test_high_bit_depths_are_scaled_not_clipped(tmp_path):
+    # 32768 / 65535 is mid-grey; PIL's own convert("L") would clip it to white.
+    uint16(32768).save(tmp_path / "mid.png")
+    assert np.asarray(load_image(tmp_path / "mid.png")).max() == 128
+    int32(32768).save(tmp_path / "mid.tif")  # mode "I" above 255: read as 16-bit
+    assert np.asarray(load_image(tmp_path / "mid.tif")).max() == 128
+    int32(200).save(tmp_path / "low.tif")  # mode "I" within 0..255: read as 8-bit
+    assert np.asarray(load_image(tmp_path / "low.tif")).max() == 200
+    assert np.asarray(load_image(Image.fromarray(np.full((3, 3), 0.5, np.float32)))).max() == 128  # mode "F" in [0, 1]
+    # to_tensor accepts such modes directly too
+    assert Preprocessing(size=(4, 4), invert=False).to_tensor(uint16(65535)).min() == 1.0
+
+
+def test_palette_and_cmyk_colours_survive(tmp_path):
+    Image.new("RGB", (4, 4), (255, 0, 0)).convert("P").save(tmp_path / "red.png")
+    assert load_image(tmp_path / "red.png").getpixel((0, 0)) == (255, 0, 0)
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "red.tif")  # cyan-free, full magenta + yellow
+    assert load_image(tmp_path / "red.tif").getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_animated_image_gives_its_first_frame(tmp_path):
+    frames = [Image.new("L", (6, 6), v) for v in (10, 200, 90)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], lossless=True)
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:])  # APNG
+    for name in ("anim.gif", "anim.webp", "anim.png"):
+        pixels = np.asarray(load_image(tmp_path / name).convert("L"))
+        assert abs(int(pixels.mean()) - 10) <= 2, name
 
 
 def test_alpha_is_composited_on_white_and_16_bit_is_scaled(tmp_path):
@@ -109,6 +173,9 @@ def test_exif_orientation_is_honoured(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees when displayed
     image.save(tmp_path / "r.jpg", exif=exif.tobytes())
     assert load_image(tmp_path / "r.jpg").size == (10, 20)
+    with Image.open(tmp_path / "r.jpg") as opened:  # straight from Image.open: treated like the file
+        assert load_image(opened).size == (10, 20)
+    assert load_image(Image.new("L", (20, 10))).size == (20, 10)  # an in-memory image is taken as it is
 
 
 def test_arrays_and_pil_images(tmp_path):
@@ -116,6 +183,13 @@ def test_arrays_and_pil_images(tmp_path):
     assert load_image(np.ones((5, 6, 3), dtype=np.float32)).mode == "RGB"
     assert load_image(np.zeros((5, 6), dtype=np.uint16)).mode == "L"
     assert load_image(grey()).mode == "L"
+    assert np.asarray(load_image(np.array([[0, 255]]))).tolist() == [[0, 255]]  # int64 in 0..255: 8-bit
+    assert np.asarray(load_image(np.array([[0, 65535]]))).tolist() == [[0, 255]]  # beyond 255: 16-bit
+    assert np.asarray(load_image(np.array([[True, False]]))).tolist() == [[255, 0]]
+    assert np.asarray(load_image(np.full((2, 2, 1), 0.5))).max() == 128
+    for bad in (np.array([[-1, 3]]), np.array([[np.nan]]), np.zeros((0, 4), np.uint8), np.zeros((2, 2), complex)):
+        with pytest.raises(ImageLoadError):
+            load_image(bad)
     with pytest.raises(ImageLoadError, match="shape"):
         load_image(np.zeros((2, 3, 7)))
     with pytest.raises(ImageLoadError):
@@ -124,7 +198,12 @@ def test_arrays_and_pil_images(tmp_path):
 
 @pytest.mark.parametrize(
     "content, reason",
-    [(b"", "empty"), (b"hello, I am text", "not a recognised"), (None, "unreadable")],
+    [
+        (b"", "empty"),
+        (b"hello, I am text", "not a recognised"),
+        (None, "unreadable"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "not a recognised|unreadable"),
+    ],
 )
 def test_bad_files_raise_image_load_error_naming_the_file(tmp_path, content, reason):
     path = tmp_path / "bad.png"
@@ -138,11 +217,69 @@ def test_bad_files_raise_image_load_error_naming_the_file(tmp_path, content, rea
     assert "bad.png" in str(info.value)
 
 
-def test_decompression_bomb_is_refused_quickly(tmp_path):
-    # A valid PNG header declaring 20000 x 20000 pixels: must be refused from its declared size alone.
-    Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png", optimize=True)
+def png_header_only(width, height):
+    """A PNG that declares width x height 1-bit pixels and holds none: a bomb is judged by its header alone."""
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [9_000, 20_000, 60_000])  # 81 M (our limit), 400 M (PIL's error), 3.6 G pixels
+def test_decompression_bomb_is_refused_from_its_declared_size(tmp_path, side):
+    (tmp_path / "bomb.png").write_bytes(png_header_only(side, side))
+    started = time.perf_counter()
+    with pytest.raises(ImageLoadError, match="too large") as info:
+        load_image(tmp_path / "bomb.png")
+    assert "bomb.png" in str(info.value) and time.perf_counter() - started < 1.0
+
+
+def test_a_real_bomb_file_is_refused(tmp_path):
+    Image.new("1", (9000, 9000)).save(tmp_path / "bomb.png")  # 81 M pixels, a few KB on disk
+    assert (tmp_path / "bomb.png").stat().st_size < 100_000
     with pytest.raises(ImageLoadError, match="too large"):
         load_image(tmp_path / "bomb.png")
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(ImageLoadError, match="not a regular file"):
+        load_image(tmp_path / "pipe.png")
+
+
+def encoded(fmt, mode="L"):
+    pixels = np.random.default_rng(1).integers(0, 255, (24, 24), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt, mode", [("PNG", "L"), ("JPEG", "RGB"), ("BMP", "RGB"), ("TIFF", "L"), ("WEBP", "RGB"),
+                                       ("PPM", "L"), ("GIF", "L")])
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL reports some damage (corrupt EXIF) as a warning and reads on
+def test_damaged_files_only_ever_raise_image_load_error(tmp_path, fmt, mode):
+    # Truncations and byte flips all over the file: each either loads or fails as ImageLoadError, nothing else.
+    data = encoded(fmt, mode)
+    rng = np.random.default_rng(7)
+    variants = [data[:cut] for cut in np.linspace(1, len(data) - 1, 12).astype(int)]
+    for _ in range(12):
+        damaged = bytearray(data)
+        for at in rng.integers(0, len(data), size=4):
+            damaged[at] ^= 0xFF
+        variants.append(bytes(damaged))
+    path = tmp_path / f"damaged.{fmt.lower()}"
+    for variant in variants:
+        path.write_bytes(variant)
+        try:
+            image = load_image(path)
+        except ImageLoadError as exc:
+            assert exc.source == path and exc.reason
+        else:
+            assert image.mode in ("L", "RGB")
 
 
 def test_missing_file_and_folder(tmp_path):
@@ -174,6 +311,25 @@ def test_keep_aspect_pads_with_background():
 def test_preprocessing_round_trip():
     prep = Preprocessing(size=(20, 30), channels=3, invert=False, mean=0.4, std=0.2, keep_aspect=True)
     assert Preprocessing.from_dict(prep.to_dict()) == prep
+    assert Preprocessing.from_dict(json.loads(json.dumps(prep.to_dict()))) == prep
+    numpyish = Preprocessing(size=np.array([20, 30]), mean=np.float32(0.5), std=np.float64(2.0))
+    assert json.loads(json.dumps(numpyish.to_dict()))["size"] == [20, 30]
+    assert Preprocessing(size=16).size == (16, 16)
+    assert Preprocessing.from_dict({"size": [8, 9], "future_option": 1}).size == (8, 9)
+
+
+@pytest.mark.parametrize("kwargs", [{"size": (0, 5)}, {"size": (1, 2, 3)}, {"size": "big"}, {"channels": 2},
+                                    {"std": 0}])
+def test_preprocessing_rejects_bad_settings(kwargs):
+    with pytest.raises(InvalidInputError):
+        Preprocessing(**kwargs)
+
+
+def test_keep_aspect_centres_a_tall_image():
+    image = Image.new("L", (10, 40), 0)  # all ink, 1:4
+    t = Preprocessing(size=(16, 16), invert=True, keep_aspect=True).to_tensor(image)
+    assert t[0, :, 0].sum() == 0 and t[0, :, -1].sum() == 0  # left and right columns are padding
+    assert t[0, :, 8].min() > 0.9
 
 
 def test_load_batch_skips_or_raises(tmp_path):
@@ -186,26 +342,50 @@ def test_load_batch_skips_or_raises(tmp_path):
         load_batch([good, bad], Preprocessing(size=(8, 8)))
 
 
-def test_iter_batches_in_order_with_and_without_workers(tmp_path):
+@pytest.fixture()
+def eleven_images(tmp_path):
     images = []
     for i in range(11):
         path = write(tmp_path / "c" / f"{i:02d}.png", grey(value=i * 20))
         images.append(LabelledImage(path, "c"))
     (tmp_path / "c" / "05.png").write_bytes(b"broken")
+    (tmp_path / "c" / "09.png").write_bytes(b"")
+    return images
+
+
+def collect(batches):
+    kept_all, tensors, skipped_all, sizes = [], [], [], []
+    for kept, tensor, skipped in batches:
+        assert len(kept) == len(tensor) and tensor.dtype == torch.float32
+        kept_all += kept
+        tensors.append(tensor)
+        skipped_all += skipped
+        sizes.append(len(kept) + len(skipped))
+    return kept_all, torch.cat(tensors), skipped_all, sizes
+
+
+@pytest.mark.parametrize("batch_size", [2, 4, 64])  # 6 batches (more than the look-ahead), 3, and a single one
+def test_iter_batches_in_order_with_and_without_workers(eleven_images, batch_size):
     prep = Preprocessing(size=(4, 4), invert=False)
-    runs = {}
-    for workers in (0, 2):
-        kept_all, tensors, skipped_all = [], [], []
-        for kept, tensor, skipped in iter_batches(images, prep, batch_size=4, workers=workers):
-            assert len(kept) == len(tensor)
-            kept_all += kept
-            tensors.append(tensor)
-            skipped_all += skipped
-        runs[workers] = (kept_all, torch.cat(tensors), skipped_all)
-    kept, tensor, skipped = runs[0]
-    assert kept == [i for i in range(11) if i != 5] and [i for i, _ in skipped] == [5]
-    assert runs[2][0] == kept and torch.equal(runs[2][1], tensor) and runs[2][2] == skipped
+    serial = collect(iter_batches(eleven_images, prep, batch_size=batch_size, workers=0))
+    parallel = collect(iter_batches(eleven_images, prep, batch_size=batch_size, workers=2))
+    kept, tensor, skipped, sizes = serial
+    assert kept == [i for i in range(11) if i not in (5, 9)]
+    assert skipped == [(5, "not a recognised image format"), (9, "empty file")]
+    assert sizes == [min(batch_size, 11 - s) for s in range(0, 11, batch_size)]
     assert tensor[kept.index(3), 0, 0, 0] == pytest.approx(60 / 255)
+    assert parallel[0] == kept and torch.equal(parallel[1], tensor) and parallel[2:] == serial[2:]
+
+
+def test_iter_batches_stops_early_and_handles_nothing(eleven_images):
+    prep = Preprocessing(size=(4, 4))
+    batches = iter_batches(eleven_images, prep, batch_size=1, workers=2)
+    first = next(batches)
+    assert first[0] == [0]
+    batches.close()  # leaving early must not wait for (or leak) the remaining work
+    assert list(iter_batches([], prep, workers=2)) == []
+    with pytest.raises(InvalidInputError):
+        next(iter_batches(eleven_images, prep, batch_size=0))
 
 
 def test_file_sha256(tmp_path):
@@ -225,11 +405,37 @@ def test_pair_sampler_balance_and_correctness():
     assert np.all(a[same == 1] != b[same == 1])  # genuine pairs are two different items
 
 
+def test_pair_sampler_is_deterministic_and_covers_every_class():
+    first = PairSampler(LABELS, seed=3).sample(1001)
+    again = PairSampler(LABELS, seed=3).sample(1001)
+    other = PairSampler(LABELS, seed=4).sample(1001)
+    assert all(np.array_equal(x, y) for x, y in zip(first, again))
+    assert not np.array_equal(first[0], other[0])
+    a, b, same = first
+    assert a.dtype == b.dtype == np.int64 and same.dtype == np.float32 and same.sum() == 500
+    genuine = same == 1
+    assert set(LABELS[a[genuine]]) == {0, 1, 2, 4, 5}  # class 3 has one item: it can make no genuine pair
+    assert set(LABELS[a[~genuine]]) | set(LABELS[b[~genuine]]) == set(range(6))
+    with pytest.raises(InvalidInputError):
+        PairSampler([1, 2, 3], seed=0)  # no class with two items
+
+
 def test_class_balanced_sampler():
     idx = ClassBalancedSampler(LABELS, classes_per_batch=3, per_class=4, seed=1).sample()
     assert len(idx) == 12
     groups = LABELS[idx].reshape(3, 4)
     assert len(set(groups[:, 0])) == 3 and np.all(groups == groups[:, :1])
+
+
+def test_class_balanced_sampler_repeats_only_when_a_class_is_short():
+    sampler = ClassBalancedSampler(LABELS, classes_per_batch=6, per_class=4, seed=5)
+    idx = sampler.sample().reshape(6, 4)
+    for row in idx:
+        size = int((LABELS == LABELS[row[0]]).sum())
+        assert len(set(row)) == min(size, 4)  # distinct when the class has K items, all of them otherwise
+    assert np.array_equal(ClassBalancedSampler(LABELS, 6, 4, seed=5).sample(), idx.ravel())
+    with pytest.raises(InvalidInputError):
+        ClassBalancedSampler(LABELS, classes_per_batch=7, per_class=2)
 
 
 def test_episode_sampler_is_disjoint_and_deterministic():
@@ -240,6 +446,9 @@ def test_episode_sampler_is_disjoint_and_deterministic():
     assert answer.tolist() == [0, 0, 1, 1, 2, 2]
     again = EpisodeSampler(LABELS, way=3, shot=2, queries=2, seed=2).sample()
     assert all(np.array_equal(x, y) for x, y in zip((support, queried, answer), again))
+    assert set(LABELS[support]) <= {0, 1, 2, 4}  # classes with fewer than shot + queries items never appear
+    with pytest.raises(InvalidInputError):
+        EpisodeSampler(LABELS, way=5, shot=2, queries=2)
 
 
 def test_group_selection_and_forgery_targets():
