@@ -1,8 +1,7 @@
-"""Array-level search, classification, verification and threshold calibration: numpy only.
+"""Array-level search, classification, verification and threshold calibration: numpy only."""
 
-Every function works on L2-normalised float32 vectors, where the inner product is the cosine similarity and
-**higher is always more similar**. A class prototype is the normalised mean of its support vectors.
-"""
+# Every function works on L2-normalised float32 vectors, where the inner product is the cosine similarity and
+# higher is always more similar. A class prototype is the normalised mean of its support vectors.
 
 from __future__ import annotations
 
@@ -12,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from siamesedb.errors import InvalidInputError
+from siamesedb.errors import DimensionMismatchError, InvalidInputError
 
-VERIFY_RULES = ("prototype", "max", "mean_top3")
+VERIFY_RULES = ("prototype", "max", "mean_top3")  # the scoring rules of verification_score
+_BLOCK = 1 << 24  # most similarities held at once by the blocked loops below (~64 MB of float32)
 
 
 @dataclass
@@ -71,36 +71,64 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, np.float32(1e-12))
 
 
+def _as_vectors(x: np.ndarray, dim: int | None = None, what: str = "vectors") -> np.ndarray:
+    """(n, D) float32 from a 2-D array (a single (D,) vector becomes (1, D)); D checked against `dim` if given."""
+    array = np.asarray(x)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2:
+        raise InvalidInputError(f"{what} must be a 2-D array (n, d), got shape {array.shape}")
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise InvalidInputError(f"{what} must be a real-valued numeric array, got dtype {array.dtype}")
+    if dim is not None and array.shape[1] != dim:
+        raise DimensionMismatchError(f"{what} have dimension {array.shape[1]}, expected {dim}")
+    return array.astype(np.float32, copy=False)
+
+
 def brute_force_search(queries: np.ndarray, corpus: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product: (D (nq, k) float32, I (nq, k) int64), padded with -inf / -1 past the corpus."""
-    queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-    corpus = np.asarray(corpus, dtype=np.float32).reshape(-1, queries.shape[1])
-    if k < 1:
-        raise InvalidInputError(f"k must be at least 1, got {k}")
+    """Exact top-k by inner product: (D (nq, k) float32, I (nq, k) int64), padded with -inf / -1 past the corpus.
+
+    I holds row numbers of `corpus`; equal scores are ordered by row number.
+    """
+    queries = _as_vectors(queries, what="queries")
+    corpus = np.asarray(corpus)
+    if corpus.size == 0:
+        corpus = np.empty((0, queries.shape[1]), np.float32)
+    corpus = _as_vectors(corpus, queries.shape[1], "corpus")
+    if int(k) != k or k < 1:
+        raise InvalidInputError(f"k must be an integer of at least 1, got {k}")
+    k = int(k)
     nq, n = len(queries), len(corpus)
     D = np.full((nq, k), -np.inf, dtype=np.float32)
     I = np.full((nq, k), -1, dtype=np.int64)
-    if n == 0:
+    if n == 0 or nq == 0:
         return D, I
-    scores = queries @ corpus.T  # (nq, n)
     take = min(k, n)
-    # argpartition then a sort of the k survivors: O(n + k log k) per query; stable order for equal scores.
-    top = np.argpartition(-scores, take - 1, axis=1)[:, :take] if take < n else np.tile(np.arange(n), (nq, 1))
-    top_scores = np.take_along_axis(scores, top, axis=1)
-    order = np.lexsort((top, -top_scores), axis=1)
-    I[:, :take] = np.take_along_axis(top, order, axis=1)
-    D[:, :take] = np.take_along_axis(top_scores, order, axis=1)
+    step = max(1, _BLOCK // n)  # queries per block: bounds the (block, n) score matrix
+    for start in range(0, nq, step):
+        scores = queries[start : start + step] @ corpus.T  # (block, n)
+        # argpartition then a sort of the k survivors: O(n + k log k) per query.
+        if take < n:
+            top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+        else:
+            top = np.broadcast_to(np.arange(n), scores.shape)
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.lexsort((top, -top_scores), axis=1)  # best score first, then lower row number
+        I[start : start + step, :take] = np.take_along_axis(top, order, axis=1)
+        D[start : start + step, :take] = np.take_along_axis(top_scores, order, axis=1)
     return D, I
 
 
 def class_prototypes(vectors: np.ndarray, labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """(classes sorted by label, (C, D) normalised class means)."""
-    vectors = np.asarray(vectors, dtype=np.float32)
+    vectors = _as_vectors(vectors)
     if len(vectors) != len(labels):
         raise InvalidInputError(f"{len(vectors)} vectors but {len(labels)} labels")
+    if len(vectors) == 0:
+        raise InvalidInputError("no vectors to build class prototypes from")
     classes, inverse = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
-    sums = np.zeros((len(classes), vectors.shape[1]), dtype=np.float64)
-    np.add.at(sums, inverse, vectors)
+    sums = np.zeros((len(classes), vectors.shape[1]), dtype=np.float64)  # (C, D), summed in float64
+    np.add.at(sums, inverse.reshape(-1), vectors)
     return [str(c) for c in classes], normalize(sums)
 
 
@@ -112,20 +140,30 @@ def _rank(scores: np.ndarray, classes: Sequence[str]) -> list[list[tuple[str, fl
 def rank_by_prototype(
     queries: np.ndarray, prototypes: np.ndarray, classes: Sequence[str]
 ) -> list[list[tuple[str, float]]]:
-    """For each query, every class ranked by cosine similarity to its prototype, best first."""
-    queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    """For each query, every class ranked by cosine similarity to its prototype, best first (ties: class order)."""
+    prototypes = _as_vectors(prototypes, what="prototypes")
     if len(prototypes) == 0:
         raise InvalidInputError("no classes to rank")
-    return _rank(queries @ np.asarray(prototypes, dtype=np.float32).T, classes)
+    if len(classes) != len(prototypes):
+        raise InvalidInputError(f"{len(prototypes)} prototypes but {len(classes)} class names")
+    queries = _as_vectors(queries, prototypes.shape[1], "queries")
+    return _rank(queries @ prototypes.T, classes)  # (nq, C) cosine similarities
 
 
-def rank_by_knn(hit_labels: Sequence[Sequence[str | None]], hit_scores: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+def rank_by_knn(
+    hit_labels: Sequence[Sequence[str | None]], hit_scores: np.ndarray, k: int
+) -> list[list[tuple[str, float]]]:
     """Score-weighted vote of the top-k hits: a class's score is the sum of its hits' similarities.
 
     `hit_labels` (nq, >=k) holds each hit's label (None for a missing hit, FAISS id -1); ties in the vote are broken
     by the class's best single similarity. Only classes with at least one hit appear in the ranking.
     """
-    hit_scores = np.atleast_2d(np.asarray(hit_scores, dtype=np.float64))
+    hit_scores = np.atleast_2d(np.asarray(hit_scores, dtype=np.float64))  # (nq, >=k)
+    if len(hit_labels) != len(hit_scores):
+        raise InvalidInputError(f"{len(hit_labels)} rows of hit labels but {len(hit_scores)} rows of scores")
+    if int(k) != k or k < 1:
+        raise InvalidInputError(f"k must be an integer of at least 1, got {k}")
+    k = int(k)
     rankings = []
     for labels, scores in zip(hit_labels, hit_scores):
         votes: dict[str, float] = {}
@@ -148,10 +186,14 @@ def verification_score(query: np.ndarray, support: np.ndarray, rule: str = "prot
     prototype: cosine to the normalised mean; max: the best single reference; mean_top3: mean of the best
     min(3, M) references (less sensitive to one outlier reference than max).
     """
-    query = np.asarray(query, dtype=np.float32).reshape(-1)
-    support = np.atleast_2d(np.asarray(support, dtype=np.float32))
-    if len(support) == 0:
+    support = np.asarray(support)
+    if support.size == 0:
         raise InvalidInputError("empty support set")
+    support = _as_vectors(support, what="support")
+    query = _as_vectors(query, support.shape[1], "query")
+    if len(query) != 1:
+        raise InvalidInputError(f"verification_score takes one query vector, got {len(query)}")
+    query = query[0]
     if rule == "prototype":
         return float(normalize(support.sum(axis=0)) @ query)
     scores = support @ query
@@ -167,39 +209,58 @@ def genuine_impostor_scores(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Leave-one-out scores inside a support set: (genuine (G,), impostor (I,)) float64.
 
-    Each item of a class with at least two members is scored against its own class without itself (genuine) and
-    against every other class's full support set (impostor).
+    Each item of a class with at least two members is scored against its own class without itself (genuine), and
+    every item is scored against every other class's full support set (impostor). Order: item by item, and within an
+    item, classes sorted by label. Vectorised per class, so it stays fast for thousands of classes.
     """
-    vectors = np.asarray(vectors, dtype=np.float32)
-    labels = np.asarray(labels, dtype=object).astype(str)
-    classes = np.unique(labels)
-    members = {c: np.flatnonzero(labels == c) for c in classes}
-    if not any(len(ix) >= 2 for ix in members.values()):
+    if rule not in VERIFY_RULES:
+        raise InvalidInputError(f"unknown rule {rule!r}; choose from {', '.join(VERIFY_RULES)}")
+    vectors = _as_vectors(vectors)
+    if len(vectors) != len(labels):
+        raise InvalidInputError(f"{len(vectors)} vectors but {len(labels)} labels")
+    classes, inverse = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    sizes = np.bincount(inverse, minlength=len(classes))
+    if not (sizes >= 2).any():
         raise InvalidInputError("calibration needs at least one class with two or more items (genuine pairs)")
-    genuine, impostor = [], []
+    n = len(vectors)
+    # scores[i, c] = rule(vector i, support set of class c, leaving item i out of its own class): (N, C)
+    scores = np.empty((n, len(classes)), dtype=np.float64)
+    rows = np.arange(n)
     if rule == "prototype":
-        # Vectorised: class sums once, then remove the item itself from its own class's sum.
-        sums = np.stack([vectors[members[c]].sum(axis=0) for c in classes])  # (C, D)
-        protos = normalize(sums)
-        all_scores = vectors @ protos.T  # (N, C)
-        own = np.searchsorted(classes, labels)
-        for i in range(len(vectors)):
-            c = own[i]
-            if len(members[classes[c]]) >= 2:
-                genuine.append(float(normalize(sums[c] - vectors[i]) @ vectors[i]))
-            others = np.delete(all_scores[i], c)
-            impostor.extend(others.tolist())
-        return np.asarray(genuine), np.asarray(impostor)
-    for i in range(len(vectors)):
-        for c in classes:
-            ix = members[c]
-            if c == labels[i]:
-                rest = ix[ix != i]
-                if len(rest):
-                    genuine.append(verification_score(vectors[i], vectors[rest], rule))
-            else:
-                impostor.append(verification_score(vectors[i], vectors[ix], rule))
-    return np.asarray(genuine), np.asarray(impostor)
+        sums = np.zeros((len(classes), vectors.shape[1]), dtype=np.float64)  # (C, D) class sums
+        np.add.at(sums, inverse, vectors)
+        scores[:] = vectors @ normalize(sums).T
+        own = normalize(sums[inverse] - vectors)  # (N, D) own-class prototype without the item itself
+        scores[rows, inverse] = np.einsum("nd,nd->n", own, vectors)
+    else:
+        order = np.argsort(inverse, kind="stable")  # items grouped by class, id order inside a class
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        position = np.empty(n, dtype=np.int64)  # position[i]: column of item i in its own class's block
+        position[order] = rows - starts[inverse[order]]
+        for c in range(len(classes)):
+            members = order[starts[c] : starts[c + 1]]  # (m,)
+            m = len(members)
+            step = max(1, _BLOCK // m)  # rows per block: bounds each (rows, m) similarity block
+            for start in range(0, n, step):
+                chunk = rows[start : start + step]
+                block = vectors[chunk] @ vectors[members].T  # (rows, m) float32
+                mine = inverse[chunk] == c
+                block[np.flatnonzero(mine), position[chunk[mine]]] = -np.inf  # leave the item itself out
+                if rule == "max":
+                    scores[chunk, c] = block.max(axis=1)
+                    continue
+                t = min(3, m)
+                top = -np.sort(-np.partition(block, m - t, axis=1)[:, m - t :], axis=1)  # (rows, t) best first
+                score = top.mean(axis=1, dtype=np.float64)
+                if mine.any() and m >= 2:
+                    # Own class: m - 1 references, so the best min(3, m - 1) of them (-inf sorts last, unused).
+                    score[mine] = top[mine, : min(3, m - 1)].mean(axis=1, dtype=np.float64)
+                scores[chunk, c] = score
+    genuine = scores[rows, inverse][sizes[inverse] >= 2]
+    other = np.ones_like(scores, dtype=bool)
+    other[rows, inverse] = False
+    return genuine, scores[other]  # boolean indexing walks row-major: item by item, classes in label order
 
 
 def roc_points(genuine: np.ndarray, impostor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -208,10 +269,12 @@ def roc_points(genuine: np.ndarray, impostor: np.ndarray) -> tuple[np.ndarray, n
     FAR(t) = fraction of impostor scores >= t; FRR(t) = fraction of genuine scores < t. Sorting once and
     searchsorted make it O((G + I) log(G + I)).
     """
-    genuine = np.sort(np.asarray(genuine, dtype=np.float64))
-    impostor = np.sort(np.asarray(impostor, dtype=np.float64))
+    genuine = np.sort(np.asarray(genuine, dtype=np.float64).reshape(-1))
+    impostor = np.sort(np.asarray(impostor, dtype=np.float64).reshape(-1))
     if len(genuine) == 0 or len(impostor) == 0:
         raise InvalidInputError("need at least one genuine and one impostor score")
+    if np.isnan(genuine).any() or np.isnan(impostor).any():
+        raise InvalidInputError("scores contain NaN")
     thresholds = np.unique(np.concatenate([genuine, impostor, [np.inf]]))
     far = 1.0 - np.searchsorted(impostor, thresholds, side="left") / len(impostor)
     frr = np.searchsorted(genuine, thresholds, side="left") / len(genuine)
@@ -219,7 +282,10 @@ def roc_points(genuine: np.ndarray, impostor: np.ndarray) -> tuple[np.ndarray, n
 
 
 def eer_threshold(genuine: np.ndarray, impostor: np.ndarray) -> tuple[float, float]:
-    """(threshold, equal error rate): the threshold where FAR and FRR are closest; EER = their mean there."""
+    """(threshold, equal error rate): the score where FAR and FRR are closest; EER = their mean there.
+
+    Candidates are the distinct scores; among equally close ones the lowest threshold wins.
+    """
     thresholds, far, frr = roc_points(genuine, impostor)
     finite = np.isfinite(thresholds)
     gap = np.where(finite, np.abs(far - frr), np.inf)
@@ -231,9 +297,11 @@ def far_threshold(impostor: np.ndarray, target_far: float) -> float:
     """The lowest threshold whose false-accept rate on `impostor` is at most `target_far`."""
     if not 0.0 <= target_far <= 1.0:
         raise InvalidInputError(f"target FAR must lie in [0, 1], got {target_far}")
-    impostor = np.sort(np.asarray(impostor, dtype=np.float64))
+    impostor = np.sort(np.asarray(impostor, dtype=np.float64).reshape(-1))
     if len(impostor) == 0:
         raise InvalidInputError("need at least one impostor score")
+    if np.isnan(impostor).any():
+        raise InvalidInputError("scores contain NaN")
     candidates = np.unique(impostor)
     far = 1.0 - np.searchsorted(impostor, candidates, side="left") / len(impostor)
     ok = np.flatnonzero(far <= target_far + 1e-12)

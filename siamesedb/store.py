@@ -160,7 +160,9 @@ class ItemStore:
         if not (np.issubdtype(vectors.dtype, np.floating) or np.issubdtype(vectors.dtype, np.integer)):
             raise InvalidInputError(f"vectors must be a real-valued numeric array, got dtype {vectors.dtype}")
         if vectors.shape[1] != self.dim:
-            raise DimensionMismatchError(f"vectors have dimension {vectors.shape[1]}, the store holds {self.dim}-d vectors")
+            raise DimensionMismatchError(
+                f"vectors have dimension {vectors.shape[1]}, the store holds {self.dim}-d vectors"
+            )
         n = len(vectors)
         if not (len(labels) == len(paths) == len(hashes) == n):
             raise InvalidInputError(

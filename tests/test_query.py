@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from siamesedb import query
-from siamesedb.errors import InvalidInputError
+from siamesedb.errors import DimensionMismatchError, InvalidInputError
 
 
 def unit(rng, n, d=8):
@@ -27,6 +27,15 @@ def test_brute_force_search_matches_a_full_sort():
         assert np.allclose(d_row, [scores[j] for j in expected], atol=1e-6)
 
 
+def test_brute_force_search_in_blocks_gives_the_same_answer(monkeypatch):
+    rng = np.random.default_rng(10)
+    corpus, queries = unit(rng, 60), unit(rng, 25)
+    D, I = query.brute_force_search(queries, corpus, 7)
+    monkeypatch.setattr(query, "_BLOCK", 100)  # 1 query per block
+    D2, I2 = query.brute_force_search(queries, corpus, 7)
+    assert np.array_equal(I, I2) and np.allclose(D, D2, atol=1e-6)  # BLAS may round a lone row differently
+
+
 def test_brute_force_search_pads_past_the_corpus():
     rng = np.random.default_rng(1)
     D, I = query.brute_force_search(unit(rng, 2), unit(rng, 3), 5)
@@ -34,6 +43,10 @@ def test_brute_force_search_pads_past_the_corpus():
     assert sorted(I[0, :3].tolist()) == [0, 1, 2]
     with pytest.raises(InvalidInputError):
         query.brute_force_search(unit(rng, 1), unit(rng, 3), 0)
+    D, I = query.brute_force_search(unit(rng, 2), np.empty((0, 8)), 2)
+    assert (I == -1).all() and np.isneginf(D).all()
+    with pytest.raises(DimensionMismatchError):
+        query.brute_force_search(unit(rng, 1), unit(rng, 3, d=4), 1)
 
 
 def test_class_prototypes_are_normalised_means():
@@ -56,6 +69,10 @@ def test_rank_by_prototype_ranks_every_class_best_first():
         explicit = sorted(((n, float(q @ p)) for n, p in zip(names, protos)), key=lambda t: -t[1])
         assert [n for n, _ in ranking] == [n for n, _ in explicit]
         assert np.allclose([s for _, s in ranking], [s for _, s in explicit], atol=1e-6)
+    with pytest.raises(DimensionMismatchError):
+        query.rank_by_prototype(unit(rng, 1, d=4), protos, names)
+    with pytest.raises(InvalidInputError, match="class names"):
+        query.rank_by_prototype(queries, protos, names[:3])
 
 
 def test_rank_by_knn_is_a_score_weighted_vote():
@@ -69,16 +86,29 @@ def test_rank_by_knn_is_a_score_weighted_vote():
 
 def test_rank_by_knn_against_an_explicit_loop():
     rng = np.random.default_rng(4)
-    for _ in range(20):
-        labels = rng.choice(list("abcd"), size=(1, 6)).tolist()
-        scores = np.sort(rng.uniform(-1, 1, size=(1, 6)))[:, ::-1]
-        k = int(rng.integers(1, 7))
-        votes = {}
-        for lab, s in zip(labels[0][:k], scores[0][:k]):
-            votes[lab] = votes.get(lab, 0.0) + s
-        best = max(votes.values())
-        top = query.rank_by_knn(labels, scores, k)[0][0]
-        assert top[1] == pytest.approx(best)
+    for _ in range(30):
+        n_hits = 6
+        labels = rng.choice(list("abcd"), size=(3, n_hits)).astype(object)
+        # Coarse scores make tied votes likely, so the tie-break is exercised too.
+        scores = -np.sort(-rng.integers(-2, 5, size=(3, n_hits)) / 4, axis=1)
+        missing = int(rng.integers(0, 3))  # trailing FAISS padding: label None, score -inf
+        if missing:
+            labels[:, -missing:] = None
+            scores[:, -missing:] = -np.inf
+        k = int(rng.integers(1, n_hits + 1))
+        if all(lab is None for lab in labels[:, :k].ravel()):
+            continue
+        rankings = query.rank_by_knn(labels.tolist(), scores, k)
+        for row_labels, row_scores, ranking in zip(labels, scores, rankings):
+            votes, best = {}, {}
+            for j in range(k):
+                if row_labels[j] is None:
+                    continue
+                votes[row_labels[j]] = votes.get(row_labels[j], 0.0) + row_scores[j]
+                best[row_labels[j]] = max(best.get(row_labels[j], -np.inf), row_scores[j])
+            expected = sorted(votes, key=lambda c: (-votes[c], -best[c], c))
+            assert [c for c, _ in ranking] == expected
+            assert [v for _, v in ranking] == pytest.approx([votes[c] for c in expected])
 
 
 @pytest.mark.parametrize("rule", ["prototype", "max", "mean_top3"])
@@ -94,30 +124,58 @@ def test_verification_score_rules(rule):
     else:
         expected = sum(sims[:3]) / 3
     assert query.verification_score(q, support, rule) == pytest.approx(expected, abs=1e-6)
+    # Fewer references than 3: mean_top3 averages all of them; one reference: every rule is plain cosine.
+    two = support[:2]
+    small = {"prototype": None, "max": max(float(q @ s) for s in two), "mean_top3": float(np.mean(two @ q))}
+    if small[rule] is not None:
+        assert query.verification_score(q, two, rule) == pytest.approx(small[rule], abs=1e-6)
+    assert query.verification_score(q, support[:1], rule) == pytest.approx(float(q @ support[0]), abs=1e-6)
     with pytest.raises(InvalidInputError):
         query.verification_score(q, support, "median")
+    with pytest.raises(InvalidInputError, match="empty"):
+        query.verification_score(q, support[:0], rule)
+    with pytest.raises(DimensionMismatchError):
+        query.verification_score(q[:4], support, rule)
 
 
-@pytest.mark.parametrize("rule", ["prototype", "max", "mean_top3"])
-def test_genuine_impostor_scores_against_a_double_loop(rule):
-    rng = np.random.default_rng(6)
-    vectors = unit(rng, 10)
-    labels = ["a", "a", "a", "b", "b", "c", "d", "d", "d", "d"]
+def slow_genuine_impostor(vectors, labels, rule):
     genuine, impostor = [], []
-    for i in range(10):
+    for i in range(len(vectors)):
         for c in sorted(set(labels)):
-            members = [j for j in range(10) if labels[j] == c]
+            members = [j for j in range(len(vectors)) if labels[j] == c]
             if c == labels[i]:
                 rest = [j for j in members if j != i]
                 if rest:
                     genuine.append(query.verification_score(vectors[i], vectors[rest], rule))
             else:
                 impostor.append(query.verification_score(vectors[i], vectors[members], rule))
+    return np.array(genuine), np.array(impostor)
+
+
+@pytest.mark.parametrize("rule", ["prototype", "max", "mean_top3"])
+def test_genuine_impostor_scores_against_a_double_loop(rule, monkeypatch):
+    rng = np.random.default_rng(6)
+    # Classes of 1 to 5 members, shuffled: singletons, classes smaller than 3 and larger ones.
+    labels = [c for c, size in zip("abcdefg", [1, 2, 3, 4, 5, 2, 1]) for _ in range(size)]
+    labels = [labels[i] for i in rng.permutation(len(labels))]
+    vectors = unit(rng, len(labels))
+    genuine, impostor = slow_genuine_impostor(vectors, labels, rule)
     g, imp = query.genuine_impostor_scores(vectors, labels, rule)
-    assert np.allclose(np.sort(g), np.sort(genuine), atol=1e-5)
-    assert np.allclose(np.sort(imp), np.sort(impostor), atol=1e-5)
+    assert g.dtype == np.float64 and imp.dtype == np.float64
+    assert np.allclose(g, genuine, atol=1e-5) and np.allclose(imp, impostor, atol=1e-5)  # same order too
+    monkeypatch.setattr(query, "_BLOCK", 4)  # one row per block: the blocked path agrees
+    g2, imp2 = query.genuine_impostor_scores(vectors, labels, rule)
+    assert np.allclose(g2, g, atol=1e-6) and np.allclose(imp2, imp, atol=1e-6)
     with pytest.raises(InvalidInputError, match="two or more"):
         query.genuine_impostor_scores(vectors[:3], ["x", "y", "z"], rule)
+
+
+def test_genuine_impostor_scores_refuses_bad_input():
+    rng = np.random.default_rng(11)
+    with pytest.raises(InvalidInputError, match="rule"):
+        query.genuine_impostor_scores(unit(rng, 4), ["a", "a", "b", "b"], "median")
+    with pytest.raises(InvalidInputError, match="labels"):
+        query.genuine_impostor_scores(unit(rng, 4), ["a", "a", "b"])
 
 
 def slow_rates(genuine, impostor, t):
@@ -126,39 +184,57 @@ def slow_rates(genuine, impostor, t):
     return far, frr
 
 
+def random_scores(rng):
+    genuine = rng.normal(0.7, 0.15, size=int(rng.integers(1, 40)))
+    impostor = rng.normal(0.3, 0.15, size=int(rng.integers(1, 80)))
+    if rng.random() < 0.5:  # coarse scores: many ties between and within the two sets
+        genuine, impostor = np.round(genuine, 1), np.round(impostor, 1)
+    return genuine, impostor
+
+
 def test_eer_threshold_against_a_sweep_of_every_score():
     rng = np.random.default_rng(7)
-    for _ in range(10):
-        genuine = rng.normal(0.7, 0.15, size=int(rng.integers(5, 40)))
-        impostor = rng.normal(0.3, 0.15, size=int(rng.integers(5, 80)))
-        candidates = sorted(set(genuine) | set(impostor))
-        best_gap = min(abs(np.subtract(*slow_rates(genuine, impostor, t))) for t in candidates)
+    for _ in range(40):
+        genuine, impostor = random_scores(rng)
+        candidates = sorted(set(genuine.tolist()) | set(impostor.tolist()))
+        gaps = [abs(np.subtract(*slow_rates(genuine, impostor, t))) for t in candidates]
+        slow_t = candidates[int(np.argmin(gaps))]  # lowest threshold among the closest
+        far, frr = slow_rates(genuine, impostor, slow_t)
         threshold, eer = query.eer_threshold(genuine, impostor)
-        far, frr = slow_rates(genuine, impostor, threshold)
-        assert abs(far - frr) == pytest.approx(best_gap)
+        assert threshold == slow_t
         assert eer == pytest.approx((far + frr) / 2)
+    with pytest.raises(InvalidInputError):
+        query.eer_threshold([], [0.1])
+    with pytest.raises(InvalidInputError, match="NaN"):
+        query.eer_threshold([np.nan, 0.5], [0.1])
 
 
 def test_far_threshold_is_the_lowest_meeting_the_target():
     rng = np.random.default_rng(8)
-    impostor = rng.normal(size=200)
-    for target in (0.0, 0.01, 0.1, 0.5, 1.0):
-        t = query.far_threshold(impostor, target)
-        assert sum(s >= t for s in impostor) / 200 <= target + 1e-12
-        lower = [s for s in impostor if s < t]
-        if lower:  # the next lower candidate would exceed the target
-            t_lower = max(lower)
-            assert sum(s >= t_lower for s in impostor) / 200 > target
+    for _ in range(20):
+        _, impostor = random_scores(rng)
+        for target in (0.0, 0.01, 0.1, 0.25, 0.5, 1.0):
+            t = query.far_threshold(impostor, target)
+            # Slow sweep: every impostor score as a candidate, lowest first; above them all FAR is 0.
+            passing = [s for s in sorted(set(impostor.tolist())) if np.mean(impostor >= s) <= target + 1e-12]
+            if passing:
+                assert t == passing[0]
+            else:
+                assert t > impostor.max() and np.mean(impostor >= t) == 0
     with pytest.raises(InvalidInputError):
-        query.far_threshold(impostor, 1.5)
+        query.far_threshold([0.1, 0.2], 1.5)
+    with pytest.raises(InvalidInputError):
+        query.far_threshold([], 0.1)
 
 
 def test_roc_points_match_explicit_rates():
     rng = np.random.default_rng(9)
     genuine, impostor = rng.normal(1, 1, 30), rng.normal(0, 1, 30)
     thresholds, far, frr = query.roc_points(genuine, impostor)
-    for t, a, r in list(zip(thresholds, far, frr))[::7]:
+    assert np.all(np.diff(thresholds) > 0) and len(thresholds) == len(far) == len(frr)
+    for t, a, r in zip(thresholds, far, frr):
         assert (a, r) == pytest.approx(slow_rates(genuine, impostor, t))
+    assert (far[-1], frr[-1]) == (0.0, 1.0)  # above every score nothing is accepted
 
 
 def test_results_serialise_to_plain_json_types():
