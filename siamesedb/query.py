@@ -211,7 +211,7 @@ def genuine_impostor_scores(
 
     Each item of a class with at least two members is scored against its own class without itself (genuine), and
     every item is scored against every other class's full support set (impostor). Order: item by item, and within an
-    item, classes sorted by label. Vectorised per class, so it stays fast for thousands of classes.
+    item, classes sorted by label. Vectorised: seconds, not hours, for ten thousand items in hundreds of classes.
     """
     if rule not in VERIFY_RULES:
         raise InvalidInputError(f"unknown rule {rule!r}; choose from {', '.join(VERIFY_RULES)}")
@@ -225,42 +225,68 @@ def genuine_impostor_scores(
         raise InvalidInputError("calibration needs at least one class with two or more items (genuine pairs)")
     n = len(vectors)
     # scores[i, c] = rule(vector i, support set of class c, leaving item i out of its own class): (N, C)
-    scores = np.empty((n, len(classes)), dtype=np.float64)
     rows = np.arange(n)
     if rule == "prototype":
         sums = np.zeros((len(classes), vectors.shape[1]), dtype=np.float64)  # (C, D) class sums
         np.add.at(sums, inverse, vectors)
-        scores[:] = vectors @ normalize(sums).T
+        scores = (vectors @ normalize(sums).T).astype(np.float64)
         own = normalize(sums[inverse] - vectors)  # (N, D) own-class prototype without the item itself
         scores[rows, inverse] = np.einsum("nd,nd->n", own, vectors)
     else:
-        order = np.argsort(inverse, kind="stable")  # items grouped by class, id order inside a class
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        position = np.empty(n, dtype=np.int64)  # position[i]: column of item i in its own class's block
-        position[order] = rows - starts[inverse[order]]
-        for c in range(len(classes)):
-            members = order[starts[c] : starts[c + 1]]  # (m,)
-            m = len(members)
-            step = max(1, _BLOCK // m)  # rows per block: bounds each (rows, m) similarity block
-            for start in range(0, n, step):
-                chunk = rows[start : start + step]
-                block = vectors[chunk] @ vectors[members].T  # (rows, m) float32
-                mine = inverse[chunk] == c
-                block[np.flatnonzero(mine), position[chunk[mine]]] = -np.inf  # leave the item itself out
-                if rule == "max":
-                    scores[chunk, c] = block.max(axis=1)
-                    continue
-                t = min(3, m)
-                top = -np.sort(-np.partition(block, m - t, axis=1)[:, m - t :], axis=1)  # (rows, t) best first
-                score = top.mean(axis=1, dtype=np.float64)
-                if mine.any() and m >= 2:
-                    # Own class: m - 1 references, so the best min(3, m - 1) of them (-inf sorts last, unused).
-                    score[mine] = top[mine, : min(3, m - 1)].mean(axis=1, dtype=np.float64)
-                scores[chunk, c] = score
+        scores = _reference_scores(vectors, inverse, sizes, rule)
     genuine = scores[rows, inverse][sizes[inverse] >= 2]
     other = np.ones_like(scores, dtype=bool)
     other[rows, inverse] = False
     return genuine, scores[other]  # boolean indexing walks row-major: item by item, classes in label order
+
+
+def _reference_scores(vectors: np.ndarray, inverse: np.ndarray, sizes: np.ndarray, rule: str) -> np.ndarray:
+    """(N, C) scores of every item against every class's references ("max" / "mean_top3"), the item left out.
+
+    All N x N similarities are computed in row blocks of one large matrix product (far faster than one thin product
+    per class). Columns are grouped by class, classes ordered by size, so the classes of one size m form a single
+    (rows, k, m) view and each rule is one reduction per distinct size, not a Python loop over classes.
+    """
+    n, n_classes = len(vectors), len(sizes)
+    class_order = np.lexsort((np.arange(n_classes), sizes))  # by size, then label
+    rank = np.empty(n_classes, dtype=np.int64)
+    rank[class_order] = np.arange(n_classes)
+    order = np.argsort(rank[inverse], kind="stable")  # (N,) items column by column
+    column = np.empty(n, dtype=np.int64)
+    column[order] = np.arange(n)  # column[i]: where item i sits among the grouped references
+    grouped_t = np.ascontiguousarray(vectors[order].T)  # (D, N)
+    # One entry per distinct size m: (m, classes of that size in column order, first column).
+    groups, first = [], 0
+    for m in np.unique(sizes):
+        members = class_order[sizes[class_order] == m]
+        groups.append((int(m), members, first))
+        first += len(members) * int(m)
+    slot = np.empty(n_classes, dtype=np.int64)  # slot[c]: index of class c inside its size group
+    for _, members, _ in groups:
+        slot[members] = np.arange(len(members))
+    scores = np.empty((n, n_classes), dtype=np.float64)
+    step = max(1, _BLOCK // n)  # rows per block: bounds the (rows, N) similarity matrix
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        sims = vectors[start:stop] @ grouped_t  # (rows, N) float32
+        local = np.arange(stop - start)
+        sims[local, column[start:stop]] = -np.inf  # leave each item itself out of its own class
+        own_size = sizes[inverse[start:stop]]
+        for m, members, first in groups:
+            block = sims[:, first : first + len(members) * m].reshape(stop - start, len(members), m)
+            if rule == "max":
+                scores[start:stop, members] = block.max(axis=2)
+                continue
+            t = min(3, m)
+            top = -np.sort(-np.partition(block, m - t, axis=2)[..., m - t :], axis=2)  # (rows, k, t) best first
+            value = top.mean(axis=2, dtype=np.float64)  # (rows, k)
+            mine = np.flatnonzero(own_size == m)
+            if 2 <= m <= 3 and len(mine):
+                # Own class holds m - 1 references: average the best m - 1 (the left-out item sorts last at -inf).
+                where = slot[inverse[start + mine]]
+                value[mine, where] = top[mine, where, : m - 1].mean(axis=1, dtype=np.float64)
+            scores[start:stop, members] = value
+    return scores
 
 
 def roc_points(genuine: np.ndarray, impostor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
