@@ -383,6 +383,9 @@ class SiameseDB:
         """Remove items by id(s) or every item of a label. Returns how many were removed."""
         if (ids is None) == (label is None):
             raise InvalidInputError("remove needs either ids or a label, not both")
+        if not self.index.supports_remove:
+            # Refuse before the store changes: store and FAISS file must never disagree on what was removed.
+            raise InvalidInputError(f"{self.path}: the {self.manifest.get('factory')!r} index cannot remove items")
         if label is not None:
             removed = self.store.remove_label(label)
             if len(removed) == 0:
