@@ -10,6 +10,7 @@ import struct
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,15 @@ OMNIGLOT_URL = "https://github.com/brendenlake/omniglot/raw/master/python/images
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/{name}"
 FASHION_MNIST_CLASSES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle_boot")
+# The official files' MD5s (github.com/zalandoresearch/fashion-mnist): checked before converting, whatever the source.
+FASHION_MNIST_MD5 = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+FASHION_MNIST_SPLITS = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                        "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
 def default_data_root() -> Path:
@@ -34,71 +44,97 @@ def default_data_root() -> Path:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("SIAMESEDB_CACHE", Path.home() / ".cache" / "siamesedb"))
+    """Where unpacked datasets live: SIAMESEDB_CACHE, else ~/.cache/siamesedb (one subfolder per dataset)."""
+    return Path(os.environ.get("SIAMESEDB_CACHE") or Path.home() / ".cache" / "siamesedb")
 
 
-def _find_archive(source: str | os.PathLike | None, dataset: str, filename: str) -> Path | None:
-    """Look for `filename` as the source itself, inside it, or inside its `dataset/` subfolder."""
+def _candidates(source: str | os.PathLike | None, dataset: str, filename: str) -> list[Path]:
+    """Where a local copy may be: the source itself (the file), inside it, or inside its `dataset/` subfolder."""
     base = Path(source) if source is not None else default_data_root()
-    for candidate in (base, base / filename, base / dataset / filename):
+    return [base, base / filename, base / dataset / filename]
+
+
+def _download(url: str, target: Path) -> None:
+    """Fetch url into target through a .part file, so an interrupted download is never taken for a whole one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as fh:
+            shutil.copyfileobj(response, fh)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _obtain(source: str | os.PathLike | None, dataset: str, filename: str, url: str | None, downloads: Path) -> Path:
+    """A local copy of `filename`: found under source (default: default_data_root()), downloaded before, or now."""
+    candidates = _candidates(source, dataset, filename)
+    for candidate in candidates:
         if candidate.is_file() and candidate.name == filename:
             return candidate
-    return None
-
-
-def _download(url: str, target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as fh:
-            shutil.copyfileobj(response, fh)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise FolderError(f"{url}: download failed ({exc}); pass --data with a local copy") from None
-    os.replace(tmp, target)
-    return target
-
-
-def _archive(source, dataset: str, filename: str, url: str | None) -> Path:
-    found = _find_archive(source, dataset, filename)
-    if found is not None:
-        return found
-    cached = cache_root() / "downloads" / filename
+    cached = downloads / filename
     if cached.is_file():
         return cached
-    where = Path(source) if source is not None else default_data_root()
+    looked = ", ".join(str(c) for c in candidates[1:])
     if url is None:
-        raise FolderError(f"{where}: {dataset}/{filename} not found")
-    return _download(url, cached)
+        raise FolderError(f"{filename} not found (looked in {looked}); pass the folder holding it or set SIAMESEDB_DATA")
+    try:
+        _download(url, cached)
+    except Exception as exc:  # URLError, HTTPError, timeouts, IncompleteRead...: all mean "no copy"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FolderError(f"{filename} not found (looked in {looked}) and downloading {url} failed ({reason})") from None
+    return cached
 
 
-def _unpack_zip_once(archive: Path, target: Path) -> Path:
-    """Extract into a temporary sibling folder, then rename: a half-finished unpack is never mistaken for a whole one."""
+def _publish(fill: Callable[[Path], None], target: Path) -> Path:
+    """Build `target` via fill(staging) in a hidden sibling folder, then rename it into place in one step.
+
+    A folder at `target` is therefore always complete: an interrupted run leaves only a `.unpack-*` folder behind
+    (hidden, so scan_folder ignores it), and two processes racing both succeed, the second one using the first's.
+    """
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
     try:
+        fill(staging)
         try:
-            with zipfile.ZipFile(archive) as zf:
-                zf.extractall(staging)
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise FolderError(f"{archive}: cannot unpack ({exc})") from None
-        os.replace(staging, target)
+            os.replace(staging, target)
+        except OSError:
+            if not target.is_dir():  # not a lost race: a real failure
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
+def _unpack_zip_once(archive: Path, target: Path) -> Path:
+    """`archive` extracted into `target` (once; later calls return the existing folder)."""
+
+    def extract(staging: Path) -> None:
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(staging)  # extractall drops absolute and '..' members: nothing lands outside staging
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise FolderError(f"{archive}: cannot unpack ({exc})") from None
+
+    return _publish(extract, target)
+
+
 def omniglot(split: str = "evaluation", source: str | os.PathLike | None = None,
              cache_dir: str | os.PathLike | None = None) -> Path:
-    """The labelled root of Omniglot's `background` or `evaluation` set (children: alphabets; labels Alphabet/characterNN)."""
+    """The labelled root of Omniglot's `background` or `evaluation` set (children: alphabets; labels Alphabet/characterNN).
+
+    `source`: a folder holding omniglot/images_<split>.zip or images_<split>.zip, or that zip itself (default
+    default_data_root()). Without a local copy, the official archive is downloaded. Unpacked once into cache_dir
+    (default <cache_root()>/omniglot).
+    """
     if split not in ("background", "evaluation"):
         raise FolderError(f"omniglot split must be 'background' or 'evaluation', not {split!r}")
     filename = f"images_{split}.zip"
-    archive = _archive(source, "omniglot", filename, OMNIGLOT_URL.format(split=split))
-    target = Path(cache_dir) if cache_dir is not None else cache_root() / "omniglot"
-    unpacked = _unpack_zip_once(archive, target / f"images_{split}.d")
+    cache = Path(cache_dir) if cache_dir is not None else cache_root() / "omniglot"
+    archive = _obtain(source, "omniglot", filename, OMNIGLOT_URL.format(split=split), cache / "downloads")
+    unpacked = _unpack_zip_once(archive, cache / f"images_{split}.d")
     root = unpacked / f"images_{split}"
     if not root.is_dir():
         raise FolderError(f"{archive}: no images_{split}/ folder inside")
@@ -106,57 +142,81 @@ def omniglot(split: str = "evaluation", source: str | os.PathLike | None = None,
 
 
 def svc2004(source: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
-    """SVC2004 Task 2 as images: a root holding Uxx/genuine/*.png and Uxx/forged/*.png for 40 writers."""
-    archive = _archive(source, "signatures_svc2004", "svc2004_png.zip", None)
-    target = Path(cache_dir) if cache_dir is not None else cache_root() / "svc2004"
-    unpacked = _unpack_zip_once(archive, target / "svc2004_png.d")
+    """SVC2004 Task 2 as images: a root holding Uxx/genuine/*.png and Uxx/forged/*.png for 40 writers.
+
+    `source`: a folder holding signatures_svc2004/svc2004_png.zip or svc2004_png.zip, or the zip itself. There is no
+    official download of the rendered images, so a missing local copy is a FolderError.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else cache_root() / "svc2004"
+    archive = _obtain(source, "signatures_svc2004", "svc2004_png.zip", None, cache / "downloads")
+    unpacked = _unpack_zip_once(archive, cache / "svc2004_png.d")
     root = unpacked / "svc2004"
     return root if root.is_dir() else unpacked
 
 
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        data = fh.read()
-    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise FolderError(f"{path}: not an unsigned-byte IDX file")
-    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def fashion_mnist(source: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Fashion-MNIST as PNG folders: <root>/train/<class>/*.png (60,000) and <root>/test/<class>/*.png (10,000)."""
-    base = Path(source) if source is not None else default_data_root()
-    folder = base / "fashion_mnist" if (base / "fashion_mnist").is_dir() else base
-    names = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-             "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
-    files = {}
-    for pair in names.values():
-        for name in pair:
-            local = folder / name
-            files[name] = local if local.is_file() else _archive(None, "fashion_mnist", name, FASHION_MNIST_URL.format(name=name))
-    sums_file = folder / "MD5SUMS"
-    if sums_file.is_file():
-        for line in sums_file.read_text().splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[1] in files:
-                actual = hashlib.md5(files[parts[1]].read_bytes()).hexdigest()
-                if actual != parts[0]:
-                    raise FolderError(f"{files[parts[1]]}: MD5 {actual} does not match MD5SUMS ({parts[0]})")
-    target = Path(cache_dir) if cache_dir is not None else cache_root() / "fashion_mnist"
-    root = target / "png"
-    if root.is_dir():
-        return root
-    target.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target))
+    """A gzipped IDX file of unsigned bytes -> array of its declared shape ((n, 28, 28) images or (n,) labels)."""
     try:
-        for split, (images_name, labels_name) in names.items():
-            images, labels = _read_idx(files[images_name]), _read_idx(files[labels_name])
-            for i, (image, label) in enumerate(zip(images, labels)):
-                out = staging / split / FASHION_MNIST_CLASSES[label] / f"{split}_{i:05d}.png"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(image, mode="L").save(out)
-        os.replace(staging, root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return root
+        with gzip.open(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as exc:
+        raise FolderError(f"{path}: unreadable ({exc})") from None
+    if len(data) < 4:
+        raise FolderError(f"{path}: not an IDX file")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08 or ndim < 1:
+        raise FolderError(f"{path}: not an unsigned-byte IDX file")
+    header = 4 + 4 * ndim
+    shape = struct.unpack(">" + "I" * ndim, data[4:header])
+    if len(data) != header + int(np.prod(shape)):
+        raise FolderError(f"{path}: size does not match its declared shape {shape}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _write_fashion_pngs(files: dict[str, Path], staging: Path) -> None:
+    """IDX pairs -> staging/<split>/<class>/<split>_<index>.png (28x28 grey, as stored: dark background)."""
+    for split, (images_name, labels_name) in FASHION_MNIST_SPLITS.items():
+        images, labels = _read_idx(files[images_name]), _read_idx(files[labels_name])
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise FolderError(f"{files[images_name]}: {images.shape} images do not match {labels.shape} labels")
+        if len(labels) and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+            raise FolderError(f"{files[labels_name]}: label {int(labels.max())} is not a Fashion-MNIST class")
+        folders = [staging / split / name for name in FASHION_MNIST_CLASSES]
+        for folder in folders:
+            folder.mkdir(parents=True)
+        for i, (image, label) in enumerate(zip(images, labels)):
+            Image.fromarray(image).save(folders[label] / f"{split}_{i:05d}.png", compress_level=1)
+
+
+def fashion_mnist(split: str | None = None, source: str | os.PathLike | None = None,
+                  cache_dir: str | os.PathLike | None = None) -> Path:
+    """Fashion-MNIST as PNG folders by class name: <root>/train/<class>/*.png (60,000), <root>/test/<class>/*.png (10,000).
+
+    Returns <root> when split is None, else the labelled root of that split (<root>/train or <root>/test).
+    `source`: a folder holding fashion_mnist/*.gz or the four IDX .gz files (default default_data_root()); missing
+    files are downloaded from the official host. The files' MD5s are checked against the official ones before the
+    one-time conversion into cache_dir (default <cache_root()>/fashion_mnist).
+    """
+    if split not in (None, "train", "test"):
+        raise FolderError(f"fashion-mnist split must be 'train' or 'test', not {split!r}")
+    cache = Path(cache_dir) if cache_dir is not None else cache_root() / "fashion_mnist"
+    root = cache / "png"
+    if not root.is_dir():
+        files = {name: _obtain(source, "fashion_mnist", name, FASHION_MNIST_URL.format(name=name), cache / "downloads")
+                 for name in FASHION_MNIST_MD5}
+        for name, path in files.items():
+            actual = _md5(path)
+            if actual != FASHION_MNIST_MD5[name]:
+                if path.parent == cache / "downloads":
+                    path.unlink()  # a bad download must not block the next attempt
+                raise FolderError(f"{path}: MD5 {actual} is not the official {FASHION_MNIST_MD5[name]}")
+        _publish(lambda staging: _write_fashion_pngs(files, staging), root)
+    return root if split is None else root / split
