@@ -477,6 +477,38 @@ def eval_verify(folder: Path, encoder: str, references: int, test_groups: str, c
         click.echo(f"wrote {path}")
 
 
+# ---------------------------------------------------------------------------------------------- serving
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@index_option()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (anything but loopback makes the write endpoints need a token).")
+@click.option("--port", default=8000, show_default=True, help="TCP port.")
+@click.option("--token", envvar="SIAMESEDB_TOKEN", default=None,
+              help="Bearer token for POST /items and DELETE /items/ID (env SIAMESEDB_TOKEN; made up when needed).")
+@click.option("--max-upload-mb", type=float, default=10.0, show_default=True, help="Largest accepted request body.")
+@device_option
+def serve(index_dir: Path, host: str, port: int, token: str | None, max_upload_mb: float, device: str) -> None:
+    """Serve an index over HTTP: a JSON API and a web page at http://HOST:PORT/.
+
+    POST an image to /search, /classify or /verify?label=L; GET /info, /labels,
+    /items/ID; POST /items?label=L and DELETE /items/ID change the index. The
+    OpenAPI schema is at /openapi.json, its interactive page at /docs.
+
+    \b
+    Example:
+      siamesedb serve --index indexes/omniglot-demo --port 8000
+      curl -s -H 'Content-Type: image/png' --data-binary @new.png 'http://127.0.0.1:8000/search?k=5'
+    """
+    from siamesedb.serve import serve as run_server
+
+    open_db(index_dir, device).close()  # a missing or broken index fails here, as one line, before the server starts
+    click.echo(f"serving {index_dir} on http://{host}:{port}/ (API schema: /docs; Ctrl-C stops)", err=True)
+    run_server(index_dir, host=host, port=port, token=token, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+               device=device)
+
+
 def main() -> None:
     cli(prog_name="siamesedb")
 
