@@ -135,6 +135,22 @@ def pca_2d(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return centred @ components.T, explained
 
 
+def choose_classes(labels: Sequence[str], classes: Sequence[str] | None = None, max_classes: int = 20) -> list[str]:
+    """The classes a map draws: `classes` as given (each must exist), else the `max_classes` largest (ties: by name)."""
+    names, counts = np.unique(np.asarray(labels, dtype=object), return_counts=True)
+    if classes:
+        unknown = sorted(set(classes) - set(names.tolist()))
+        if unknown:
+            from siamesedb.errors import UnknownLabelError
+
+            raise UnknownLabelError(f"no class {unknown[0]!r} in the index")
+        return list(dict.fromkeys(classes))
+    if max_classes < 1:
+        raise InvalidInputError(f"max_classes must be at least 1, got {max_classes}")
+    order = sorted(range(len(names)), key=lambda i: (-counts[i], names[i]))
+    return sorted(str(names[i]) for i in order[:max_classes])
+
+
 def embedding_map(vectors: np.ndarray, labels: Sequence[str], out: str | os.PathLike, classes: Sequence[str] | None = None,
                   max_classes: int = 20, title: str = "") -> Path:
     """A 2-D PCA projection of an index's vectors, one colour per class, class prototypes as crosses.
@@ -146,17 +162,8 @@ def embedding_map(vectors: np.ndarray, labels: Sequence[str], out: str | os.Path
     labels = np.asarray(labels, dtype=object)
     if len(vectors) == 0:
         raise InvalidInputError("the index holds no vectors to plot")
-    names, counts = np.unique(labels, return_counts=True)
-    if classes:
-        unknown = sorted(set(classes) - set(names.tolist()))
-        if unknown:
-            from siamesedb.errors import UnknownLabelError
-
-            raise UnknownLabelError(f"no class {unknown[0]!r} in the index")
-        chosen = list(dict.fromkeys(classes))
-    else:
-        order = sorted(range(len(names)), key=lambda i: (-counts[i], names[i]))
-        chosen = sorted(names[i] for i in order[:max_classes])
+    names = np.unique(labels)
+    chosen = choose_classes(labels, classes, max_classes)
     keep = np.isin(labels, np.asarray(chosen, dtype=object))
     points, explained = pca_2d(vectors[keep])
     kept_labels = labels[keep]
@@ -225,5 +232,5 @@ def oneshot_accuracy(accuracies: np.ndarray, way: int, shot: int, out: str | os.
     return out
 
 
-__all__ = ["Tile", "contact_sheet", "search_sheet", "classify_sheet", "pca_2d", "embedding_map", "index_map",
+__all__ = ["Tile", "contact_sheet", "search_sheet", "classify_sheet", "pca_2d", "choose_classes", "embedding_map", "index_map",
            "oneshot_accuracy"]
