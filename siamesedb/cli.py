@@ -578,7 +578,7 @@ def datasets_fetch(name: str, to: Path, source: str | None, quiet: bool, as_json
     from siamesedb.datasets import fetch
 
     log = None if (quiet or as_json) else (lambda line: click.echo(line, err=True))
-    roots = fetch(name, to, source=source, log=log)
+    roots = fetch(name, to, source=source, log=log, progress=log is not None)
     if as_json:
         emit_json({"dataset": name, "roots": {split: str(root) for split, root in roots.items()}})
         return

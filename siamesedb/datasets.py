@@ -181,8 +181,10 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _write_fashion_pngs(files: dict[str, Path], staging: Path) -> None:
+def _write_fashion_pngs(files: dict[str, Path], staging: Path, progress: bool = False) -> None:
     """IDX pairs -> staging/<split>/<class>/<split>_<index>.png (28x28 grey, as stored: dark background)."""
+    from tqdm import tqdm
+
     for split, (images_name, labels_name) in FASHION_MNIST_SPLITS.items():
         images, labels = _read_idx(files[images_name]), _read_idx(files[labels_name])
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -192,12 +194,13 @@ def _write_fashion_pngs(files: dict[str, Path], staging: Path) -> None:
         folders = [staging / split / name for name in FASHION_MNIST_CLASSES]
         for folder in folders:
             folder.mkdir(parents=True)
-        for i, (image, label) in enumerate(zip(images, labels)):
+        for i, (image, label) in enumerate(tqdm(zip(images, labels), total=len(labels), unit="img",
+                                                desc=f"fashion-mnist {split}", disable=not progress)):
             Image.fromarray(image).save(folders[label] / f"{split}_{i:05d}.png", compress_level=1)
 
 
 def fashion_mnist(split: str | None = None, source: str | os.PathLike | None = None,
-                  cache_dir: str | os.PathLike | None = None) -> Path:
+                  cache_dir: str | os.PathLike | None = None, progress: bool = False) -> Path:
     """Fashion-MNIST as PNG folders by class name: <root>/train/<class>/*.png (60,000), <root>/test/<class>/*.png (10,000).
 
     Returns <root> when split is None, else the labelled root of that split (<root>/train or <root>/test).
@@ -218,7 +221,7 @@ def fashion_mnist(split: str | None = None, source: str | os.PathLike | None = N
                 if path.parent == cache / "downloads":
                     path.unlink()  # a bad download must not block the next attempt
                 raise FolderError(f"{path}: MD5 {actual} is not the official {FASHION_MNIST_MD5[name]}")
-        _publish(lambda staging: _write_fashion_pngs(files, staging), root)
+        _publish(lambda staging: _write_fashion_pngs(files, staging, progress), root)
     return root if split is None else root / split
 
 
@@ -252,7 +255,7 @@ def _check_zip(archive: Path) -> None:
 
 
 def fetch(name: str, to: str | os.PathLike, source: str | os.PathLike | None = None,
-          log: Callable[[str], None] | None = None) -> dict[str, Path]:
+          log: Callable[[str], None] | None = None, progress: bool = False) -> dict[str, Path]:
     """Unpack a known dataset's official archives into labelled folders under `to/<name>/`; returns {split: root}.
 
     `source`: a local folder or file holding the archives (default: default_data_root(), then the official
@@ -300,7 +303,7 @@ def fetch(name: str, to: str | os.PathLike, source: str | os.PathLike | None = N
         log(f"converting {len(files)} IDX files to PNG folders")
         common = {used[f].parent for f in files}
         folder = common.pop() if len(common) == 1 else None
-        root = fashion_mnist(source=folder, cache_dir=target)
+        root = fashion_mnist(source=folder, cache_dir=target, progress=progress)
         roots = {"train": root / "train", "test": root / "test"}
     sums = "".join(f"{_sha256(path)}  {filename}\n" for filename, path in sorted(used.items()))
     (target / "SHA256SUMS").write_text(sums, encoding="utf-8")
