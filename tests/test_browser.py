@@ -180,3 +180,36 @@ def test_an_upload_the_server_refuses_shows_its_one_line_reason(server, browser,
     error = browser.find_element(By.ID, "error")
     assert error.is_displayed() and "not-an-image.png" in error.text and "not an image" in error.text
     assert not browser.find_element(By.ID, "results").is_displayed()
+
+
+def test_dropping_an_image_and_changing_k(server, browser, omniglot_index):
+    import base64
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    url, db = server
+    query = omniglot_index[1][7]
+    browser.get(url + "/")
+    WebDriverWait(browser, 30).until(lambda b: "items" in b.find_element(By.ID, "index-info").text)
+    # What a drag from the desktop delivers: a drop event whose DataTransfer holds the file.
+    browser.execute_script(
+        """
+        const [b64, name] = arguments;
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name, { type: "image/png" }));
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
+        """,
+        base64.b64encode(query.read_bytes()).decode(), query.name,
+    )
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done")
+    assert browser.find_element(By.ID, "predicted-label").text == db.classify(query).label
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#gallery .hit")) == 5
+    browser.execute_script("document.body.dataset.state = ''")
+    Select(browser.find_element(By.ID, "k")).select_by_visible_text("3")  # a new k re-runs the search
+    wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done")
+    cards = browser.find_elements(By.CSS_SELECTOR, "#gallery .hit")
+    assert [c.get_attribute("data-label") for c in cards] == [h.label for h in db.search(query, k=3)]
+    assert query.name in browser.find_element(By.ID, "status").text
