@@ -23,7 +23,9 @@ opened, and nothing the client sends is ever used as a file path: an added image
 `uploads/` folder by the SHA-256 of its bytes, and `/items/{id}/image` reads only paths the store holds.
 
 Concurrency: requests are served from a thread pool. Encoding (the slow part) runs in parallel; every call into
-the index (FAISS, SQLite, the prototype cache) holds one lock, so reads never see a half-done write.
+the index (FAISS, SQLite, the prototype cache) holds one lock, so reads never see a half-done write. Before each
+call the server catches up with writes other processes made to the index (`SiameseDB.refresh`: items added or
+removed by the CLI, a new calibration), reading only.
 """
 
 from __future__ import annotations
@@ -328,7 +330,9 @@ def create_app(
         return await run_in_threadpool(work), name
 
     def locked(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """fn(...) under the index lock, after catching up with what other processes wrote to the index."""
         with lock:
+            db.refresh()
             return fn(*args, **kwargs)
 
     # ------------------------------------------------------------------ questions about an image
@@ -435,6 +439,7 @@ def create_app(
     def remove_item(item_id: int):
         """Remove one item."""
         with lock:
+            db.refresh()
             if db.store.items([item_id])[0] is None:
                 raise HTTPException(404, f"{db.path}: no item with id {item_id}")
             removed = db.remove(ids=[item_id])

@@ -282,6 +282,42 @@ def test_write_endpoints_need_the_token_when_one_is_set(writable_index):
         assert client.get("/info").json()["items"] == 16
 
 
+def test_the_server_sees_what_another_process_writes(writable_index):
+    with TestClient(create_app(writable_index, device="cpu")) as client:
+        query = png_bytes(draw(0, 9))
+        headers = {"Content-Type": "image/png"}
+        before = client.post("/verify?label=round/circle", content=query, headers=headers).json()
+        with SiameseDB.open(writable_index, device="cpu") as other:  # e.g. `siamesedb add` while the server runs
+            new_id = int(other.add(draw(0, 9), "hexagon"))
+            other.calibrate(target_far=0.0)
+            threshold = other.manifest["calibration"]["threshold"]
+        hits = client.post("/search?k=1", content=query, headers=headers).json()["hits"]
+        assert hits[0]["id"] == new_id and hits[0]["label"] == "hexagon"
+        assert client.get("/info").json()["items"] == 17
+        after = client.post("/verify?label=round/circle", content=query, headers=headers).json()
+        assert after["threshold"] == threshold != before["threshold"]
+        with SiameseDB.open(writable_index, device="cpu") as other:
+            other.remove(label="hexagon")
+        assert client.post("/search?k=1", content=query, headers=headers).json()["hits"][0]["id"] != new_id
+        assert client.get(f"/items/{new_id}").status_code == 404
+
+
+def test_refresh_mid_write_rebuilds_in_memory_and_writes_nothing(writable_index):
+    from siamesedb.db import MANIFEST_FILE, VECTORS_FILE
+
+    with SiameseDB.open(writable_index, device="cpu") as server_view, \
+            SiameseDB.open(writable_index, device="cpu") as writer:
+        assert server_view.refresh() is False  # nothing happened yet
+        files = {name: (writable_index / name).stat().st_mtime_ns for name in (MANIFEST_FILE, VECTORS_FILE)}
+        vector = writer.encoder.encode(draw(2, 9))[None, :]
+        # The writer has committed to the store but not yet written its FAISS file and manifest.
+        new_id = int(writer.store.add(["line"], [""], ["f" * 64], vector)[0])
+        assert server_view.refresh() is True
+        assert server_view.search_vectors(vector, k=1)[0][0].id == new_id
+        assert server_view.refresh() is False  # caught up: no second rebuild until something else changes
+        assert {name: (writable_index / name).stat().st_mtime_ns for name in files} == files
+
+
 def test_loopback_detection():
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1") and is_loopback("127.0.0.2")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.org")
