@@ -5,8 +5,6 @@ Also: progress bars appear on stderr for long commands, never with --quiet or in
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -174,12 +172,10 @@ def test_plot_map_and_eval_plots(index_dir, shapes, tmp_path):
 
 def test_progress_bars_on_stderr_never_with_quiet_or_json(shapes, tmp_path):
     def build(*flags):
-        return subprocess.run([sys.executable, "-m", "siamesedb", "build", str(shapes), "--index",
-                               str(tmp_path / f"i{len(flags)}{'-'.join(flags)}"), "--device", "cpu", *flags],
-                              capture_output=True, text=True, timeout=120)
+        return run("build", shapes, "--index", tmp_path / f"i{len(flags)}{'-'.join(flags)}", "--device", "cpu", *flags)
 
     plain, quiet, as_json = build(), build("--quiet"), build("--json")
-    assert plain.returncode == quiet.returncode == as_json.returncode == 0
+    assert plain.exit_code == quiet.exit_code == as_json.exit_code == 0
     assert "build: 100%" in plain.stderr and "16/16" in plain.stderr
     assert "build:" not in quiet.stderr and "%" not in quiet.stderr
     assert "build:" not in as_json.stderr and json.loads(as_json.stdout)["added"] == 16
