@@ -15,7 +15,6 @@ from PIL import Image, ImageDraw
 from siamesedb.cli import cli
 from siamesedb.errors import InvalidInputError, UnknownLabelError
 from siamesedb.plots import Tile, choose_classes, contact_sheet, embedding_map, oneshot_accuracy, pca_2d
-from siamesedb.query import Hit
 
 NAMES = ["round/circle", "round/square", "line", "triangle"]
 
