@@ -230,6 +230,18 @@ def test_size_and_pixel_limits(index_dir):
 
         streamed = small.post("/search", content=chunks(), headers={"Content-Type": "image/png"})
         assert streamed.status_code == 413
+        boundary = "xyzzy"
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"q.png\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode()
+
+        def multipart_chunks():  # the same limit while a multipart form streams in
+            yield head
+            yield from chunks()
+            yield f"\r\n--{boundary}--\r\n".encode()
+
+        streamed = small.post("/search", content=multipart_chunks(),
+                              headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert streamed.status_code == 413
         started = time.perf_counter()
         bomb = small.post("/search", content=bomb_png(9000, 9000), headers={"Content-Type": "image/png"})
         assert bomb.status_code == 413 and "9000x9000" in bomb.json()["detail"]
