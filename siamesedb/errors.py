@@ -62,3 +62,11 @@ class NotCalibratedError(SiameseDBError):
 
 class EmptyIndexError(SiameseDBError):
     """The operation needs items and the index (or the chosen classes) holds none."""
+
+
+class UploadError(InvalidInputError):
+    """An uploaded image (HTTP API) is missing, too large, of the wrong type or not decodable."""
+
+    def __init__(self, message: str, status: int = 400):
+        self.status = status  # the HTTP status the server answers with (400, 413, 415)
+        super().__init__(message)

@@ -243,6 +243,10 @@ def plot_history(history: list[dict[str, float]], path: Path) -> None:
         right = left.twinx()
         right.plot(epochs, [h.get("val_accuracy") for h in history], "s-", color="tab:red", label="validation")
         right.set_ylabel(f"held-out {history[-1].get('val_way', 20)}-way 1-shot accuracy", color="tab:red")
+        right.set_ylim(0, 1.02)  # an accuracy: a flat line at 1.0 must not be stretched into a band around it
+    from matplotlib.ticker import MaxNLocator
+
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     left.set_title("siamesedb train")
     fig.tight_layout()
     fig.savefig(path)
