@@ -17,6 +17,16 @@ from siamesedb.query import brute_force_search, normalize
 FACTORIES = ["Flat", "IVF16,Flat", "HNSW16", "IVF16,PQ8x4", "PQ8x4"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """FAISS's OpenMP threads spin while they wait: on a busy 2-core machine k-means then crawls. One thread keeps
+    these small trainings fast and deterministic; the previous setting is restored afterwards."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
 def clustered(n: int, d: int = 16, centres: int = 40, spread: float = 0.35, seed: int = 0) -> np.ndarray:
     """Gaussian blobs around random unit centres, normalised: shaped like real embeddings, not uniform noise."""
     rng = np.random.default_rng(seed)
@@ -98,12 +108,7 @@ def test_nprobe_per_query_has_effect_and_does_not_stick():
 def test_ef_search_per_query_has_effect():
     rng = np.random.default_rng(4)
     vectors, queries = normalize(rng.normal(size=(5000, 32))), normalize(rng.normal(size=(100, 32)))
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)  # a deterministic graph
-    try:
-        index = VectorIndex.from_vectors(vectors, np.arange(len(vectors)), factory="HNSW4")
-    finally:
-        faiss.omp_set_num_threads(threads)
+    index = VectorIndex.from_vectors(vectors, np.arange(len(vectors)), factory="HNSW4")  # one thread: deterministic
     _, truth = brute_force_search(queries, vectors, 10)
     narrow = recall(index.search(queries, 10, ef_search=10)[1], truth)
     broad = recall(index.search(queries, 10, ef_search=400)[1], truth)
