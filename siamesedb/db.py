@@ -270,13 +270,13 @@ class SiameseDB:
                 except InvalidInputError:
                     return index
             index.add(vectors, ids)
-        current = getattr(self, "index", None)
-        if current is not None and current.factory == factory and current.search_defaults:
-            index.set_search_defaults(**current.search_defaults)
+        if factory == self.manifest.get("factory") and self.manifest.get("search_defaults"):
+            index.set_search_defaults(**self.manifest["search_defaults"])
         return index
 
     def _save_index_and_manifest(self) -> None:
         self.index.save(self.path / VECTORS_FILE)
+        self.manifest["search_defaults"] = self.index.search_defaults  # survive a rebuild from the store
         self.manifest["vectors_store_version"] = self.store.version
         _write_json_atomic(self.path / MANIFEST_FILE, self.manifest)
 
@@ -440,6 +440,12 @@ class SiameseDB:
         self._save_index_and_manifest()
         return int(len(removed))
 
+    def set_search_defaults(self, nprobe: int | None = None, ef_search: int | None = None) -> dict[str, int]:
+        """Store the nprobe (IVF) / efSearch (HNSW) searches use unless they pass their own; returns them all."""
+        self.index.set_search_defaults(nprobe=nprobe, ef_search=ef_search)
+        self._save_index_and_manifest()
+        return self.index.search_defaults
+
     def reindex(self, factory: str | None = None, memory_budget: int | None = None) -> str:
         """Rebuild the FAISS index from the store: retrain it on every stored vector, drop tombstones, and
         optionally switch its type (`factory`, or "auto" to choose again for today's size). Returns the type."""
@@ -447,7 +453,7 @@ class SiameseDB:
         chosen = choose_factory(len(self), self.dimension, memory_budget) if requested == AUTO else requested
         # Validates the factory before anything changes; the same type keeps its search defaults.
         fresh = self._index_from_store(chosen)
-        if requested == AUTO:
+        if requested == AUTO and chosen != self.index.factory:
             fresh.set_search_defaults(**auto_search_defaults(chosen))
         self.index = fresh
         self.manifest["factory"] = chosen

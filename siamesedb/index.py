@@ -468,18 +468,20 @@ class VectorIndex:
     def _accelerated_search(self, queries: np.ndarray, k: int, nprobe: int | None):
         if self._accelerated is None:
             self._accelerated = self._make_accelerated()
-        if self.backend == "faiss-gpu":
-            return self._accelerated.search(queries, k, nprobe)
-        return self._accelerated.search(queries, k)
+        return self._accelerated(queries, k, nprobe)
 
     def _make_accelerated(self) -> Any:
+        """A search function (queries, k, nprobe) -> (D, I): FAISS's GPU copy of this index, or where that is not
+        possible (no GPU faiss, or a type FAISS cannot put on a GPU, such as HNSW) the exact torch search."""
         if self.backend == "faiss-gpu":  # pragma: no cover - needs a GPU build of faiss
-            return _GpuFaiss(self)
+            try:
+                return _GpuFaiss(self).search
+            except RuntimeError:
+                pass
         from siamesedb.torch_search import TorchExactSearch
 
-        held = self._held_ids().copy()
-        live = ~np.isin(held, self._removed)
-        return TorchExactSearch(self.live_vectors(), held[live], device=self.device)
+        exact = TorchExactSearch(self.live_vectors(), self.ids(), device=self.device)
+        return lambda queries, k, nprobe: exact.search(queries, k)  # exact: nprobe has nothing to do
 
     def live_vectors(self) -> np.ndarray:
         """(ntotal, dim) float32 vectors held, in `ids()` order, as FAISS stores them (decoded for PQ / SQ)."""
@@ -592,9 +594,14 @@ class _GpuFaiss:  # pragma: no cover - needs a GPU build of faiss
         self.k_extra = len(index._removed)  # tombstones: fetch that many more, then drop them
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None):
-        if nprobe is not None and hasattr(self.gpu, "nprobe"):
+        default = getattr(self.gpu, "nprobe", None)
+        if nprobe is not None and default is not None:
             self.gpu.nprobe = nprobe
-        D, P = self.gpu.search(queries, k + self.k_extra)
+        try:
+            D, P = self.gpu.search(queries, k + self.k_extra)
+        finally:
+            if default is not None:
+                self.gpu.nprobe = default
         I = np.where(P >= 0, self.position_ids[np.maximum(P, 0)], -1)
         if self.k_extra:
             dead = np.isin(I, self.removed)

@@ -126,8 +126,12 @@ def test_auto_factory_and_reindex(encoder, tmp_path):
     assert big.manifest["factory"] == "HNSW32" and big.index.search_defaults == {"ef_search": 64}
     big.add_vectors(vectors, labels)
     big.close()
+    (tmp_path / "b" / VECTORS_FILE).unlink()  # derived: rebuilt from the store, search defaults from the manifest
     with SiameseDB.open(tmp_path / "b") as again:
         assert again.index.factory == "HNSW32" and again.index.search_defaults == {"ef_search": 64}
+        assert again.set_search_defaults(ef_search=100) == {"ef_search": 100}
+    with SiameseDB.open(tmp_path / "b") as again:
+        assert again.index.search_defaults == {"ef_search": 100}
         assert again.reindex("auto") == "Flat"  # 400 items today: exact search
         assert again.info()["factory"] == "Flat" and again.index.ntotal == 400
         with pytest.raises(InvalidInputError, match="factory"):
