@@ -141,10 +141,11 @@ def choose_factory(n_vectors: int, dim: int, memory_budget: int | None = None) -
 
 
 def auto_search_defaults(factory: str) -> dict[str, int]:
-    """Search parameters an `auto` index starts with (FAISS's own defaults, nprobe 1 / efSearch 16, trade too much
-    recall away; these reach recall@10 >= 0.95 on clustered 64-d vectors in tools/bench_search.py)."""
+    """Search parameters an `auto` index starts with. FAISS's own (nprobe 1, efSearch 16) give recall@10 0.96 / 0.96
+    on 100k clustered 64-d vectors in tools/bench_search.py; nprobe 16 gave 1.000 and efSearch 64 0.983, trading
+    speed for it (queries/s per setting: BENCHMARKS.md, "Search")."""
     if match := re.match(r"IVF(\d+)", factory):
-        return {"nprobe": max(1, min(int(match.group(1)), int(match.group(1)) // 16 or 1, 64))}
+        return {"nprobe": min(int(match.group(1)), 16)}
     if factory.startswith("HNSW"):
         return {"ef_search": 64}
     return {}
@@ -610,22 +611,27 @@ class _GpuFaiss:  # pragma: no cover - needs a GPU build of faiss
         return D[:, :k], I[:, :k]
 
 
-# CPU BLAS knobs of faiss's exhaustive search (process-wide), picked by tools/bench_search.py --tune-blas on the
-# project's 2-core machine at dim 64 (BENCHMARKS.md, "Search"): None leaves FAISS's default.
-CPU_BLAS_THRESHOLD: int | None = None
-CPU_BLAS_DATABASE_BS: int | None = None
-_blas_tuned = False
+# FAISS's exhaustive search (Flat, and IVF's coarse quantiser) uses BLAS only when queries x dim >= 128000: at
+# dim 64 that is never below 2,000 queries at once. Measured with tools/bench_search.py on the project's 2-core
+# machine, shared with other jobs (BENCHMARKS.md, "Search"): with ONE FAISS thread, BLAS forced (threshold 0) in
+# database blocks of 4096 searched 100k vectors 3.8x (1,000 queries) and 4.7x (100 queries) faster than the default;
+# with two threads on the busy machine the same setting was erratic (0.3x-1.3x: OpenMP barriers wait on threads the
+# other jobs hold), so it applies only while FAISS runs one thread (OMP_NUM_THREADS=1 or faiss.omp_set_num_threads).
+# Process-wide FAISS settings; None leaves FAISS's own.
+CPU_BLAS_THRESHOLD: int | None = 0
+CPU_BLAS_DATABASE_BS: int | None = 4096
+_faiss_blas_default = (faiss.cvar.distance_compute_blas_threshold, faiss.cvar.distance_compute_blas_database_bs)
 
 
 def _tune_cpu_blas() -> None:
-    global _blas_tuned
-    if _blas_tuned:
-        return
-    if CPU_BLAS_THRESHOLD is not None:
-        faiss.cvar.distance_compute_blas_threshold = CPU_BLAS_THRESHOLD
-    if CPU_BLAS_DATABASE_BS is not None:
-        faiss.cvar.distance_compute_blas_database_bs = CPU_BLAS_DATABASE_BS
-    _blas_tuned = True
+    """Apply CPU_BLAS_* while FAISS runs one thread, FAISS's defaults otherwise (checked at every search: cheap)."""
+    single = faiss.omp_get_max_threads() == 1
+    threshold = CPU_BLAS_THRESHOLD if single and CPU_BLAS_THRESHOLD is not None else _faiss_blas_default[0]
+    block = CPU_BLAS_DATABASE_BS if single and CPU_BLAS_DATABASE_BS is not None else _faiss_blas_default[1]
+    if faiss.cvar.distance_compute_blas_threshold != threshold:
+        faiss.cvar.distance_compute_blas_threshold = threshold
+    if faiss.cvar.distance_compute_blas_database_bs != block:
+        faiss.cvar.distance_compute_blas_database_bs = block
 
 
 def faiss_has_gpu() -> bool:
