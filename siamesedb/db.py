@@ -240,7 +240,8 @@ class SiameseDB:
         fresh = self.manifest.get("vectors_store_version") == self.store.version
         if fresh and vectors_path.exists():
             try:
-                index = VectorIndex.load(vectors_path, factory=self.manifest.get("factory", "Flat"), **self._device_args())
+                factory = self.manifest.get("factory", "Flat")
+                index = VectorIndex.load(vectors_path, factory=factory, **self._device_args())
                 if index.dim == self.store.dim and index.ntotal == self.store.count():
                     return index
             except CorruptIndexError:
