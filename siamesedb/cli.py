@@ -49,7 +49,8 @@ def index_option(required: bool = True) -> Callable:
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 device_option = click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where to run the encoder."
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+    help="Where to run the encoder (and search, for commands that search).",
 )
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 encoder_option = click.option(
