@@ -136,7 +136,7 @@ class SiameseDB:
         # Validates the factory before anything is written.
         index = VectorIndex(enc.dimension, factory=factory, device=device, backend=search_backend)
         if requested == AUTO:
-            index.set_search_defaults(**auto_search_defaults(factory))
+            index.set_search_defaults(**auto_search_defaults(factory, expected_items or 0))
         path.mkdir(parents=True, exist_ok=True)
         enc.save(path / ENCODER_DIR)
         store = ItemStore(path / STORE_FILE, dim=enc.dimension)
@@ -455,7 +455,7 @@ class SiameseDB:
         # Validates the factory before anything changes; the same type keeps its search defaults.
         fresh = self._index_from_store(chosen)
         if requested == AUTO and chosen != self.index.factory:
-            fresh.set_search_defaults(**auto_search_defaults(chosen))
+            fresh.set_search_defaults(**auto_search_defaults(chosen, len(self)))
         self.index = fresh
         self.manifest["factory"] = chosen
         self.manifest["factory_requested"] = requested

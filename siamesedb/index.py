@@ -140,14 +140,18 @@ def choose_factory(n_vectors: int, dim: int, memory_budget: int | None = None) -
     )
 
 
-def auto_search_defaults(factory: str) -> dict[str, int]:
-    """Search parameters an `auto` index starts with. FAISS's own (nprobe 1, efSearch 16) give recall@10 0.96 / 0.96
-    on 100k clustered 64-d vectors in tools/bench_search.py; nprobe 16 gave 1.000 and efSearch 64 0.983, trading
-    speed for it (queries/s per setting: BENCHMARKS.md, "Search")."""
+HNSW_EF_LARGE_FROM = 500_000  # from this many vectors an auto HNSW index searches with efSearch 128, not 64
+
+
+def auto_search_defaults(factory: str, n_vectors: int = 0) -> dict[str, int]:
+    """Search parameters an `auto` index over n vectors starts with, by measurement (tools/bench_search.py on
+    clustered 64-d vectors, BENCHMARKS.md "Search"): FAISS's own (nprobe 1, efSearch 16) gave recall@10 0.96 / 0.96
+    at 100k; nprobe 16 gave 1.000 at 100k and 1M; efSearch 64 gave 0.983 at 100k but 0.929 at 1M, where 128 gave
+    0.966."""
     if match := re.match(r"IVF(\d+)", factory):
         return {"nprobe": min(int(match.group(1)), 16)}
     if factory.startswith("HNSW"):
-        return {"ef_search": 64}
+        return {"ef_search": 128 if n_vectors >= HNSW_EF_LARGE_FROM else 64}
     return {}
 
 
@@ -579,7 +583,7 @@ class VectorIndex:
         index.train(array)
         index.add(array, ids)
         if factory == AUTO:
-            index.set_search_defaults(**auto_search_defaults(chosen))
+            index.set_search_defaults(**auto_search_defaults(chosen, len(array)))
         return index
 
 

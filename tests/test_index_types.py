@@ -163,7 +163,8 @@ def test_auto_from_vectors_sets_search_defaults():
     assert small.factory == "Flat" and small.search_defaults == {}
     ivf = VectorIndex.from_vectors(vectors, np.arange(len(vectors)), factory="auto", memory_budget=1_500_000)
     assert ivf.factory == "IVF256,Flat" and ivf.search_defaults == auto_search_defaults("IVF256,Flat")
-    assert auto_search_defaults("HNSW32") == {"ef_search": 64}
+    assert auto_search_defaults("HNSW32", 100_000) == {"ef_search": 64}
+    assert auto_search_defaults("HNSW32", 1_000_000) == {"ef_search": 128}
 
 
 # ---------------------------------------------------------------------------------------------- torch exact search

@@ -155,7 +155,7 @@ def main() -> None:
             "HNSW": [{"ef_search": e} for e in (16, 32, 64, 128, 256)],
             "IVF": [{"nprobe": p} for p in (1, 8, 16, 32, 64, 128)],
         }
-        print(f"# n={n}: auto chooses {auto} with {auto_search_defaults(auto)}; exact ground truth in "
+        print(f"# n={n}: auto chooses {auto} with {auto_search_defaults(auto, n)}; exact ground truth in "
               f"{time.perf_counter() - started:.1f} s", flush=True)
         for factory in types:
             started = time.perf_counter()
