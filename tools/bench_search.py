@@ -114,6 +114,33 @@ def tune_blas(corpus: np.ndarray, queries: np.ndarray, runs: int) -> None:
     set_blas(*default)
 
 
+def db_overhead(corpus: np.ndarray, queries: np.ndarray, factories: list[str], runs: int) -> None:
+    """The front door's search (FAISS, then one SQLite lookup for every hit's label and path, then Hit objects)
+    against raw FAISS on the SiameseDB's own FAISS object."""
+    import tempfile
+
+    from siamesedb.db import SiameseDB
+
+    labels = [f"class{i % 1000:04d}" for i in range(len(corpus))]
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        db = SiameseDB.create(f"{folder}/db", encoder="default", factory="Flat", device="cpu")
+        for first in range(0, len(corpus), 100_000):
+            db.add_vectors(corpus[first : first + 100_000], labels[first : first + 100_000])
+        print(f"# SiameseDB of {len(db)} vectors filled in {time.perf_counter() - started:.1f} s", flush=True)
+        for factory in factories:
+            if factory != db.index.factory:
+                db.reindex(factory)
+            raw = db.index._index
+            t_ours, t_raw, cpu_ours, cpu_raw = interleaved(
+                lambda: db.search_vectors(queries, K), lambda: raw.search(queries, K), runs
+            )
+            print(f"db     n={len(db)} {factory:<16} defaults {db.index.search_defaults}  SiameseDB.search_vectors "
+                  f"{len(queries) / t_ours:9.0f} q/s  raw FAISS {len(queries) / t_raw:9.0f} q/s  "
+                  f"overhead CPU {cpu_ours / cpu_raw:5.3f}x wall {t_ours / t_raw:5.3f}x", flush=True)
+        db.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, nargs="+", default=[100_000], help="Collection sizes.")
@@ -126,6 +153,9 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=None, help="Factories (default: auto's and the usual ones).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="FAISS (OpenMP) threads (default: FAISS's own).")
+    parser.add_argument("--db", nargs="*", default=None, metavar="FACTORY",
+                        help="Also time SiameseDB.search_vectors (hits with labels and paths from SQLite) against raw "
+                             "FAISS, on an index of these types (default encoder, vectors added with add_vectors).")
     args = parser.parse_args()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
@@ -184,6 +214,8 @@ def main() -> None:
                 del keep
             if factory != "Flat":
                 del index
+        if args.db is not None:
+            db_overhead(corpus, queries, args.db or ["Flat"], args.runs)
         if n <= 200_000:
             from siamesedb.torch_search import TorchExactSearch
 
