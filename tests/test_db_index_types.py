@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import faiss
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -18,6 +19,15 @@ from siamesedb.db import VECTORS_FILE, SiameseDB
 from siamesedb.encoder import Encoder, EncoderConfig
 from siamesedb.errors import InvalidInputError
 from siamesedb.query import brute_force_search, normalize
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """One FAISS thread: quick, deterministic k-means on a busy 2-core machine; restored afterwards."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
