@@ -403,7 +403,7 @@ def info(index_dir: Path, as_json: bool) -> None:
               help="Add 90/180/270-degree copies of each training class as new classes (characters).")
 @click.option("--augment/--no-augment", default=None, help="Random small affine distortions (default: on).")
 @click.option("--forgery-episodes/--no-forgery-episodes", default=None,
-              help="Proto: an episode that draws X/genuine also draws X/forged as a class (default: on).")
+              help="Proto: an episode that draws X/genuine also draws X/forged as a class (default: off).")
 @click.option("--seed", type=int, default=None, help="Random seed (runs are deterministic on CPU).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
 @device_option
@@ -417,8 +417,8 @@ def train(folder: Path, out_dir: Path, loss: str, epochs: int | None, steps_per_
     """Train a Siamese encoder on a labelled FOLDER (twin networks, shared weights).
 
     Skilled forgeries: a class X/forged beside a class X/genuine holds forgeries of X.
-    They never form genuine pairs and serve as hard impostors of X/genuine (pair losses); proto
-    episodes that draw X/genuine also draw X/forged as a class of its own.
+    They never form genuine pairs and serve as hard impostors of X/genuine (pair losses); with
+    --forgery-episodes, proto episodes that draw X/genuine also draw X/forged as a class.
 
     \b
     Example:
