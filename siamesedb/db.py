@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from siamesedb import __version__, query
-from siamesedb.data import LabelledImage, file_sha256, iter_batches, scan_folder
+from siamesedb.data import LabelledImage, file_sha256, iter_hashed_batches, scan_folder
 from siamesedb.encoder import DEFAULT_ENCODER, Encoder
 from siamesedb.errors import (
     CorruptIndexError,
@@ -274,45 +274,50 @@ class SiameseDB:
         workers: int | None = None,
         progress: bool = False,
     ) -> BuildReport:
-        """Decode, encode and store `images` batch by batch; files already held (label + sha256) are skipped."""
+        """Read, hash, decode, encode and store `images`; files already held (label + sha256) are skipped.
+
+        The stages overlap: worker processes read each file once, hash those bytes and decode them (a file whose
+        (label, path) the store holds with the same hash is not decoded at all), while this process encodes the
+        previous batch and commits it to SQLite in one transaction per batch.
+        """
         from tqdm import tqdm
 
         started = time.perf_counter()
         report = BuildReport(scanned=len(images))
         held = self.store.known_label_hashes()
-        todo: list[LabelledImage] = []
-        hashes: list[str] = []
-        for image in images:
-            try:
-                digest = file_sha256(image.path)
-            except OSError as exc:
-                report.skipped.append((str(image.path), exc.strerror or str(exc)))
-                continue
-            if (image.label, digest) in held:
-                report.already_indexed += 1
-                continue
-            held.add((image.label, digest))  # the same file twice under one label is stored once
-            todo.append(image)
-            hashes.append(digest)
+        by_path = self.store.label_path_hashes()
+        expected = [by_path.get((image.label, str(image.path))) for image in images]
+        del by_path
         if workers is None:
-            workers = min(4, os.cpu_count() or 1) if len(todo) >= 2000 else 0
-        bar = tqdm(total=len(todo), unit="img", disable=not progress, desc="build")
+            workers = min(4, os.cpu_count() or 1) if len(images) >= 2000 else 0
+        bar = tqdm(total=len(images), unit="img", disable=not progress, desc="build")
         try:
-            for kept, tensor, skipped in iter_batches(
-                todo, self.encoder.config.preprocessing, batch_size=batch_size, workers=workers
+            for batch in iter_hashed_batches(
+                images, self.encoder.config.preprocessing, batch_size=batch_size, workers=workers, expected=expected
             ):
-                report.skipped.extend((str(todo[i].path), reason) for i, reason in skipped)
-                if kept:
-                    vectors = self.encoder.encode_tensors(tensor)
+                report.skipped.extend((str(images[i].path), reason) for i, reason in batch.skipped)
+                report.already_indexed += len(batch.held)
+                rows: list[int] = []  # rows of batch.tensor to store
+                for row, (i, digest) in enumerate(zip(batch.kept, batch.hashes)):
+                    key = (images[i].label, digest)
+                    if key in held:  # held under another path, or the same file twice under one label: stored once
+                        report.already_indexed += 1
+                        continue
+                    held.add(key)
+                    rows.append(row)
+                if rows:
+                    tensor = batch.tensor if len(rows) == len(batch.kept) else batch.tensor[rows]
+                    vectors = self.encoder.encode_tensors(tensor, batch_size=max(batch_size, 1))
+                    positions = [batch.kept[r] for r in rows]
                     self._commit(
-                        [todo[i].label for i in kept],
-                        [str(todo[i].path) for i in kept],
-                        [hashes[i] for i in kept],
+                        [images[i].label for i in positions],
+                        [str(images[i].path) for i in positions],
+                        [batch.hashes[r] for r in rows],
                         vectors,
                         save=False,
                     )
-                    report.added += len(kept)
-                bar.update(len(kept) + len(skipped))
+                    report.added += len(rows)
+                bar.update(len(batch.kept) + len(batch.held) + len(batch.skipped))
         finally:
             bar.close()
             # Save once at the end (and on interruption): the store already holds every committed batch, and a

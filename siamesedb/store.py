@@ -282,6 +282,10 @@ class ItemStore:
     def known_hashes(self) -> set[str]:
         return {r[0] for r in self._db.execute("SELECT DISTINCT sha256 FROM items")}
 
+    def label_path_hashes(self) -> dict[tuple[str, str], str]:
+        """{(label, path): sha256} of every item: a resumed build re-hashes such a file but does not decode it again."""
+        return {(r[0], r[1]): r[2] for r in self._db.execute("SELECT label, path, sha256 FROM items ORDER BY id")}
+
     def known_label_hashes(self) -> set[tuple[str, str]]:
         """(label, sha256) of every item: what a resumed build skips."""
         return {(r[0], r[1]) for r in self._db.execute("SELECT label, sha256 FROM items")}
