@@ -289,7 +289,9 @@ class SiameseDB:
         expected = [by_path.get((image.label, str(image.path))) for image in images]
         del by_path
         if workers is None:
-            workers = min(4, os.cpu_count() or 1) if len(images) >= 2000 else 0
+            # Decoding costs about a fifth of encoding per image here: one decoding process per 4 cores keeps the
+            # encoder fed without taking cores from it (tools/bench_build.py, BENCHMARKS.md "Build throughput").
+            workers = max(1, min(4, (os.cpu_count() or 1) // 4)) if len(images) >= 2000 else 0
         bar = tqdm(total=len(images), unit="img", disable=not progress, desc="build")
         try:
             for batch in iter_hashed_batches(
