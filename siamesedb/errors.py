@@ -62,3 +62,7 @@ class NotCalibratedError(SiameseDBError):
 
 class EmptyIndexError(SiameseDBError):
     """The operation needs items and the index (or the chosen classes) holds none."""
+
+
+class ExportFormatError(SiameseDBError):
+    """A vectors export file is missing, unreadable, or not one siamesedb wrote."""
