@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench-build clean
+.PHONY: install demo test bench-build bench-scale clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ test: install
 
 bench-build: install
 	$(BIN)/python tools/bench_build.py --data $(DATA)
+
+bench-scale: install
+	$(BIN)/python tools/bench_scale.py
 
 clean:
 	rm -rf $(VENV) indexes/omniglot-demo runs/demo
