@@ -307,6 +307,14 @@ class SiameseDB:
             # encoder fed without taking cores from it (tools/bench_build.py, BENCHMARKS.md "Build throughput").
             workers = max(1, min(4, (os.cpu_count() or 1) // 4)) if len(images) >= 2000 else 0
         bar = tqdm(total=len(images), unit="img", disable=not progress, desc="build")
+        # One batch in flight: while the encoder works on batch i, this thread commits batch i - 1.
+        in_flight: tuple[list[str], list[str], list[str], Any] | None = None
+
+        def commit(pending: tuple[list[str], list[str], list[str], Any]) -> None:
+            labels, paths, hashes, result = pending
+            self._commit(labels, paths, hashes, result(), save=False)
+            report.added += len(labels)
+
         try:
             for batch in iter_hashed_batches(
                 images, self.encoder.config.preprocessing, batch_size=batch_size, workers=workers, expected=expected
@@ -323,18 +331,26 @@ class SiameseDB:
                     rows.append(row)
                 if rows:
                     tensor = batch.tensor if len(rows) == len(batch.kept) else batch.tensor[rows]
-                    vectors = self.encoder.encode_tensors(tensor, batch_size=max(batch_size, 1))
                     positions = [batch.kept[r] for r in rows]
-                    self._commit(
+                    started_batch = (
                         [images[i].label for i in positions],
                         [str(images[i].path) for i in positions],
                         [batch.hashes[r] for r in rows],
-                        vectors,
-                        save=False,
+                        self.encoder.encode_tensors_async(tensor, batch_size=max(batch_size, 1)),
                     )
-                    report.added += len(rows)
+                    if in_flight is not None:
+                        commit(in_flight)
+                    in_flight = started_batch
                 bar.update(len(batch.kept) + len(batch.held) + len(batch.skipped))
+            if in_flight is not None:
+                commit(in_flight)
+                in_flight = None
         finally:
+            if in_flight is not None:  # interrupted: let the lanes finish, drop the batch (it was never committed)
+                try:
+                    in_flight[3]()
+                except Exception:  # the error that interrupted us is the one to report
+                    pass
             bar.close()
             # Save once at the end (and on interruption): the store already holds every committed batch, and a
             # stale FAISS file is rebuilt from it on open anyway.

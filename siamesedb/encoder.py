@@ -25,7 +25,7 @@ DEFAULT_ENCODER = "default"
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-_MIN_LANE_BATCH = 16  # fewer images per lane than this: thread hand-off costs more than it saves
+_LANE_PART = 32  # images per task of a CPU lane: small enough to balance, large enough to dwarf hand-off
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -225,18 +225,24 @@ class Encoder:
     def encode_tensors(self, batch: torch.Tensor, batch_size: int = 256) -> np.ndarray:
         """Preprocessed (N, C, H, W) -> (N, D) float32 numpy, in inference mode.
 
-        On a multi-core CPU each chunk of `batch_size` is split across single-threaded lanes (see `_cpu_lanes`).
+        On a multi-core CPU the batch is cut into small parts that single-threaded lanes take in turn (see
+        `_cpu_lanes`): a lane held up by another process delays one small part, not half the batch.
         """
+        return self.encode_tensors_async(batch, batch_size)()
+
+    def encode_tensors_async(self, batch: torch.Tensor, batch_size: int = 256) -> Callable[[], np.ndarray]:
+        """Start encoding `batch` on the CPU lanes and return a function that waits for the (N, D) result, so the
+        caller can do other work (a build commits the previous batch) meanwhile. Without lanes: computed here."""
         self.net.eval()
         lanes = self._cpu_lanes()
-        outputs = []
-        for start in range(0, len(batch), batch_size):
-            chunk = batch[start : start + batch_size]
-            if lanes is None or len(chunk) < 2 * _MIN_LANE_BATCH:
-                outputs.append(self._forward(chunk))
-                continue
-            parts = torch.tensor_split(chunk, min(self._lanes[0], len(chunk) // _MIN_LANE_BATCH))
-            outputs.extend(future.result() for future in [lanes.submit(self._forward, part) for part in parts])
+        if lanes is None:
+            done = [self._forward(batch[start : start + batch_size]) for start in range(0, len(batch), batch_size)]
+            return lambda: self._gather(done)
+        futures = [lanes.submit(self._forward, batch[start : start + _LANE_PART])
+                   for start in range(0, len(batch), _LANE_PART)]
+        return lambda: self._gather([future.result() for future in futures])
+
+    def _gather(self, outputs: list[torch.Tensor]) -> np.ndarray:
         if not outputs:
             return np.empty((0, self.dimension), dtype=np.float32)
         return torch.cat(outputs).numpy().astype(np.float32, copy=False)
