@@ -547,34 +547,33 @@ class SiameseDB:
         if self._prototype_cache is not None and self._prototype_cache.version == version:
             return self._prototype_cache
         dim = self.dimension
-        code_of: dict[str, int] = {}  # label -> code in first-seen order; renumbered to sorted order below
-        sums = np.zeros((1024, dim), dtype=np.float64)
+        names = sorted(self.store.label_counts())  # one GROUP BY: the (C, D) sums are allocated once, exactly
+        if not names:
+            raise EmptyIndexError(f"{self.path}: the index holds no items")
+        code_of = {name: code for code, name in enumerate(names)}
+        sums = np.zeros((len(names), dim), dtype=np.float64)
         id_chunks, code_chunks = [], []
         for ids, rows in self.store.iter_rows("label, vector"):
-            codes = np.fromiter((code_of.setdefault(r[0], len(code_of)) for r in rows), dtype=np.int64,
-                                count=len(rows))
-            if len(code_of) > len(sums):  # grow the (C, D) sums geometrically
-                grown = np.zeros((max(len(code_of), 2 * len(sums)), dim), dtype=np.float64)
-                grown[: len(sums)] = sums
-                sums = grown
+            try:
+                codes = np.fromiter((code_of[r[0]] for r in rows), dtype=np.int32, count=len(rows))
+            except KeyError:  # a label appeared between the two reads: another process wrote meanwhile
+                raise CorruptIndexError(f"{self.path / STORE_FILE}: changed while being read; try again") from None
             blob = b"".join(r[1] for r in rows)
             if len(blob) != len(rows) * dim * 4:
                 raise CorruptIndexError(f"{self.path / STORE_FILE}: a stored vector does not hold {dim} float32 values")
             np.add.at(sums, codes, np.frombuffer(blob, dtype="<f4").reshape(len(rows), dim))
             id_chunks.append(ids)
             code_chunks.append(codes)
-        if not code_of:
-            raise EmptyIndexError(f"{self.path}: the index holds no items")
-        names = sorted(code_of)
-        renumber = np.empty(len(code_of), dtype=np.int64)  # first-seen code -> sorted position
-        renumber[[code_of[name] for name in names]] = np.arange(len(names))
+        # Normalise in place, then one float32 copy (no further (C, D) float64 temporaries).
+        sums /= np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
         table = _ClassTable(
             version=version,
             names=names,
-            prototypes=query.normalize(sums[renumber.argsort()][: len(names)]),
+            prototypes=sums.astype(np.float32),
             ids=np.concatenate(id_chunks),
-            codes=renumber[np.concatenate(code_chunks)].astype(np.int32),
+            codes=np.concatenate(code_chunks),
         )
+        del sums
         self._prototype_cache = table
         return table
 

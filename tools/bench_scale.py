@@ -37,6 +37,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def step_peak_mb() -> float:
+    """Peak RSS since the last `reset_step_peak` (Linux VmHWM)."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM")) / 1024
+
+
+def reset_step_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as fh:  # "5" resets the peak RSS to the current RSS (Linux >= 4.0)
+        fh.write("5")
+
+
 def make_data(items: int, classes: int, sigma: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(centres (C, 64), codes (N,) int32, vectors (N, 64) float32), the vectors filled 64k rows at a time."""
     rng = np.random.default_rng(seed)
@@ -83,6 +94,16 @@ def phase(args: argparse.Namespace) -> dict:
         del codes
         started = time.perf_counter()
         db = SiameseDB.create(args.dir, encoder=encoder, factory=args.factory)
+        # Split the peak: adding (store + FAISS in memory) vs the final save of the FAISS file.
+        save = db._save_index_and_manifest
+
+        def timed_save() -> None:
+            out["add_peak_rss_mb"] = step_peak_mb()
+            reset_step_peak()
+            save()
+            out["save_peak_rss_mb"] = step_peak_mb()
+
+        db._save_index_and_manifest = timed_save
         db.add_vectors(vectors, labels)
         db.close()
         out["build_s"] = time.perf_counter() - started
@@ -90,9 +111,12 @@ def phase(args: argparse.Namespace) -> dict:
         centres, _, _ = make_data(args.classes, args.classes, args.sigma, args.seed)  # same centres, tiny
         queries, truth = queries_for(centres, args.queries, args.sigma, args.seed)
         del centres
+        reset_step_peak()
         started = time.perf_counter()
         db = SiameseDB.open(args.dir, device="cpu")
         out["open_s"] = time.perf_counter() - started
+        out["open_peak_rss_mb"] = step_peak_mb()
+        reset_step_peak()
         started = time.perf_counter()
         db._class_table()  # prototypes of every class, streamed from the store once (then cached)
         out["class_table_s"] = time.perf_counter() - started
@@ -106,6 +130,7 @@ def phase(args: argparse.Namespace) -> dict:
             seconds = median_time(classify, args.runs)
             out[f"{method}_qps"] = args.queries / seconds
             out[f"{method}_accuracy"] = float(np.mean([p.label == w for p, w in zip(predictions, want)]))
+        out["classify_peak_rss_mb"] = step_peak_mb()
         db.close()
     out["peak_rss_mb"] = peak_rss_mb()
     return out
@@ -155,12 +180,15 @@ def main() -> None:
     print(f"build from vectors (add_vectors)          {built['build_s']:7.1f} s  {args.items / built['build_s']:9.0f} "
           f"items/s  peak RSS {built['peak_rss_mb']:6.0f} MiB (budget 2 x raw + baseline = {budget:.0f}; "
           f"index folder {size_mb:.0f} MiB)")
-    print(f"open                                      {used['open_s']:7.2f} s")
+    print(f"  of which: adding (store + FAISS in memory) peak RSS {built['add_peak_rss_mb']:6.0f} MiB; "
+          f"saving vectors.faiss peak RSS {built['save_peak_rss_mb']:6.0f} MiB")
+    print(f"open                                      {used['open_s']:7.2f} s  peak RSS {used['open_peak_rss_mb']:6.0f} MiB")
     print(f"class table (all prototypes, streamed)    {used['class_table_s']:7.2f} s")
     for method in ("prototype", "knn"):
         print(f"classify {method:<9} top-5{f' k={args.k}' if method == 'knn' else '':<6}           "
               f"{used[f'{method}_qps']:9.0f} queries/s  top-1 accuracy {used[f'{method}_accuracy']:.3f}")
-    print(f"open + classify phase                     peak RSS {used['peak_rss_mb']:7.0f} MiB (budget {budget:.0f})")
+    print(f"open + classify phase                     peak RSS {used['peak_rss_mb']:7.0f} MiB (budget {budget:.0f}); "
+          f"after open, class table + classify peak RSS {used['classify_peak_rss_mb']:.0f} MiB")
     print(f"# load average at end {os.getloadavg()[0]:.1f}")
 
 
