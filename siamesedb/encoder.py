@@ -165,6 +165,7 @@ class Encoder:
         self.net = net.to(self.device)
         self._fingerprint: str | None = None
         self._lanes: tuple[int, ThreadPoolExecutor | None] | None = None  # (torch threads, pool) for CPU encoding
+        self.cpu_lanes = True  # False: torch's own intra-op threads instead (tools/bench_build.py compares both)
 
     @property
     def dimension(self) -> int:
@@ -206,7 +207,7 @@ class Encoder:
         way (tests/test_encoder.py checks the vectors against the one-thread path).
         """
         threads = torch.get_num_threads()
-        if self.device.type != "cpu" or threads < 2:
+        if self.device.type != "cpu" or threads < 2 or not self.cpu_lanes:
             return None
         if self._lanes is None or self._lanes[0] != threads:
             pool = ThreadPoolExecutor(threads, thread_name_prefix="encode", initializer=torch.set_num_threads,

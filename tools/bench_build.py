@@ -3,7 +3,8 @@ and encode-only throughput measured in the same run (a pipeline can go no faster
 
 Stages: decode-only = read + decode + preprocess every file (`iter_batches`, in process or with worker processes);
 encode-only = the pre-decoded tensors through `Encoder.encode_tensors` (the same call, same batch size, the build
-uses); build = `SiameseDB.build` into a fresh folder (read once, hash, decode, encode, SQLite + FAISS writes).
+uses; "intra-op threads" = the same with the CPU lanes switched off, as the encoder worked before them);
+build = `SiameseDB.build` into a fresh folder (read once, hash, decode, encode, SQLite + FAISS writes).
 
 The machine may be shared: the settings are measured in rounds (every setting once per round, after one warm-up
 round), so a burst of outside load falls on all of them alike, and each line prints the median over the rounds.
@@ -85,7 +86,17 @@ def main() -> None:
                 built[workers] = db.store.vectors()[1]
         return run
 
-    settings: list[tuple[str, Callable[[], None]]] = [("encode-only", encode_only)]
+    def encode_intra_op() -> None:
+        # The encoder before lanes: one forward per batch, torch's own intra-op threads. Same vectors.
+        encoder.cpu_lanes = False
+        try:
+            for t in tensors:
+                encoder.encode_tensors(t, batch_size=args.batch_size)
+        finally:
+            encoder.cpu_lanes = True
+
+    settings: list[tuple[str, Callable[[], None]]] = [("encode-only", encode_only),
+                                                      ("encode-only intra-op", encode_intra_op)]
     for workers in args.workers:
         settings.append((f"decode-only workers={workers}", decode_only(workers)))
         settings.append((f"build workers={workers}", build(workers)))
@@ -100,6 +111,8 @@ def main() -> None:
     median = {name: statistics.median(s) for name, s in seconds.items()}
     encode_rate = n / median["encode-only"]
     print(f"encode-only                   {encode_rate:8.0f} images/s  ({median['encode-only']:.2f} s)")
+    print(f"encode-only, intra-op threads {n / median['encode-only intra-op']:8.0f} images/s  "
+          f"({median['encode-only intra-op']:.2f} s)  (lanes off: the encoder before this change)")
     for workers in args.workers:
         decode_rate = n / median[f"decode-only workers={workers}"]
         build_rate = n / median[f"build workers={workers}"]
