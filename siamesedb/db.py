@@ -49,7 +49,8 @@ VECTORS_FILE = "vectors.faiss"
 ENCODER_DIR = "encoder"
 DEFAULT_HOME = Path("indexes")
 CLASSIFY_METHODS = ("prototype", "knn")
-_VECTOR_CHUNK = 65536  # rows per transaction when adding vectors
+_VECTOR_CHUNK = 16384  # rows per transaction when adding vectors (bounds the per-chunk temporaries)
+_TRAIN_SAMPLE = 131072  # rows an untrained index (IVF...) is trained on, from the start of add_vectors
 
 ImageLike = Any  # a path (str / Path), a PIL image or a numpy array
 
@@ -410,7 +411,7 @@ class SiameseDB:
         Bring your own vectors: `paths` (the source of each vector) and `hashes` (its content hash) are optional;
         without a hash an item is identified by the sha256 of its vector. `ids` keeps given ids (an import): they
         must be positive and unused. Vectors are L2-normalised here; NaN, infinity and all-zero rows are refused
-        before anything is stored. Written in transactions of 64k rows, normalised chunk by chunk, so adding a
+        before anything is stored. Written in transactions of 16k rows, normalised chunk by chunk, so adding a
         million vectors holds no second full copy of them; the FAISS file and manifest are saved once at the end.
         """
         vectors = np.asarray(vectors)
@@ -444,6 +445,9 @@ class SiameseDB:
             if taken:
                 raise InvalidInputError(f"{self.path}: id {taken[0]} is already in use")
         out = np.empty(n, dtype=np.int64)
+        if n and self.index.ntotal == 0 and not self.index.is_trained:
+            # Train on up to _TRAIN_SAMPLE rows, not just the first transaction's worth.
+            self.index.train(query.normalize(vectors[:_TRAIN_SAMPLE]))
         try:
             for start in range(0, n, _VECTOR_CHUNK):
                 stop = min(n, start + _VECTOR_CHUNK)
@@ -460,8 +464,6 @@ class SiameseDB:
                 if ids is None:
                     out[start:stop] = self._commit(chunk_labels, chunk_paths, chunk_hashes, chunk, save=False)
                 else:
-                    if self.index.ntotal == 0 and not self.index.is_trained:
-                        self.index.train(chunk)
                     self.store.insert_with_ids(ids[start:stop], chunk_labels, chunk_paths, chunk_hashes, chunk)
                     self.index.add(chunk, ids[start:stop])
                     self._prototype_cache = None

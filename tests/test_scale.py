@@ -305,3 +305,13 @@ def test_classification_at_scale_matches_explicit_loops(tmp_path, encoder):
     db.add_vectors(queries[:1], ["brand-new"])
     assert db.classify_vectors(queries[:1], "prototype", top=1)[0].label == "brand-new"
     db.close()
+
+
+def test_add_vectors_trains_an_untrained_index_on_the_whole_input(tmp_path, encoder):
+    db = SiameseDB.create(tmp_path / "index", encoder=encoder, factory="IVF4,Flat")
+    vectors, labels = clustered(8, 40)
+    db.add_vectors(vectors, labels)
+    assert db.index.is_trained and len(db) == 320 and db.index.ntotal == 320
+    hits = db.search_vectors(vectors[:1], 1)[0]
+    assert hits[0].label == labels[0]
+    db.close()
