@@ -304,9 +304,10 @@ class SiameseDB:
         expected = [by_path.get((image.label, str(image.path))) for image in images]
         del by_path
         if workers is None:
-            # Decoding costs about a fifth of encoding per image here: one decoding process per 4 cores keeps the
-            # encoder fed without taking cores from it (tools/bench_build.py, BENCHMARKS.md "Build throughput").
-            workers = max(1, min(4, (os.cpu_count() or 1) // 4)) if len(images) >= 2000 else 0
+            # Two decoding processes on 2 cores, one per 4 cores above 8 (at most 4): enough to keep the encoder fed
+            # (tools/bench_build.py, BENCHMARKS.md "Build throughput"); on one core a pool only adds overhead.
+            cpus = os.cpu_count() or 1
+            workers = min(4, max(2, cpus // 4)) if len(images) >= 2000 and cpus >= 2 else 0
         bar = tqdm(total=len(images), unit="img", disable=not progress, desc="build")
         # One batch in flight: while the encoder works on batch i, this thread commits batch i - 1.
         in_flight: tuple[list[str], list[str], list[str], Any] | None = None
