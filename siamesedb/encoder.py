@@ -201,10 +201,11 @@ class Encoder:
     def _cpu_lanes(self) -> ThreadPoolExecutor | None:
         """A pool of one Python thread per CPU thread, each running torch single-threaded, or None (1 thread).
 
-        The small nets here parallelise poorly inside one convolution (barriers per layer; on 2 cores 2 intra-op
-        threads gave ~1.3-1.6x one thread), but almost perfectly across images: each lane encodes its own slice of
-        the batch. torch releases the GIL inside every op, and each sample's result is the same computation either
-        way (tests/test_encoder.py checks the vectors against the one-thread path).
+        The small nets here parallelise poorly inside one convolution (a barrier per layer, which a preempted thread
+        stalls), but almost perfectly across images: lanes take parts of the batch in turn (3.5x torch's intra-op
+        threads on the shared 2-core machine, tools/bench_build.py, BENCHMARKS.md). torch releases the GIL inside
+        every op, and each sample's result is the same computation either way (tests/test_encoder.py checks the
+        vectors against the one-thread path).
         """
         threads = torch.get_num_threads()
         if self.device.type != "cpu" or threads < 2 or not self.cpu_lanes:
