@@ -244,13 +244,13 @@ def import_command(file: Path, index_dir: Path, encoder: str, force: bool, renum
     from siamesedb.db import MANIFEST_FILE, SiameseDB
     from siamesedb.encoder import Encoder
     from siamesedb.errors import EncoderMismatchError
-    from siamesedb.export import read_export
+    from siamesedb.export import read_metadata
 
     if (index_dir / MANIFEST_FILE).exists():
         db = open_db(index_dir)
     else:
         enc = Encoder.load(encoder)
-        theirs = read_export(file).metadata["encoder"].get("fingerprint")
+        theirs = read_metadata(file)["encoder"].get("fingerprint")
         if theirs != enc.fingerprint and not force:  # refuse before creating anything
             raise EncoderMismatchError(f"{file}: vectors were made by encoder {theirs}, not {encoder!r} "
                                        f"({enc.fingerprint}); pass the right --encoder, or --force")
@@ -309,7 +309,9 @@ def classify(images: tuple[Path, ...], index_dir: Path, method: str, k: int, cla
       siamesedb classify new.png --index indexes/omniglot --method prototype --json
     """
     db = open_db(index_dir, device)
-    predictions = db.classify(list(images), method=method, k=k, classes=list(classes) or None)
+    # Only --json lists every class; printing needs the best `top` (with 100k classes: a FAISS search, not a sort).
+    predictions = db.classify(list(images), method=method, k=k, classes=list(classes) or None,
+                              top=None if as_json else max(1, top))
     if as_json:
         emit_json([{"query": str(p), **pred.to_dict()} for p, pred in zip(images, predictions)])
         return

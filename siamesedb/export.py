@@ -178,6 +178,24 @@ def read_export(path: str | os.PathLike) -> ExportedVectors:
     return exported
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata document of an export without reading its rows (a Parquet footer, or the .npy's sidecar)."""
+    path = Path(path)
+    if _layout(path) == ".npy":
+        return read_export(path).metadata  # the sidecar holds the rows too: read and checked together
+    if not path.is_file():
+        raise ExportFormatError(f"{path}: no such file")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(METADATA_KEY)
+        metadata = json.loads(raw) if raw is not None else None
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise ExportFormatError(f"{path}: unreadable Parquet file ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    return _check_metadata(path, metadata)
+
+
 def _check_metadata(path: Path, metadata: Any) -> dict[str, Any]:
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise ExportFormatError(f"{path}: not a siamesedb vectors export (no {FORMAT!r} metadata)")
@@ -292,4 +310,4 @@ def import_vectors(db: Any, path: str | os.PathLike, force: bool = False, renumb
     }
 
 
-__all__ = ["ExportedVectors", "export_vectors", "import_vectors", "read_export", "sidecar_of"]
+__all__ = ["ExportedVectors", "export_vectors", "import_vectors", "read_export", "read_metadata", "sidecar_of"]

@@ -24,7 +24,7 @@ from siamesedb.errors import (
     InvalidInputError,
     UnknownLabelError,
 )
-from siamesedb.export import read_export, sidecar_of
+from siamesedb.export import read_export, read_metadata, sidecar_of
 
 DIM = 16
 
@@ -166,6 +166,7 @@ def test_export_import_round_trip_keeps_ids_labels_vectors_and_fingerprint(fille
     if suffix == ".npy":
         assert sidecar_of(target).is_file() and np.load(target).shape == (14, DIM)
     exported = read_export(target)
+    assert read_metadata(target) == exported.metadata
     ids, vectors = filled.store.vectors()
     items = filled.store.items(ids)
     np.testing.assert_array_equal(exported.ids, ids)
