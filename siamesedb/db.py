@@ -304,10 +304,10 @@ class SiameseDB:
         expected = [by_path.get((image.label, str(image.path))) for image in images]
         del by_path
         if workers is None:
-            # Two decoding processes on 2 cores, one per 4 cores above 8 (at most 4): enough to keep the encoder fed
-            # (tools/bench_build.py, BENCHMARKS.md "Build throughput"); on one core a pool only adds overhead.
+            # One decoding process per 4 cores, at least one, at most 4: decoding costs well under half of encoding
+            # per image (tools/bench_build.py, BENCHMARKS.md "Build throughput"); on one core a pool only adds cost.
             cpus = os.cpu_count() or 1
-            workers = min(4, max(2, cpus // 4)) if len(images) >= 2000 and cpus >= 2 else 0
+            workers = min(4, max(1, cpus // 4)) if len(images) >= 2000 and cpus >= 2 else 0
         bar = tqdm(total=len(images), unit="img", disable=not progress, desc="build")
         # One batch in flight: while the encoder works on batch i, this thread commits batch i - 1.
         in_flight: tuple[list[str], list[str], list[str], Any] | None = None
