@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench-build bench-search serve clean
+.PHONY: install demo test bench-build bench-search bench-scale serve clean
 
 install: $(STAMP)
 
@@ -32,6 +32,9 @@ bench-build: install
 
 bench-search: install
 	$(BIN)/python tools/bench_search.py
+
+bench-scale: install
+	$(BIN)/python tools/bench_scale.py
 
 clean:
 	rm -rf $(VENV) indexes/omniglot-demo runs/demo

@@ -231,6 +231,68 @@ def calibrate(index_dir: Path, target_far: float | None, rule: str, as_json: boo
     )
 
 
+@cli.command("export", context_settings=CONTEXT_SETTINGS)
+@index_option()
+@click.option("--to", "to", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="FILE.parquet, or FILE.npy (vectors) with its sidecar FILE.json (ids, labels, paths, hashes).")
+@json_option
+def export_command(index_dir: Path, to: Path, as_json: bool) -> None:
+    """Export every item's id, label, path, content hash and vector, with the encoder fingerprint.
+
+    For moving a collection to another vector engine, or into another index (`siamesedb import`).
+
+    \b
+    Example:
+      siamesedb export --index indexes/omniglot --to omniglot.parquet
+      siamesedb export --index indexes/omniglot --to omniglot.npy   # + omniglot.json
+    """
+    metadata = open_db(index_dir).export_vectors(to)
+    if as_json:
+        emit_json({"file": str(to), **metadata})
+    else:
+        click.echo(f"exported {metadata['count']} items ({metadata['dimension']}-d, encoder "
+                   f"{metadata['encoder']['fingerprint']}) to {to}")
+
+
+@cli.command("import", context_settings=CONTEXT_SETTINGS)
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@index_option()
+@click.option("--encoder", default="default", show_default=True,
+              help="Encoder of a new index (when --index does not exist yet); must match the file's fingerprint.")
+@click.option("--force", is_flag=True, help="Import even if the file's encoder fingerprint differs from the index's.")
+@click.option("--renumber", is_flag=True, help="Give the items new ids instead of keeping the file's.")
+@json_option
+def import_command(file: Path, index_dir: Path, encoder: str, force: bool, renumber: bool, as_json: bool) -> None:
+    """Import an export (FILE.parquet or FILE.npy + FILE.json) into an index, creating it if needed.
+
+    Items the index already holds (same label and content hash) are skipped; the file's ids are kept.
+
+    \b
+    Example:
+      siamesedb import omniglot.parquet --index indexes/omniglot-copy
+    """
+    from siamesedb.db import MANIFEST_FILE, SiameseDB
+    from siamesedb.encoder import Encoder
+    from siamesedb.errors import EncoderMismatchError
+    from siamesedb.export import read_metadata
+
+    if (index_dir / MANIFEST_FILE).exists():
+        db = open_db(index_dir)
+    else:
+        enc = Encoder.load(encoder)
+        theirs = read_metadata(file)["encoder"].get("fingerprint")
+        if theirs != enc.fingerprint and not force:  # refuse before creating anything
+            raise EncoderMismatchError(f"{file}: vectors were made by encoder {theirs}, not {encoder!r} "
+                                       f"({enc.fingerprint}); pass the right --encoder, or --force")
+        db = SiameseDB.create(index_dir, encoder=enc)
+    result = db.import_vectors(file, force=force, renumber=renumber)
+    if as_json:
+        emit_json({"index": str(index_dir), **result, "total": len(db)})
+    else:
+        click.echo(f"{index_dir}: imported {result['added']} items, {result['already_indexed']} already indexed; "
+                   f"{len(db)} items")
+
+
 # ---------------------------------------------------------------------------------------------- reading
 
 
@@ -291,8 +353,9 @@ def classify(images: tuple[Path, ...], index_dir: Path, method: str, k: int, cla
       siamesedb classify new.png --index indexes/omniglot --sheet classes.png
     """
     db = open_db(index_dir, device)
+    # Only --json lists every class; printing needs the best `top` (with 100k classes: a FAISS search, not a sort).
     predictions = db.classify(list(images), method=method, k=k, classes=list(classes) or None, nprobe=nprobe,
-                              ef_search=ef_search)
+                              ef_search=ef_search, top=None if as_json else max(1, top))
     if sheet is not None:
         from siamesedb.plots import classify_sheet
 

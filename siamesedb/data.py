@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
+import stat
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -115,11 +117,15 @@ def scan_folder(root: str | os.PathLike) -> list[LabelledImage]:
             continue
         seen_dirs.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # The label of every file in this folder, worked out once per folder with string operations (pathlib per
+        # file was most of the scan's time); the same answer as label_for.
+        folder_label = Path(os.path.relpath(dirpath, root)).as_posix()
         for name in filenames:
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+            stem, suffix = os.path.splitext(name)
+            if name.startswith(".") or suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
-            path = Path(dirpath) / name
-            found.append(LabelledImage(path=path, label=label_for(path, root)))
+            label = stem if folder_label in ("", ".") else folder_label
+            found.append(LabelledImage(path=Path(os.path.join(dirpath, name)), label=label))
     if not found:
         raise FolderError(f"{root}: no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     found.sort(key=lambda im: (im.label, str(im.path)))
@@ -206,6 +212,26 @@ def _open_path(source: str | os.PathLike) -> Image.Image:
             return _decode_opened(opened, source)
 
 
+@dataclass(frozen=True)
+class EncodedFile:
+    """A file's bytes already read into memory (e.g. to hash and decode them from one read), and where they came from."""
+
+    data: bytes
+    name: str
+
+    def __str__(self) -> str:  # error messages name the file, not its bytes
+        return self.name
+
+
+def _open_bytes(source: EncodedFile) -> Image.Image:
+    if not source.data:
+        raise ImageLoadError(source, "empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(source.data)) as opened:
+            return _decode_opened(opened, source)
+
+
 def load_image(source: Any) -> Image.Image:
     """A path, PIL image or numpy array -> a PIL image in mode 'L' or 'RGB'. Every failure is an ImageLoadError.
 
@@ -216,6 +242,8 @@ def load_image(source: Any) -> Image.Image:
     try:
         if isinstance(source, (str, os.PathLike)):
             image = _open_path(source)
+        elif isinstance(source, EncodedFile):
+            image = _open_bytes(source)
         elif isinstance(source, ImageFile.ImageFile):
             image = _decode_opened(source, getattr(source, "filename", None) or "<image>")
         elif isinstance(source, Image.Image):
@@ -404,26 +432,147 @@ def iter_batches(
         array, kept, skipped = result
         return [start + i for i in kept], torch.from_numpy(array), [(start + i, r) for i, r in skipped]
 
-    if workers <= 0 or len(chunks) < 2:  # one batch: a pool would only add its start-up time
+    if workers <= 0:
         for start, paths in chunks:
             yield shifted(start, _decode_arrays(paths, preprocessing, skip_errors=True))
         return
     prep = preprocessing.to_dict()
-    todo = iter(chunks)
-    pending: deque[tuple[int, Future]] = deque()
-    with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
+    for start, result in _run_ahead(_decode_chunk, [(start, (paths, prep)) for start, paths in chunks], workers):
+        yield shifted(start, result)
+
+
+MAX_READ_BYTES = 256 << 20  # larger files are hashed in blocks and decoded from disk instead of held in memory
+
+
+@dataclass
+class HashedBatch:
+    """One batch of a build: what was decoded, what the store already holds, what could not be read.
+
+    Every index is a position in the `images` given to `iter_hashed_batches`. `hashes[j]` is the sha256 of image
+    `kept[j]`, whose preprocessed pixels are `tensor[j]` (n, C, H, W) float32.
+    """
+
+    kept: list[int]
+    tensor: torch.Tensor
+    hashes: list[str]
+    held: list[int]  # files whose content hash equals the one the caller expected: not decoded
+    skipped: list[tuple[int, str]]  # (index, reason)
+
+
+def _read_for_build(path: str) -> EncodedFile | str:
+    """One read of a regular file: its bytes (to hash and decode) or, when very large, just its path."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ImageLoadError(path, "no such file") from None
+    except PermissionError:
+        raise ImageLoadError(path, "permission denied") from None
+    except OSError as exc:
+        raise ImageLoadError(path, exc.strerror or str(exc)) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageLoadError(path, "is a folder, not an image")
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageLoadError(path, "not a regular file")  # a FIFO or device would block the reader forever
+    if info.st_size == 0:
+        raise ImageLoadError(path, "empty file")
+    if info.st_size > MAX_READ_BYTES:
+        return path
+    try:
+        with open(path, "rb") as fh:
+            return EncodedFile(fh.read(), path)
+    except PermissionError:
+        raise ImageLoadError(path, "permission denied") from None
+    except OSError as exc:
+        raise ImageLoadError(path, exc.strerror or str(exc)) from None
+
+
+def _hash_and_decode(
+    paths: Sequence[str], expected: Sequence[str | None], prep: dict[str, Any]
+) -> tuple[np.ndarray, list[int], list[str], list[int], list[tuple[int, str]]]:
+    """Worker (or in-process) step of a build: read each file once, hash those bytes, decode them unless the hash
+    equals `expected[i]` (the store already holds this file). Numpy and PIL only: safe in a forked worker.
+
+    Returns ((n, C, H, W) float32 of the decoded files, their positions, their sha256s, positions held, skipped).
+    """
+    preprocessing = Preprocessing.from_dict(prep)
+    arrays, kept, hashes, held, skipped = [], [], [], [], []
+    for i, path in enumerate(paths):
         try:
-            for start, paths in islice(todo, 2 * workers):
-                pending.append((start, pool.submit(_decode_chunk, paths, prep)))
+            source = _read_for_build(path)
+            digest = hashlib.sha256(source.data).hexdigest() if isinstance(source, EncodedFile) else file_sha256(path)
+            if expected[i] is not None and digest == expected[i]:
+                held.append(i)
+                continue
+            arrays.append(preprocessing.to_array(load_image(source)))
+        except ImageLoadError as exc:
+            skipped.append((i, exc.reason))
+            continue
+        except OSError as exc:  # the streamed hash of a very large file
+            skipped.append((i, exc.strerror or str(exc)))
+            continue
+        kept.append(i)
+        hashes.append(digest)
+    height, width = preprocessing.size
+    stacked = np.stack(arrays) if arrays else np.empty((0, preprocessing.channels, height, width), np.float32)
+    return stacked, kept, hashes, held, skipped
+
+
+def iter_hashed_batches(
+    images: Sequence[LabelledImage],
+    preprocessing: Preprocessing,
+    batch_size: int = 256,
+    workers: int = 0,
+    expected: Sequence[str | None] | None = None,
+) -> Iterator[HashedBatch]:
+    """The decoding stage of a build: each file is read once, hashed and decoded from those same bytes.
+
+    `expected[i]` is the sha256 the caller already holds for image i (None if none): a file whose bytes still hash to
+    it is reported in `held` without being decoded, so re-running a build costs one read and one hash per file.
+    Batches come back in order; with workers > 0 a process pool works up to 2 x workers batches ahead of the
+    caller, so reading, hashing and decoding overlap the caller's encoding and writing in bounded memory.
+    """
+    if batch_size < 1:
+        raise InvalidInputError(f"batch size must be positive, got {batch_size}")
+    if expected is None:
+        expected = [None] * len(images)
+    elif len(expected) != len(images):
+        raise InvalidInputError(f"{len(images)} images but {len(expected)} expected hashes")
+    prep = preprocessing.to_dict()
+    tasks = [(start, ([str(im.path) for im in images[start : start + batch_size]],
+                      list(expected[start : start + batch_size]), prep))
+             for start in range(0, len(images), batch_size)]
+    for start, (array, kept, hashes, held, skipped) in _run_ahead(_hash_and_decode, tasks, workers):
+        yield HashedBatch(
+            kept=[start + i for i in kept],
+            tensor=torch.from_numpy(array),
+            hashes=hashes,
+            held=[start + i for i in held],
+            skipped=[(start + i, reason) for i, reason in skipped],
+        )
+
+
+def _run_ahead(fn: Any, tasks: Sequence[tuple[int, tuple]], workers: int) -> Iterator[tuple[int, Any]]:
+    """(key, fn(*args)) for each (key, args) task, in order; with workers > 0 computed in a process pool that keeps
+    up to 2 x workers tasks in flight ahead of the consumer (bounded memory however many tasks there are)."""
+    if workers <= 0 or len(tasks) < 2:  # one task: a pool would only add its start-up time
+        for key, args in tasks:
+            yield key, fn(*args)
+        return
+    todo = iter(tasks)
+    pending: deque[tuple[int, Future]] = deque()
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+        try:
+            for key, args in islice(todo, 2 * workers):
+                pending.append((key, pool.submit(fn, *args)))
             while pending:
-                start, future = pending.popleft()
+                key, future = pending.popleft()
                 result = future.result()
                 following = next(todo, None)
-                if following is not None:  # refill before yielding: workers keep decoding while the caller works
-                    pending.append((following[0], pool.submit(_decode_chunk, following[1], prep)))
-                yield shifted(start, result)
+                if following is not None:  # refill before yielding: workers keep going while the consumer works
+                    pending.append((following[0], pool.submit(fn, *following[1])))
+                yield key, result
         finally:
-            # A caller that stops early (break, exception) waits only for the batches already being decoded.
+            # A consumer that stops early (break, exception) waits only for the tasks already running.
             for _, future in pending:
                 future.cancel()
 

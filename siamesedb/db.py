@@ -14,6 +14,7 @@ store version, and the next open rebuilds the FAISS file from the store instead 
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import time
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from siamesedb import __version__, query
-from siamesedb.data import LabelledImage, file_sha256, iter_batches, scan_folder
+from siamesedb.data import LabelledImage, file_sha256, iter_hashed_batches, scan_folder
 from siamesedb.encoder import DEFAULT_ENCODER, Encoder
 from siamesedb.errors import (
     CorruptIndexError,
@@ -48,6 +49,8 @@ VECTORS_FILE = "vectors.faiss"
 ENCODER_DIR = "encoder"
 DEFAULT_HOME = Path("indexes")
 CLASSIFY_METHODS = ("prototype", "knn")
+_VECTOR_CHUNK = 16384  # rows per transaction when adding vectors (bounds the per-chunk temporaries)
+_TRAIN_SAMPLE = 131072  # rows an untrained index (IVF...) is trained on, from the start of add_vectors
 
 ImageLike = Any  # a path (str / Path), a PIL image or a numpy array
 
@@ -78,6 +81,18 @@ class BuildReport:
         }
 
 
+@dataclass
+class _ClassTable:
+    """Classes of an index at one store version: sorted names, (C, D) prototypes, and each item's class code."""
+
+    version: int
+    names: list[str]
+    prototypes: np.ndarray  # (C, D) float32, L2-normalised class means, row c = names[c]
+    ids: np.ndarray  # (N,) int64, ascending
+    codes: np.ndarray  # (N,) int32, codes[i] = class of item ids[i]
+    prototype_index: VectorIndex | None = None  # built on first use by a top-k prototype search
+
+
 def _is_single(images: Any) -> bool:
     """One image in -> one result out; a list or tuple in -> a list out (a 2-D+ array is one image)."""
     return not isinstance(images, (list, tuple))
@@ -104,7 +119,7 @@ class SiameseDB:
         self.manifest = manifest
         self.last_report: BuildReport | None = None
         # Class prototypes are derived from the store; cached per store version so repeated classify calls are cheap.
-        self._prototype_cache: tuple[int, list[str], np.ndarray] | None = None
+        self._prototype_cache: _ClassTable | None = None
 
     # ------------------------------------------------------------------ creation and opening
 
@@ -311,46 +326,70 @@ class SiameseDB:
         workers: int | None = None,
         progress: bool = False,
     ) -> BuildReport:
-        """Decode, encode and store `images` batch by batch; files already held (label + sha256) are skipped."""
+        """Read, hash, decode, encode and store `images`; files already held (label + sha256) are skipped.
+
+        The stages overlap: worker processes read each file once, hash those bytes and decode them (a file whose
+        (label, path) the store holds with the same hash is not decoded at all), while this process encodes the
+        previous batch and commits it to SQLite in one transaction per batch.
+        """
         from tqdm import tqdm
 
         started = time.perf_counter()
         report = BuildReport(scanned=len(images))
         held = self.store.known_label_hashes()
-        todo: list[LabelledImage] = []
-        hashes: list[str] = []
-        for image in images:
-            try:
-                digest = file_sha256(image.path)
-            except OSError as exc:
-                report.skipped.append((str(image.path), exc.strerror or str(exc)))
-                continue
-            if (image.label, digest) in held:
-                report.already_indexed += 1
-                continue
-            held.add((image.label, digest))  # the same file twice under one label is stored once
-            todo.append(image)
-            hashes.append(digest)
+        by_path = self.store.label_path_hashes()
+        expected = [by_path.get((image.label, str(image.path))) for image in images]
+        del by_path
         if workers is None:
-            workers = min(4, os.cpu_count() or 1) if len(todo) >= 2000 else 0
-        bar = tqdm(total=len(todo), unit="img", disable=not progress, desc="build")
+            # One decoding process per 4 cores, at least one, at most 4: decoding costs well under half of encoding
+            # per image (tools/bench_build.py, BENCHMARKS.md "Build throughput"); on one core a pool only adds cost.
+            cpus = os.cpu_count() or 1
+            workers = min(4, max(1, cpus // 4)) if len(images) >= 2000 and cpus >= 2 else 0
+        bar = tqdm(total=len(images), unit="img", disable=not progress, desc="build")
+        # One batch in flight: while the encoder works on batch i, this thread commits batch i - 1.
+        in_flight: tuple[list[str], list[str], list[str], Any] | None = None
+
+        def commit(pending: tuple[list[str], list[str], list[str], Any]) -> None:
+            labels, paths, hashes, result = pending
+            self._commit(labels, paths, hashes, result(), save=False)
+            report.added += len(labels)
+
         try:
-            for kept, tensor, skipped in iter_batches(
-                todo, self.encoder.config.preprocessing, batch_size=batch_size, workers=workers
+            for batch in iter_hashed_batches(
+                images, self.encoder.config.preprocessing, batch_size=batch_size, workers=workers, expected=expected
             ):
-                report.skipped.extend((str(todo[i].path), reason) for i, reason in skipped)
-                if kept:
-                    vectors = self.encoder.encode_tensors(tensor)
-                    self._commit(
-                        [todo[i].label for i in kept],
-                        [str(todo[i].path) for i in kept],
-                        [hashes[i] for i in kept],
-                        vectors,
-                        save=False,
+                report.skipped.extend((str(images[i].path), reason) for i, reason in batch.skipped)
+                report.already_indexed += len(batch.held)
+                rows: list[int] = []  # rows of batch.tensor to store
+                for row, (i, digest) in enumerate(zip(batch.kept, batch.hashes)):
+                    key = (images[i].label, digest)
+                    if key in held:  # held under another path, or the same file twice under one label: stored once
+                        report.already_indexed += 1
+                        continue
+                    held.add(key)
+                    rows.append(row)
+                if rows:
+                    tensor = batch.tensor if len(rows) == len(batch.kept) else batch.tensor[rows]
+                    positions = [batch.kept[r] for r in rows]
+                    started_batch = (
+                        [images[i].label for i in positions],
+                        [str(images[i].path) for i in positions],
+                        [batch.hashes[r] for r in rows],
+                        self.encoder.encode_tensors_async(tensor, batch_size=max(batch_size, 1)),
                     )
-                    report.added += len(kept)
-                bar.update(len(kept) + len(skipped))
+                    if in_flight is not None:
+                        commit(in_flight)
+                    in_flight = started_batch
+                bar.update(len(batch.kept) + len(batch.held) + len(batch.skipped))
+            if in_flight is not None:
+                commit(in_flight)
+                in_flight = None
         finally:
+            if in_flight is not None:  # interrupted: let the lanes finish, drop the batch (it was never committed)
+                try:
+                    in_flight[3]()
+                except Exception:  # the error that interrupted us is the one to report
+                    pass
             bar.close()
             # Save once at the end (and on interruption): the store already holds every committed batch, and a
             # stale FAISS file is rebuilt from it on open anyway.
@@ -404,19 +443,94 @@ class SiameseDB:
         vectors: np.ndarray,
         labels: Sequence[str],
         paths: Sequence[str] | None = None,
+        hashes: Sequence[str] | None = None,
+        ids: Sequence[int] | np.ndarray | None = None,
     ) -> np.ndarray:
-        """Add precomputed vectors (made by this index's encoder) with their labels. Returns the new ids."""
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        """Add precomputed (n, D) vectors (made by this index's encoder) with their labels. Returns the new ids.
+
+        Bring your own vectors: `paths` (the source of each vector) and `hashes` (its content hash) are optional;
+        without a hash an item is identified by the sha256 of its vector. `ids` keeps given ids (an import): they
+        must be positive and unused. Vectors are L2-normalised here; NaN, infinity and all-zero rows are refused
+        before anything is stored. Written in transactions of 16k rows, normalised chunk by chunk, so adding a
+        million vectors holds no second full copy of them; the FAISS file and manifest are saved once at the end.
+        """
+        vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[1] != self.dimension:
             raise DimensionMismatchError(f"vectors have shape {vectors.shape}, index needs (n, {self.dimension})")
-        if len(labels) != len(vectors):
-            raise InvalidInputError(f"{len(vectors)} vectors but {len(labels)} labels")
-        if not np.isfinite(vectors).all():
-            raise InvalidInputError("vectors contain NaN or infinity")
-        vectors = query.normalize(vectors)
-        paths = list(paths) if paths is not None else [""] * len(vectors)
-        hashes = [_array_sha256(v) for v in vectors]
-        return self._commit([str(x) for x in labels], paths, hashes, vectors)
+        if not (np.issubdtype(vectors.dtype, np.floating) or np.issubdtype(vectors.dtype, np.integer)):
+            raise InvalidInputError(f"vectors must be real numbers, got dtype {vectors.dtype}")
+        n = len(vectors)
+        for name, column in (("labels", labels), ("paths", paths), ("hashes", hashes), ("ids", ids)):
+            if column is not None and len(column) != n:
+                raise InvalidInputError(f"{n} vectors but {len(column)} {name}")
+        if any(not isinstance(label, str) or not label.strip() for label in labels):
+            raise InvalidInputError("labels must be non-empty text")
+        # Check every row before writing any: the call is all or nothing. (chunked: no (n, D) temporaries)
+        for start in range(0, n, _VECTOR_CHUNK):
+            chunk = vectors[start : start + _VECTOR_CHUNK]
+            bad = ~np.isfinite(chunk).all(axis=1)
+            if bad.any():
+                raise InvalidInputError(f"vector {start + int(np.argmax(bad))} contains NaN or infinity")
+            zero = ~chunk.any(axis=1)
+            if zero.any():
+                raise InvalidInputError(f"vector {start + int(np.argmax(zero))} is all zeros (it has no direction)")
+        if ids is not None:
+            ids = np.asarray(ids)
+            if n and not np.issubdtype(ids.dtype, np.integer):
+                raise InvalidInputError(f"ids must be integers, got dtype {ids.dtype}")
+            ids = ids.astype(np.int64)
+            if n and (ids.min() < 1 or len(np.unique(ids)) != n):
+                raise InvalidInputError("ids must be positive and distinct")
+            taken = [item.id for item in self.store.items(ids) if item is not None]
+            if taken:
+                raise InvalidInputError(f"{self.path}: id {taken[0]} is already in use")
+        out = np.empty(n, dtype=np.int64)
+        if n and len(self) == 0 and not self.index.is_trained:  # with vectors stored already, _commit retrains on all
+            # Train on up to _TRAIN_SAMPLE rows, not just the first transaction's worth. Too few rows to train
+            # (fewer than IVF lists / PQ centroids): stay untrained; _commit trains once the store holds enough.
+            try:
+                self.index.train(query.normalize(vectors[:_TRAIN_SAMPLE]))
+            except InvalidInputError:
+                pass
+        try:
+            for start in range(0, n, _VECTOR_CHUNK):
+                stop = min(n, start + _VECTOR_CHUNK)
+                chunk = np.asarray(vectors[start:stop], dtype=np.float32)
+                # Rows already of unit length (float32 rounding) are kept bit for bit: an exported index imports
+                # unchanged; others are scaled to unit length.
+                norms = np.linalg.norm(chunk, axis=1, keepdims=True)
+                chunk = np.ascontiguousarray(chunk / np.where(np.abs(norms - 1) < 1e-5, np.float32(1), norms))
+                chunk_labels = [str(x) for x in labels[start:stop]]
+                chunk_paths = [str(x) for x in paths[start:stop]] if paths is not None else [""] * (stop - start)
+                chunk_hashes = (
+                    [str(x) for x in hashes[start:stop]] if hashes is not None else [_array_sha256(v) for v in chunk]
+                )
+                if ids is None:
+                    out[start:stop] = self._commit(chunk_labels, chunk_paths, chunk_hashes, chunk, save=False)
+                else:
+                    self.store.insert_with_ids(ids[start:stop], chunk_labels, chunk_paths, chunk_hashes, chunk)
+                    if self.index.is_trained:
+                        self.index.add(chunk, ids[start:stop])
+                    else:
+                        self.index = self._index_from_store()
+                    self._prototype_cache = None
+                    out[start:stop] = ids[start:stop]
+        finally:
+            if n:
+                self._save_index_and_manifest()
+        return out
+
+    def export_vectors(self, to: str | os.PathLike) -> dict[str, Any]:
+        """Write ids, labels, paths, content hashes and vectors to FILE.parquet or FILE.npy (+ FILE.json)."""
+        from siamesedb.export import export_vectors
+
+        return export_vectors(self, to)
+
+    def import_vectors(self, path: str | os.PathLike, force: bool = False, renumber: bool = False) -> dict[str, Any]:
+        """Add the items of an export (see `export_vectors`); refuses another encoder's vectors unless `force`."""
+        from siamesedb.export import import_vectors
+
+        return import_vectors(self, path, force=force, renumber=renumber)
 
     def remove(self, ids: int | Iterable[int] | None = None, label: str | None = None) -> int:
         """Remove items by id(s) or every item of a label. Returns how many were removed."""
@@ -514,23 +628,57 @@ class SiameseDB:
             )
         return results
 
-    def _prototypes(self, classes: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+    def _class_table(self) -> _ClassTable:
+        """Per-class prototypes and each item's class code, computed in one streamed pass over the store.
+
+        Bounded memory at any size: vectors are read 64k rows at a time and summed per class code (np.add.at into a
+        (C, D) float64 array); no per-item Python objects are kept. Cached until the store changes.
+        """
         version = self.store.version
-        if self._prototype_cache is None or self._prototype_cache[0] != version:
-            ids, vectors = self.store.vectors()
-            if len(ids) == 0:
-                raise EmptyIndexError(f"{self.path}: the index holds no items")
-            labels = self.store.labels_of(ids)
-            names, protos = query.class_prototypes(vectors, labels)
-            self._prototype_cache = (version, names, protos)
-        _, names, protos = self._prototype_cache
+        if self._prototype_cache is not None and self._prototype_cache.version == version:
+            return self._prototype_cache
+        dim = self.dimension
+        names = sorted(self.store.label_counts())  # one GROUP BY: the (C, D) sums are allocated once, exactly
+        if not names:
+            raise EmptyIndexError(f"{self.path}: the index holds no items")
+        code_of = {name: code for code, name in enumerate(names)}
+        sums = np.zeros((len(names), dim), dtype=np.float64)
+        id_chunks, code_chunks = [], []
+        for ids, rows in self.store.iter_rows("label, vector"):
+            try:
+                codes = np.fromiter((code_of[r[0]] for r in rows), dtype=np.int32, count=len(rows))
+            except KeyError:  # a label appeared between the two reads: another process wrote meanwhile
+                raise CorruptIndexError(f"{self.path / STORE_FILE}: changed while being read; try again") from None
+            blob = b"".join(r[1] for r in rows)
+            if len(blob) != len(rows) * dim * 4:
+                raise CorruptIndexError(f"{self.path / STORE_FILE}: a stored vector does not hold {dim} float32 values")
+            np.add.at(sums, codes, np.frombuffer(blob, dtype="<f4").reshape(len(rows), dim))
+            id_chunks.append(ids)
+            code_chunks.append(codes)
+        # Normalise in place, then one float32 copy (no further (C, D) float64 temporaries).
+        sums /= np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+        table = _ClassTable(
+            version=version,
+            names=names,
+            prototypes=sums.astype(np.float32),
+            ids=np.concatenate(id_chunks),
+            codes=np.concatenate(code_chunks),
+        )
+        del sums
+        self._prototype_cache = table
+        return table
+
+    def _prototypes(self, classes: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+        table = self._class_table()
+        names, protos = table.names, table.prototypes
         if classes is None:
             return names, protos
-        position = {name: i for i, name in enumerate(names)}
-        unknown = [c for c in classes if c not in position]
-        if unknown:
-            raise UnknownLabelError(f"{self.path}: no class {unknown[0]!r}")
-        rows = [position[c] for c in classes]
+        rows = []
+        for c in classes:
+            r = bisect.bisect_left(names, c)
+            if r == len(names) or names[r] != c:
+                raise UnknownLabelError(f"{self.path}: no class {c!r}")
+            rows.append(r)
         return [names[r] for r in rows], protos[rows]
 
     def classify(
@@ -541,15 +689,18 @@ class SiameseDB:
         classes: Sequence[str] | None = None,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        top: int | None = None,
     ) -> query.Prediction | list[query.Prediction]:
         """Which class is each image? `prototype`: nearest class mean; `knn`: score-weighted vote of the top k.
 
         `classes` restricts the candidates (an N-way episode); by default every class in the index competes.
         `nprobe` / `ef_search` tune the knn search over the whole index (prototype ranking is always exact).
+        `top` keeps only the best `top` classes in each ranking (with many classes, the prototype search then
+        runs through FAISS instead of ranking every class).
         """
         single = _is_single(images)
         predictions = self.classify_vectors(
-            self._encode([images] if single else list(images)), method, k, classes, nprobe, ef_search
+            self._encode([images] if single else list(images)), method, k, classes, nprobe, ef_search, top=top
         )
         return predictions[0] if single else predictions
 
@@ -561,10 +712,15 @@ class SiameseDB:
         classes: Sequence[str] | None = None,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        top: int | None = None,
     ) -> list[query.Prediction]:
-        """Array-level classify of (nq, D) vectors."""
+        """Array-level classify of (nq, D) vectors; `top` as in `classify`."""
         vectors = np.atleast_2d(vectors)
-        if method == "prototype":
+        if top is not None and (int(top) != top or top < 1):
+            raise InvalidInputError(f"top must be an integer of at least 1, got {top}")
+        if method == "prototype" and classes is None and top is not None:
+            rankings = self._rank_prototypes_top(vectors, int(top))
+        elif method == "prototype":
             names, protos = self._prototypes(classes)
             rankings = query.rank_by_prototype(vectors, protos, names)
         elif method == "knn":
@@ -574,15 +730,38 @@ class SiameseDB:
                 raise EmptyIndexError(f"{self.path}: the index holds no items")
             if classes is None:
                 D, I = self._search_index(vectors, k, nprobe, ef_search)
-                labels_by_id = dict(zip(I[I >= 0].tolist(), self.store.labels_of(I[I >= 0])))
-                hit_labels = [[labels_by_id.get(int(i)) if i >= 0 else None for i in row] for row in I]
+                # Hit id -> class code through the cached table (sorted ids): no store query, no per-item objects.
+                table = self._class_table()
+                where = np.clip(np.searchsorted(table.ids, I), 0, len(table.ids) - 1)
+                known = (I >= 0) & (table.ids[where] == I)
+                codes = np.where(known, table.codes[where], -1)
+                hit_labels = [[table.names[c] if c >= 0 else None for c in row] for row in codes.tolist()]
             else:
                 self._prototypes(classes)  # raises UnknownLabelError for a class the index lacks
                 D, hit_labels = self._knn_within(vectors, classes, k)
             rankings = query.rank_by_knn(hit_labels, D, k)
         else:
             raise InvalidInputError(f"unknown method {method!r}; choose from {', '.join(CLASSIFY_METHODS)}")
+        if top is not None:
+            rankings = [r[: int(top)] for r in rankings]
         return [query.Prediction(label=r[0][0], score=r[0][1], ranking=r) for r in rankings]
+
+    def _rank_prototypes_top(self, vectors: np.ndarray, top: int) -> list[list[tuple[str, float]]]:
+        """The `top` nearest prototypes of each query via an exact FAISS search over the (C, D) prototypes,
+        in query blocks: never a (queries, classes) score matrix. Ties: FAISS order, not class order."""
+        table = self._class_table()
+        if table.prototype_index is None:
+            index = VectorIndex(self.dimension, factory="Flat")
+            index.add(table.prototypes, np.arange(len(table.names), dtype=np.int64))
+            table.prototype_index = index
+        rankings: list[list[tuple[str, float]]] = []
+        for start in range(0, len(vectors), 4096):
+            D, I = table.prototype_index.search(vectors[start : start + 4096], min(top, len(table.names)))
+            rankings.extend(
+                [(table.names[c], s) for c, s in zip(row_i, row_d) if c >= 0]
+                for row_i, row_d in zip(I.tolist(), D.tolist())
+            )
+        return rankings
 
     def _knn_within(self, vectors: np.ndarray, classes: Sequence[str], k: int) -> tuple[np.ndarray, list[list]]:
         """Exact top-k among the items of `classes` only (an episode's support set is small: brute force)."""

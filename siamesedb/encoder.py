@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ DEFAULT_ENCODER = "default"
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+_LANE_PART = 32  # images per task of a CPU lane: small enough to balance, large enough to dwarf hand-off
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -162,6 +164,8 @@ class Encoder:
             )
         self.net = net.to(self.device)
         self._fingerprint: str | None = None
+        self._lanes: tuple[int, ThreadPoolExecutor | None] | None = None  # (torch threads, pool) for CPU encoding
+        self.cpu_lanes = True  # False: torch's own intra-op threads instead (tools/bench_build.py compares both)
 
     @property
     def dimension(self) -> int:
@@ -183,19 +187,64 @@ class Encoder:
         """(N, C, H, W) -> (N, D) L2-normalised; keeps gradients (training)."""
         return F.normalize(self.net(batch.to(self.device)).float(), dim=1)
 
-    def encode_tensors(self, batch: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-        """Preprocessed (N, C, H, W) -> (N, D) float32 numpy, in inference mode."""
-        self.net.eval()
-        outputs = []
+    def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
+        """(n, C, H, W) -> (n, D) L2-normalised on the CPU, in inference mode (thread-local: entered here)."""
         with torch.inference_mode():
-            for start in range(0, len(batch), batch_size):
-                chunk = batch[start : start + batch_size].to(self.device, non_blocking=True)
-                if self.device.type == "cuda":
-                    with torch.autocast("cuda", dtype=torch.float16):
-                        out = self.net(chunk)
-                else:
+            chunk = chunk.to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.float16):
                     out = self.net(chunk)
-                outputs.append(F.normalize(out.float(), dim=1).cpu())
+            else:
+                out = self.net(chunk)
+            return F.normalize(out.float(), dim=1).cpu()
+
+    def _cpu_lanes(self) -> ThreadPoolExecutor | None:
+        """A pool of one Python thread per CPU thread, each running torch single-threaded, or None (1 thread).
+
+        The small nets here parallelise poorly inside one convolution (a barrier per layer, which a preempted thread
+        stalls), but almost perfectly across images: lanes take parts of the batch in turn (3.5x torch's intra-op
+        threads on the shared 2-core machine, tools/bench_build.py, BENCHMARKS.md). torch releases the GIL inside
+        every op, and each sample's result is the same computation either way (tests/test_encoder.py checks the
+        vectors against the one-thread path).
+        """
+        threads = torch.get_num_threads()
+        if self.device.type != "cpu" or threads < 2 or not self.cpu_lanes:
+            return None
+        if self._lanes is None or self._lanes[0] != threads:
+            pool = ThreadPoolExecutor(threads, thread_name_prefix="encode", initializer=torch.set_num_threads,
+                                      initargs=(1,))
+            # With the OpenMP backend the thread count is per thread; elsewhere it may be global: then undo it here
+            # and keep the plain path.
+            pool.submit(lambda: None).result()
+            if torch.get_num_threads() != threads or pool.submit(torch.get_num_threads).result() != 1:
+                torch.set_num_threads(threads)
+                pool.shutdown()
+                self._lanes = (threads, None)
+            else:
+                self._lanes = (threads, pool)
+        return self._lanes[1]
+
+    def encode_tensors(self, batch: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+        """Preprocessed (N, C, H, W) -> (N, D) float32 numpy, in inference mode.
+
+        On a multi-core CPU the batch is cut into small parts that single-threaded lanes take in turn (see
+        `_cpu_lanes`): a lane held up by another process delays one small part, not half the batch.
+        """
+        return self.encode_tensors_async(batch, batch_size)()
+
+    def encode_tensors_async(self, batch: torch.Tensor, batch_size: int = 256) -> Callable[[], np.ndarray]:
+        """Start encoding `batch` on the CPU lanes and return a function that waits for the (N, D) result, so the
+        caller can do other work (a build commits the previous batch) meanwhile. Without lanes: computed here."""
+        self.net.eval()
+        lanes = self._cpu_lanes()
+        if lanes is None:
+            done = [self._forward(batch[start : start + batch_size]) for start in range(0, len(batch), batch_size)]
+            return lambda: self._gather(done)
+        futures = [lanes.submit(self._forward, batch[start : start + _LANE_PART])
+                   for start in range(0, len(batch), _LANE_PART)]
+        return lambda: self._gather([future.result() for future in futures])
+
+    def _gather(self, outputs: list[torch.Tensor]) -> np.ndarray:
         if not outputs:
             return np.empty((0, self.dimension), dtype=np.float32)
         return torch.cat(outputs).numpy().astype(np.float32, copy=False)

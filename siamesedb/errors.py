@@ -70,3 +70,7 @@ class UploadError(InvalidInputError):
     def __init__(self, message: str, status: int = 400):
         self.status = status  # the HTTP status the server answers with (400, 413, 415)
         super().__init__(message)
+
+
+class ExportFormatError(SiameseDBError):
+    """A vectors export file is missing, unreadable, or not one siamesedb wrote."""

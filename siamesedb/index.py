@@ -8,6 +8,7 @@ import operator
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -627,9 +628,16 @@ CPU_BLAS_DATABASE_BS: int | None = 4096
 _faiss_blas_default = (faiss.cvar.distance_compute_blas_threshold, faiss.cvar.distance_compute_blas_database_bs)
 
 
+# OpenMP's thread count is per thread: a thread started later (a server's request thread) reports 1 whatever the
+# process was set to. Decide by the main thread's count, so a search gives the same floats from any thread.
+_main_faiss_single = [faiss.omp_get_max_threads() == 1]
+
+
 def _tune_cpu_blas() -> None:
     """Apply CPU_BLAS_* while FAISS runs one thread, FAISS's defaults otherwise (checked at every search: cheap)."""
-    single = faiss.omp_get_max_threads() == 1
+    if threading.current_thread() is threading.main_thread():
+        _main_faiss_single[0] = faiss.omp_get_max_threads() == 1
+    single = _main_faiss_single[0]
     threshold = CPU_BLAS_THRESHOLD if single and CPU_BLAS_THRESHOLD is not None else _faiss_blas_default[0]
     block = CPU_BLAS_DATABASE_BS if single and CPU_BLAS_DATABASE_BS is not None else _faiss_blas_default[1]
     if faiss.cvar.distance_compute_blas_threshold != threshold:

@@ -282,6 +282,65 @@ class ItemStore:
     def known_hashes(self) -> set[str]:
         return {r[0] for r in self._db.execute("SELECT DISTINCT sha256 FROM items")}
 
+    def insert_with_ids(
+        self, ids: np.ndarray, labels: Sequence[str], paths: Sequence[str], hashes: Sequence[str], vectors: np.ndarray
+    ) -> None:
+        """Insert a batch under the given ids (an import keeping its ids) in one transaction.
+
+        Refuses (InvalidInputError, nothing written) ids that are negative, repeated, or already in use.
+        """
+        ids = np.atleast_1d(np.asarray(ids))
+        vectors = np.asarray(vectors)
+        n = len(ids)
+        if ids.ndim != 1 or (n and not np.issubdtype(ids.dtype, np.integer)):
+            raise InvalidInputError(f"ids must be a 1-D integer array, got {ids.dtype} of shape {ids.shape}")
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise DimensionMismatchError(f"vectors have shape {vectors.shape}, the store holds {self.dim}-d vectors")
+        if not (len(labels) == len(paths) == len(hashes) == len(vectors) == n):
+            raise InvalidInputError(
+                f"lengths differ: {n} ids, {len(vectors)} vectors, {len(labels)} labels, {len(paths)} paths, "
+                f"{len(hashes)} hashes"
+            )
+        vectors = np.ascontiguousarray(vectors, dtype="<f4")
+        if not np.isfinite(vectors).all():
+            raise InvalidInputError("vectors contain NaN or infinity")
+        if any(not isinstance(label, str) or not label for label in labels):
+            raise InvalidInputError("every label must be a non-empty string")
+        if n == 0:
+            return
+        if ids.min() < 1:  # SQLite rowids of this table start at 1
+            raise InvalidInputError(f"ids must be positive, got {int(ids.min())}")
+        if len(np.unique(ids)) != n:
+            raise InvalidInputError("ids repeat within the batch")
+        rows = [(int(ids[i]), labels[i], str(paths[i]), str(hashes[i]), vectors[i].tobytes()) for i in range(n)]
+        with self._transaction() as conn:
+            try:
+                conn.executemany("INSERT INTO items(id, label, path, sha256, vector) VALUES (?, ?, ?, ?, ?)", rows)
+            except sqlite3.IntegrityError:
+                raise InvalidInputError(f"{self.path}: an id of the batch is already in use") from None
+            self._bump()
+
+    def iter_rows(
+        self, columns: str = "label, vector", chunk: int = 65536
+    ) -> Iterator[tuple[np.ndarray, list[tuple]]]:
+        """(ids (n,) int64, rows) in id order, `chunk` rows at a time: all items in bounded memory.
+
+        `columns` is a comma-separated subset of label, path, sha256, vector (checked: never user text in SQL).
+        """
+        wanted = [c.strip() for c in columns.split(",")]
+        if not wanted or any(c not in ("label", "path", "sha256", "vector") for c in wanted):
+            raise InvalidInputError(f"unknown columns {columns!r}")
+        cursor = self._db.execute(f"SELECT id, {', '.join(wanted)} FROM items ORDER BY id")
+        while True:
+            rows = cursor.fetchmany(chunk)
+            if not rows:
+                return
+            yield np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)), [r[1:] for r in rows]
+
+    def label_path_hashes(self) -> dict[tuple[str, str], str]:
+        """{(label, path): sha256} of every item: a resumed build re-hashes such a file but does not decode it again."""
+        return {(r[0], r[1]): r[2] for r in self._db.execute("SELECT label, path, sha256 FROM items ORDER BY id")}
+
     def known_label_hashes(self) -> set[tuple[str, str]]:
         """(label, sha256) of every item: what a resumed build skips."""
         return {(r[0], r[1]) for r in self._db.execute("SELECT label, sha256 FROM items")}

@@ -123,3 +123,24 @@ def test_device_resolution():
         with pytest.raises(EncoderError, match="CUDA"):
             resolve_device("cuda")
     assert {"conv4", "resnet", "signet"} <= set(BACKBONES)
+
+
+@pytest.mark.parametrize("backbone, size, channels", [("conv4", 28, 1), ("resnet", 32, 3)])
+def test_cpu_lanes_give_the_one_thread_vectors(backbone, size, channels):
+    """Encoding split across single-threaded lanes must give the vectors of one thread doing the whole batch."""
+    torch.manual_seed(0)
+    encoder = Encoder(config(backbone, size, channels))
+    batch = torch.randn(100, channels, size, size)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = encoder.encode_tensors(batch, batch_size=64)
+        assert encoder._cpu_lanes() is None
+        torch.set_num_threads(3)  # three lanes, whatever this machine has: the split is what is tested
+        laned = encoder.encode_tensors(batch, batch_size=64)
+        assert encoder._cpu_lanes() is not None
+        assert torch.get_num_threads() == 3  # the lanes' own one-thread setting did not leak into this thread
+    finally:
+        torch.set_num_threads(threads)
+    assert laned.shape == (100, 16)
+    np.testing.assert_allclose(laned, alone, rtol=0, atol=1e-6)
