@@ -14,10 +14,13 @@ store version, and the next open rebuilds the FAISS file from the store instead 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,7 @@ from siamesedb.errors import (
     UnknownLabelError,
 )
 from siamesedb.index import VectorIndex
+from siamesedb.locking import IndexWriteLock
 from siamesedb.store import ItemStore
 
 FORMAT_VERSION = 1
@@ -78,12 +82,34 @@ class BuildReport:
         }
 
 
+def _locked_write(method):
+    """Run a public write of SiameseDB under the index's write lock (see SiameseDB._writing)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._writing():
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
+def _remove_temporaries(path: Path) -> None:
+    """Under the write lock: delete the temporary files a writer killed mid-write left (manifest, FAISS, encoder)."""
+    for folder in (path, path / ENCODER_DIR):
+        for leftover in folder.glob("*.tmp"):
+            try:
+                leftover.unlink()
+            except OSError:
+                pass
+
+
 def _is_single(images: Any) -> bool:
     """One image in -> one result out; a list or tuple in -> a list out (a 2-D+ array is one image)."""
     return not isinstance(images, (list, tuple))
 
 
 def _write_json_atomic(path: Path, document: dict[str, Any]) -> None:
+    """Write, fsync, rename, fsync the folder: a crash leaves the old document or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(document, fh, indent=2, sort_keys=True)
@@ -91,6 +117,55 @@ def _write_json_atomic(path: Path, document: dict[str, Any]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX); skipped where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the index at `path`, checked for the fields open() relies on (CorruptIndexError otherwise)."""
+    manifest_path = path / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict):
+            raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
+        int(manifest["dimension"])
+        int(manifest["format_version"])
+        if not isinstance(manifest.get("encoder", {}), dict) or not isinstance(manifest.get("factory", "Flat"), str):
+            raise ValueError("'encoder' must be an object and 'factory' a string")
+        if not isinstance(manifest.get("calibration") or {}, dict):
+            raise ValueError("'calibration' must be an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptIndexError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    return manifest
+
+
+def _store_has_items(store_path: Path) -> bool:
+    """Whether a store file holds any item (False for one whose creation was cut short before its tables)."""
+    try:
+        conn = sqlite3.connect(store_path, timeout=30.0)
+        try:
+            return conn.execute("SELECT EXISTS (SELECT 1 FROM items)").fetchone()[0] == 1
+        finally:
+            conn.close()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return False
+        raise CorruptIndexError(f"{store_path}: not a readable SQLite store ({exc})") from None
+    except sqlite3.DatabaseError as exc:
+        raise CorruptIndexError(f"{store_path}: not a readable SQLite store ({exc})") from None
 
 
 class SiameseDB:
@@ -103,6 +178,11 @@ class SiameseDB:
         self.encoder = encoder
         self.manifest = manifest
         self.last_report: BuildReport | None = None
+        # One writer at a time (locking.py); build/open/create replace it with one carrying their lock_timeout.
+        self._lock = IndexWriteLock(path)
+        # The store version the in-memory FAISS index mirrors: a write that finds the store moved on (another
+        # process wrote since) rebuilds it first, so this handle never writes a FAISS file missing their items.
+        self._index_version: int | None = None
         # Class prototypes are derived from the store; cached per store version so repeated classify calls are cheap.
         self._prototype_cache: tuple[int, list[str], np.ndarray] | None = None
 
@@ -115,16 +195,41 @@ class SiameseDB:
         encoder: str | os.PathLike | Encoder = DEFAULT_ENCODER,
         factory: str = "Flat",
         device: str = "auto",
+        lock_timeout: float | None = None,
+        _lock: IndexWriteLock | None = None,
     ) -> SiameseDB:
-        """Make a new, empty index folder at `path` carrying a copy of `encoder`."""
+        """Make a new, empty index folder at `path` carrying a copy of `encoder`.
+
+        The manifest is written last: a folder without one is an index whose creation was cut short, and creating
+        it again starts over (as long as its store holds no items).
+        """
         path = Path(path)
-        if (path / MANIFEST_FILE).exists() or (path / STORE_FILE).exists():
+        if (path / MANIFEST_FILE).exists():
             raise IndexExistsError(f"{path}: an index already exists here (remove it first, or use `add`)")
         if path.exists() and not path.is_dir():
             raise IndexExistsError(f"{path}: exists and is not a folder")
         enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder, device=device)
         index = VectorIndex(enc.dimension, factory=factory)  # validates the factory before anything is written
         path.mkdir(parents=True, exist_ok=True)
+        lock = _lock or IndexWriteLock(path, timeout=lock_timeout)
+        with lock:
+            return cls._create_locked(path, enc, encoder, index, factory, lock)
+
+    @classmethod
+    def _create_locked(
+        cls, path: Path, enc: Encoder, encoder: Any, index: VectorIndex, factory: str, lock: IndexWriteLock
+    ) -> SiameseDB:
+        if (path / MANIFEST_FILE).exists():  # another process finished creating it while we waited for the lock
+            raise IndexExistsError(f"{path}: an index already exists here (remove it first, or use `add`)")
+        store_path = path / STORE_FILE
+        if store_path.exists():
+            if _store_has_items(store_path):
+                raise IndexExistsError(
+                    f"{path}: {STORE_FILE} holds items but there is no {MANIFEST_FILE}; move the folder aside"
+                )
+            for suffix in ("", "-wal", "-shm"):  # an empty store from a creation cut short: start over
+                Path(f"{store_path}{suffix}").unlink(missing_ok=True)
+        _remove_temporaries(path)
         enc.save(path / ENCODER_DIR)
         store = ItemStore(path / STORE_FILE, dim=enc.dimension)
         manifest = {
@@ -143,6 +248,8 @@ class SiameseDB:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         db = cls(path, store, index, enc, manifest)
+        db._lock = lock
+        db._index_version = store.version
         db._save_index_and_manifest()
         return db
 
@@ -157,42 +264,61 @@ class SiameseDB:
         batch_size: int = 256,
         workers: int | None = None,
         progress: bool = False,
+        lock_timeout: float | None = None,
     ) -> SiameseDB:
         """Index every image of a labelled folder (label = parent folder relative to the root).
 
         Re-running a build into an existing index adds only the files it does not hold yet (same label and content
         hash), so an interrupted build resumes where it stopped. Unreadable files are skipped and reported in
-        `db.last_report`, never fatal.
+        `db.last_report`, never fatal. The whole build holds the index's write lock (a second writer waits up to
+        `lock_timeout` seconds, default $SIAMESEDB_LOCK_TIMEOUT or 60).
         """
         folder = Path(folder)
         images = scan_folder(folder)  # FolderError for a missing / empty folder, before anything is created
         path = Path(path) if path is not None else DEFAULT_HOME / folder.resolve().name
-        if (path / MANIFEST_FILE).exists():
-            db = cls.open(path, device=device)
-            if not isinstance(encoder, Encoder) and encoder != DEFAULT_ENCODER:
-                other = Encoder.load(encoder, device=device)
-                if other.fingerprint != db.encoder.fingerprint:
-                    raise EncoderMismatchError(
-                        f"{path}: index was built with encoder {db.encoder.fingerprint}, not {other.fingerprint}"
-                    )
-        else:
-            db = cls.create(path, encoder=encoder, factory=factory, device=device)
-        db._add_images(images, batch_size=batch_size, workers=workers, progress=progress)
+        if not (path / MANIFEST_FILE).exists():
+            # Check the encoder and factory before the folder (and its lock file) is made.
+            checked = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder, device=device)
+            VectorIndex(checked.dimension, factory=factory)
+            if path.exists() and not path.is_dir():
+                raise IndexExistsError(f"{path}: exists and is not a folder")
+            path.mkdir(parents=True, exist_ok=True)
+        lock = IndexWriteLock(path, timeout=lock_timeout)
+        with lock:  # taken before deciding create-or-resume, so two builds of one new index cannot both create it
+            if (path / MANIFEST_FILE).exists():
+                db = cls.open(path, device=device, lock_timeout=lock_timeout, _lock=lock)
+                if not isinstance(encoder, Encoder) and encoder != DEFAULT_ENCODER:
+                    other = Encoder.load(encoder, device=device)
+                    if other.fingerprint != db.encoder.fingerprint:
+                        raise EncoderMismatchError(
+                            f"{path}: index was built with encoder {db.encoder.fingerprint}, not {other.fingerprint}"
+                        )
+            else:
+                db = cls.create(path, encoder=encoder, factory=factory, device=device, _lock=lock)
+            _remove_temporaries(path)
+            db._add_images(images, batch_size=batch_size, workers=workers, progress=progress)
         return db
 
     @classmethod
-    def open(cls, path: str | os.PathLike, device: str = "auto") -> SiameseDB:
-        """Open an existing index; its FAISS file is rebuilt from the store when missing, stale or unreadable."""
+    def open(
+        cls,
+        path: str | os.PathLike,
+        device: str = "auto",
+        lock_timeout: float | None = None,
+        _lock: IndexWriteLock | None = None,
+    ) -> SiameseDB:
+        """Open an existing index; its FAISS file is rebuilt from the store when missing, stale or unreadable.
+
+        Opening takes no lock: many readers may open an index at once, also while a writer works on it. Writes
+        through the handle (add, remove, calibrate) take the write lock, waiting up to `lock_timeout` seconds.
+        """
         path = Path(path)
         manifest_path = path / MANIFEST_FILE
         if not path.is_dir() or not manifest_path.exists():
             raise IndexNotFoundError(f"{path}: no index here (build one with `siamesedb build FOLDER --index {path}`)")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            dim = int(manifest["dimension"])
-            version = int(manifest["format_version"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CorruptIndexError(f"{manifest_path}: unreadable manifest ({exc})") from None
+        manifest = _read_manifest(path)
+        dim = int(manifest["dimension"])
+        version = int(manifest["format_version"])
         if version > FORMAT_VERSION:
             raise CorruptIndexError(
                 f"{path}: written by a newer siamesedb (format {version}; this one reads up to {FORMAT_VERSION})"
@@ -212,32 +338,73 @@ class SiameseDB:
             raise DimensionMismatchError(f"{path / STORE_FILE}: store holds {store.dim}-d vectors, manifest says {dim}")
         factory = manifest.get("factory", "Flat")
         db = cls(path, store, VectorIndex(dim, factory=factory), encoder, manifest)
+        db._lock = _lock or IndexWriteLock(path, timeout=lock_timeout)
         db.index = db._load_or_rebuild_vectors()
         return db
 
     def _load_or_rebuild_vectors(self) -> VectorIndex:
         vectors_path = self.path / VECTORS_FILE
-        fresh = self.manifest.get("vectors_store_version") == self.store.version
+        with self.store.snapshot():  # version and count of one committed state, even while a writer commits
+            version, count = self.store.version, self.store.count()
+        fresh = self.manifest.get("vectors_store_version") == version
         if fresh and vectors_path.exists():
             try:
                 index = VectorIndex.load(vectors_path, factory=self.manifest.get("factory", "Flat"))
-                if index.dim == self.store.dim and index.ntotal == self.store.count():
+                if index.dim == self.store.dim and index.ntotal == count:
+                    self._index_version = version
                     return index
             except CorruptIndexError:
                 pass  # derived data: fall through and rebuild it from the store
-        index = self._index_from_store()
-        self.index = index
-        self._save_index_and_manifest()
-        return index
+        self.index = self._index_from_store()
+        # Save the rebuilt file only when no writer is at work (never wait: a reader must not block). A writer
+        # holding the lock saves a fresh file when it finishes; until then every opener rebuilds in memory.
+        if self._lock.try_acquire():
+            try:
+                self._catch_up()
+                self._save_index_and_manifest()
+            finally:
+                self._lock.release()
+        return self.index
 
     def _index_from_store(self) -> VectorIndex:
-        ids, vectors = self.store.vectors()
+        """A FAISS index of one committed state of the store; records which store version it mirrors."""
+        with self.store.snapshot():
+            version = self.store.version
+            ids, vectors = self.store.vectors()
         index = VectorIndex(self.dimension, factory=self.manifest.get("factory", "Flat"))
         if len(ids):
             if not index.is_trained:
                 index.train(vectors)
             index.add(vectors, ids)
+        self._index_version = version
         return index
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the write lock for one public write; on first taking it, catch up with other processes' writes."""
+        outermost = not self._lock.held
+        self._lock.acquire()
+        try:
+            if outermost:
+                self._catch_up()
+            yield
+        except BaseException:
+            if outermost:
+                self._index_version = None  # a write failed part-way: rebuild from the store before the next one
+            raise
+        else:
+            if outermost:
+                self._index_version = self.store.version  # under the lock only our writes moved it, in step
+        finally:
+            self._lock.release()
+
+    def _catch_up(self) -> None:
+        """Under the write lock: drop leftovers of crashed writers, re-read the manifest, rebuild a stale index."""
+        _remove_temporaries(self.path)
+        self.manifest = _read_manifest(self.path)
+        if self._index_version is None or self._index_version != self.store.version:
+            self.index = self._index_from_store()
+            self._prototype_cache = None
 
     def _save_index_and_manifest(self) -> None:
         self.index.save(self.path / VECTORS_FILE)
@@ -334,12 +501,14 @@ class SiameseDB:
             self._save_index_and_manifest()
         return ids
 
+    @_locked_write
     def add_folder(
         self, folder: str | os.PathLike, batch_size: int = 256, workers: int | None = None, progress: bool = False
     ) -> BuildReport:
         """Add every image of a labelled folder that the index does not hold yet."""
         return self._add_images(scan_folder(Path(folder)), batch_size=batch_size, workers=workers, progress=progress)
 
+    @_locked_write
     def add(self, images: ImageLike | Sequence[ImageLike], label: str | Sequence[str]) -> int | np.ndarray:
         """Add image(s) under `label` (one label for all, or one per image). Returns the new id(s).
 
@@ -360,6 +529,7 @@ class SiameseDB:
         ids = self._commit([str(x) for x in labels], paths, hashes, vectors)
         return int(ids[0]) if single else ids
 
+    @_locked_write
     def add_vectors(
         self,
         vectors: np.ndarray,
@@ -379,6 +549,7 @@ class SiameseDB:
         hashes = [_array_sha256(v) for v in vectors]
         return self._commit([str(x) for x in labels], paths, hashes, vectors)
 
+    @_locked_write
     def remove(self, ids: int | Iterable[int] | None = None, label: str | None = None) -> int:
         """Remove items by id(s) or every item of a label. Returns how many were removed."""
         if (ids is None) == (label is None):
@@ -530,6 +701,7 @@ class SiameseDB:
         score = query.verification_score(vector, self.support(label), rule=rule)
         return query.Verification(label=label, accepted=bool(score >= threshold), score=float(score), threshold=threshold)
 
+    @_locked_write
     def calibrate(self, target_far: float | None = None, rule: str = "prototype") -> dict[str, Any]:
         """Choose the verification threshold from the support set's own genuine / impostor pairs.
 

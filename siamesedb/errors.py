@@ -62,3 +62,7 @@ class NotCalibratedError(SiameseDBError):
 
 class EmptyIndexError(SiameseDBError):
     """The operation needs items and the index (or the chosen classes) holds none."""
+
+
+class IndexLockedError(SiameseDBError):
+    """Another process holds an index's write lock and did not release it within the timeout."""

@@ -129,6 +129,23 @@ class ItemStore:
                 conn.execute("ROLLBACK")
             raise
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside one read transaction see one committed state (WAL), whatever writers commit meanwhile.
+
+        A no-op inside a write transaction, which already sees only itself.
+        """
+        conn = self._db
+        if conn.in_transaction:
+            yield
+            return
+        conn.execute("BEGIN")  # deferred: the snapshot starts at the first read and holds until COMMIT
+        try:
+            yield
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+
     def _bump(self) -> None:
         self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'version'")
 

@@ -1,0 +1,118 @@
+"""One writer at a time per index: an exclusive file lock (`write.lock`) beside the store, with its holder named.
+
+Readers take no lock: SQLite in WAL mode gives each read a consistent snapshot, and the FAISS file and manifest are
+replaced by atomic renames, so a reader sees the state before a write or after it. Writers (build, add, remove,
+calibrate, and a reader that wants to save a rebuilt FAISS file) hold `write.lock` for the whole change; a second
+writer waits up to a timeout and then fails with IndexLockedError naming the holder's pid.
+
+The lock is an OS lock (flock on POSIX, via the `filelock` package): the kernel drops it when its holder dies, even
+by kill -9, so a crashed writer never leaves an index locked. The holder's pid, host and start time go to
+`write.lock.owner` after the lock is taken; it is only read to word the error message.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from siamesedb.errors import IndexLockedError, InvalidInputError
+
+LOCK_FILE = "write.lock"
+OWNER_FILE = "write.lock.owner"
+TIMEOUT_ENV = "SIAMESEDB_LOCK_TIMEOUT"
+DEFAULT_TIMEOUT = 60.0  # seconds a second writer waits; negative = forever, 0 = try once
+
+
+def parse_timeout(value: float | str | None) -> float:
+    """Seconds to wait for the lock: `value`, else $SIAMESEDB_LOCK_TIMEOUT, else DEFAULT_TIMEOUT; negative = forever."""
+    if value is None:
+        value = os.environ.get(TIMEOUT_ENV, "").strip() or DEFAULT_TIMEOUT
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"lock timeout must be a number of seconds, got {value!r} (from ${TIMEOUT_ENV}?)") from None
+    if math.isnan(seconds):
+        raise InvalidInputError("lock timeout must be a number of seconds, got NaN")
+    return seconds
+
+
+def lock_owner(folder: str | os.PathLike) -> str:
+    """'pid 1234 on host, since 14:02:11Z' from the owner file, or 'another process' when it cannot be read."""
+    try:
+        text = (Path(folder) / OWNER_FILE).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return "another process"
+    return text.splitlines()[0] if text else "another process"
+
+
+class IndexWriteLock:
+    """The write lock of one index folder; re-entrant within the object (build -> create -> add nests freely).
+
+    `timeout=None` reads $SIAMESEDB_LOCK_TIMEOUT (default 60 s) each time the lock is first taken.
+    """
+
+    def __init__(self, folder: str | os.PathLike, timeout: float | None = None):
+        self.folder = Path(folder)
+        self.timeout = timeout
+        self.depth = 0
+        # thread_local=False: the nesting is counted here, per SiameseDB, not per thread.
+        self._lock = FileLock(self.folder / LOCK_FILE, thread_local=False)
+
+    @property
+    def held(self) -> bool:
+        return self.depth > 0
+
+    def acquire(self, timeout: float | None = None) -> None:
+        """Take the lock, waiting up to `timeout` seconds (default: the object's); IndexLockedError when it expires."""
+        if self.depth:
+            self.depth += 1
+            return
+        wait = parse_timeout(self.timeout if timeout is None else timeout)
+        try:
+            self._lock.acquire(timeout=-1 if wait < 0 else wait)
+        except Timeout:
+            raise IndexLockedError(
+                f"index {self.folder} is being written by {lock_owner(self.folder)}; gave up after {wait:g} s "
+                f"(wait longer with --lock-timeout or ${TIMEOUT_ENV}; -1 waits forever)"
+            ) from None
+        self.depth = 1
+        try:
+            self._record_owner()
+        except OSError:
+            pass  # the owner file only words error messages; the lock itself is held
+
+    def try_acquire(self) -> bool:
+        """Take the lock only if it is free right now (no waiting); False when held elsewhere or not writable."""
+        try:
+            self.acquire(timeout=0)
+        except (IndexLockedError, OSError):
+            return False
+        return True
+
+    def release(self) -> None:
+        if self.depth == 0:
+            return
+        self.depth -= 1
+        if self.depth == 0:
+            self._lock.release()
+
+    def __enter__(self) -> IndexWriteLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _record_owner(self) -> None:
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        tmp = self.folder / f"{OWNER_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n", encoding="utf-8")
+        os.replace(tmp, self.folder / OWNER_FILE)  # a waiter never reads half a line
+
+
+__all__ = ["IndexWriteLock", "lock_owner", "parse_timeout", "LOCK_FILE", "OWNER_FILE", "TIMEOUT_ENV", "DEFAULT_TIMEOUT"]
