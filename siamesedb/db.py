@@ -333,8 +333,9 @@ class SiameseDB:
             raise DimensionMismatchError(f"{path}: encoder makes {encoder.dimension}-d vectors, manifest says {dim}")
         if not (path / STORE_FILE).exists():
             raise CorruptIndexError(f"{path / STORE_FILE}: missing (the store is the index's truth)")
-        store = ItemStore(path / STORE_FILE, dim=dim)
+        store = ItemStore(path / STORE_FILE)  # reads its own dimension; compared with the manifest's below
         if store.dim is not None and store.dim != dim:
+            store.close()
             raise DimensionMismatchError(f"{path / STORE_FILE}: store holds {store.dim}-d vectors, manifest says {dim}")
         factory = manifest.get("factory", "Flat")
         db = cls(path, store, VectorIndex(dim, factory=factory), encoder, manifest)

@@ -66,3 +66,7 @@ class EmptyIndexError(SiameseDBError):
 
 class IndexLockedError(SiameseDBError):
     """Another process holds an index's write lock and did not release it within the timeout."""
+
+
+class StorageError(SiameseDBError):
+    """The disk refused a read or write of an index file (full, read-only, I/O error)."""

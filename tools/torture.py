@@ -126,6 +126,7 @@ def run_operation(operation: str, index: str, source: str, extra: str, log_path:
         with SiameseDB.open(index) as db:
             for far in (None, 0.1, 0.01, None, 0.05, 0.2):
                 db.calibrate(target_far=far)
+                log({"event": "commit_calibration"})  # the manifest was renamed into place
     log({"event": "done"})
 
 
@@ -133,6 +134,8 @@ def check_index(operation: str, index: str, source: str, log_path: str, before: 
                 batch_size: int) -> dict:
     """In a fresh process: open the index the killed child left and compare it with what the child logged."""
     _quiet_child()
+    import numpy as np
+
     from siamesedb.data import scan_folder
     from siamesedb.db import MANIFEST_FILE, SiameseDB
     from siamesedb.errors import IndexNotFoundError
@@ -184,6 +187,10 @@ def check_index(operation: str, index: str, source: str, log_path: str, before: 
                 for i in e["ids"]:
                     expected[key_of[i]] -= 1
                 pending_remove = None
+        calibration = db.manifest.get("calibration")
+        committed_calibration = any(e["event"] == "commit_calibration" for e in events)
+        if committed_calibration and not (isinstance(calibration, dict) and np.isfinite(calibration["threshold"])):
+            counts["lost"] += 1  # a calibration reported written is gone or damaged
         if pending_add:  # the add in flight: all of it stored, or none of it
             arrived = collections.Counter(pending_add) & (present - expected)
             counts["half"] += int(0 < sum(arrived.values()) < len(pending_add))
@@ -327,11 +334,11 @@ def main() -> int:
             elif key not in ("commits", "done"):
                 totals[key] += value
         if not killed or result.get("done"):
-            phases["after the operation finished"] += 1
+            phases[operation, "after it finished"] += 1
         elif result.get("commits", 0) == 0:
-            phases["before its first commit"] += 1
+            phases[operation, "before its first commit"] += 1
         else:
-            phases["between commits"] += 1
+            phases[operation, "between commits"] += 1
         totals["killed"] += int(killed)
     checker.shutdown()
     seconds = time.perf_counter() - started
@@ -340,8 +347,11 @@ def main() -> int:
     print(f"{n} trials, {totals['lost']} lost, {totals['duplicated']} duplicated, {totals['unopenable']} unopenable")
     print(f"  half batches {totals['half']}, stray items {totals['stray']}, FAISS/store mismatches "
           f"{totals['inconsistent']}, unresumable builds {totals['unresumable']}")
-    print(f"  {totals['killed']} killed ({', '.join(f'{v} {k}' for k, v in phases.items())}); "
-          f"{totals['not_created']} build kills landed before the index existed")
+    print(f"  {totals['killed']} killed; {totals['not_created']} build kills landed before the index existed")
+    for operation in operations:
+        where = ", ".join(f"{phases[operation, phase]} {phase}"
+                          for phase in ("before its first commit", "between commits", "after it finished"))
+        print(f"  {operation}: {where}")
     print(f"  operations: {', '.join(operations)}; {args.classes} x {args.per_class} images, batch size "
           f"{args.batch_size}; {seconds:.0f} s ({seconds / max(n, 1):.2f} s per trial)")
     for message, count in errors.items():
