@@ -14,10 +14,12 @@ store version, and the next open rebuilds the FAISS file from the store instead 
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -91,6 +93,45 @@ def _locked_write(method):
             return method(self, *args, **kwargs)
 
     return locked
+
+
+NOT_UTF8 = "file or folder name is not valid UTF-8 (rename it)"
+
+
+def _printable(path: str | os.PathLike) -> str:
+    """A path as text that always prints: undecodable bytes shown as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _unindexable_reason(image: LabelledImage) -> str | None:
+    """Why a scanned file cannot be indexed before reading a byte of it, or None: names the store cannot hold
+    (not UTF-8) and entries that are no regular file (a FIFO would block the content hash forever)."""
+    try:
+        str(image.path).encode("utf-8")
+        image.label.encode("utf-8")
+    except UnicodeEncodeError:
+        return NOT_UTF8
+    try:
+        mode = os.stat(image.path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if exc.errno == errno.ENOENT and os.path.islink(image.path):
+            return "broken symbolic link"
+        return exc.strerror or str(exc)
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _split_unindexable(images: list[LabelledImage]) -> tuple[list[LabelledImage], list[tuple[str, str]]]:
+    """(indexable images, (printable path, reason) of the rest); see _unindexable_reason."""
+    kept, skipped = [], []
+    for image in images:
+        reason = _unindexable_reason(image)
+        if reason is None:
+            kept.append(image)
+        else:
+            skipped.append((_printable(image.path), reason))
+    return kept, skipped
 
 
 def _remove_temporaries(path: Path) -> None:
@@ -275,6 +316,7 @@ class SiameseDB:
         """
         folder = Path(folder)
         images = scan_folder(folder)  # FolderError for a missing / empty folder, before anything is created
+        images, unstorable = _split_unindexable(images)
         path = Path(path) if path is not None else DEFAULT_HOME / folder.resolve().name
         if not (path / MANIFEST_FILE).exists():
             # Check the encoder and factory before the folder (and its lock file) is made.
@@ -296,7 +338,9 @@ class SiameseDB:
             else:
                 db = cls.create(path, encoder=encoder, factory=factory, device=device, _lock=lock)
             _remove_temporaries(path)
-            db._add_images(images, batch_size=batch_size, workers=workers, progress=progress)
+            report = db._add_images(images, batch_size=batch_size, workers=workers, progress=progress)
+        report.scanned += len(unstorable)
+        report.skipped[:0] = unstorable
         return db
 
     @classmethod
@@ -507,7 +551,11 @@ class SiameseDB:
         self, folder: str | os.PathLike, batch_size: int = 256, workers: int | None = None, progress: bool = False
     ) -> BuildReport:
         """Add every image of a labelled folder that the index does not hold yet."""
-        return self._add_images(scan_folder(Path(folder)), batch_size=batch_size, workers=workers, progress=progress)
+        images, unstorable = _split_unindexable(scan_folder(Path(folder)))
+        report = self._add_images(images, batch_size=batch_size, workers=workers, progress=progress)
+        report.scanned += len(unstorable)
+        report.skipped[:0] = unstorable
+        return report
 
     @_locked_write
     def add(self, images: ImageLike | Sequence[ImageLike], label: str | Sequence[str]) -> int | np.ndarray:

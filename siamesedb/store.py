@@ -52,6 +52,15 @@ def _named_sqlite_errors(method: Callable) -> Callable:
     return checked
 
 
+def _is_utf8(text: str) -> bool:
+    """False for str holding lone surrogates: how Python spells file names whose bytes are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _named_error(path: Path, exc: sqlite3.Error) -> Exception:
     reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
     lowered = reason.lower()
@@ -250,6 +259,11 @@ class ItemStore:
         if n == 0:
             return np.empty(0, dtype=np.int64)
         rows = [(labels[i], os.fspath(paths[i]), hashes[i], vectors[i].tobytes()) for i in range(n)]
+        for row in rows:
+            for text in row[:3]:
+                if isinstance(text, bytes) or not _is_utf8(text):  # SQLite TEXT is UTF-8: refuse before the batch
+                    shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+                    raise InvalidInputError(f"{shown}: not valid UTF-8 text (a file or folder name in another encoding?)")
         with self._transaction() as conn:
             # AUTOINCREMENT hands out ids above every id ever used (sqlite_sequence), and we hold the write lock:
             # the rows above that mark after one executemany are exactly this batch, in insertion order.
