@@ -41,6 +41,7 @@ from siamesedb.errors import (
     IndexNotFoundError,
     InvalidInputError,
     NotCalibratedError,
+    StorageError,
     UnknownLabelError,
 )
 from siamesedb.index import VectorIndex
@@ -407,6 +408,8 @@ class SiameseDB:
             try:
                 self._catch_up()
                 self._save_index_and_manifest()
+            except StorageError:
+                pass  # a reader answers from the rebuilt index in memory; saving it was only a courtesy
             finally:
                 self._lock.release()
         return self.index
@@ -452,9 +455,15 @@ class SiameseDB:
             self._prototype_cache = None
 
     def _save_index_and_manifest(self) -> None:
-        self.index.save(self.path / VECTORS_FILE)
-        self.manifest["vectors_store_version"] = self.store.version
-        _write_json_atomic(self.path / MANIFEST_FILE, self.manifest)
+        try:
+            self.index.save(self.path / VECTORS_FILE)
+            self.manifest["vectors_store_version"] = self.store.version
+            _write_json_atomic(self.path / MANIFEST_FILE, self.manifest)
+        except OSError as exc:  # disk full, read-only folder, a folder where the file should be...
+            raise StorageError(
+                f"{self.path}: cannot save the index files ({exc.strerror or exc}); the item store is intact and "
+                "the FAISS file is rebuilt from it on the next open"
+            ) from None
 
     def close(self) -> None:
         self.store.close()
@@ -593,6 +602,9 @@ class SiameseDB:
             raise InvalidInputError(f"{len(vectors)} vectors but {len(labels)} labels")
         if not np.isfinite(vectors).all():
             raise InvalidInputError("vectors contain NaN or infinity")
+        zero = np.flatnonzero(~np.any(vectors != 0, axis=1))
+        if len(zero):  # no direction, so no cosine similarity: it would score 0 against everything, silently
+            raise InvalidInputError(f"vector {int(zero[0])} is all zeros and cannot be normalised")
         vectors = query.normalize(vectors)
         paths = list(paths) if paths is not None else [""] * len(vectors)
         hashes = [_array_sha256(v) for v in vectors]
@@ -691,7 +703,7 @@ class SiameseDB:
         self, vectors: np.ndarray, method: str = "prototype", k: int = 5, classes: Sequence[str] | None = None
     ) -> list[query.Prediction]:
         """Array-level classify of (nq, D) vectors."""
-        vectors = np.atleast_2d(vectors)
+        vectors = _finite_queries(vectors)
         if method == "prototype":
             names, protos = self._prototypes(classes)
             rankings = query.rank_by_prototype(vectors, protos, names)
@@ -737,6 +749,7 @@ class SiameseDB:
     def verify_vector(
         self, vector: np.ndarray, label: str, threshold: float | None = None, rule: str | None = None
     ) -> query.Verification:
+        vector = _finite_queries(vector)[0]
         calibration = self.manifest.get("calibration") or {}
         rule = rule or calibration.get("rule", "prototype")
         if rule not in query.VERIFY_RULES:
@@ -789,7 +802,10 @@ class SiameseDB:
             "items": int(len(ids)),
         }
         self.manifest["calibration"] = calibration
-        _write_json_atomic(self.path / MANIFEST_FILE, self.manifest)
+        try:
+            _write_json_atomic(self.path / MANIFEST_FILE, self.manifest)
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot save the manifest ({exc.strerror or exc})") from None
         return calibration
 
     def info(self) -> dict[str, Any]:
@@ -830,6 +846,14 @@ def verify_pair(
     vectors = np.atleast_2d(enc.encode([image_a, image_b]))
     score = float(vectors[0] @ vectors[1])
     return query.Verification(label=str(image_b), accepted=bool(score >= threshold), score=score, threshold=float(threshold))
+
+
+def _finite_queries(vectors: np.ndarray) -> np.ndarray:
+    """(nq, D) query vectors, refused when any value is NaN or infinite (every score would be NaN, silently)."""
+    array = np.atleast_2d(np.asarray(vectors))
+    if np.issubdtype(array.dtype, np.number) and not np.isfinite(array).all():
+        raise InvalidInputError("query vectors contain NaN or infinity")
+    return array
 
 
 def _array_sha256(obj: Any) -> str:
