@@ -41,6 +41,7 @@ from siamesedb.errors import (
     IndexNotFoundError,
     InvalidInputError,
     NotCalibratedError,
+    SiameseDBError,
     StorageError,
     UnknownLabelError,
 )
@@ -432,12 +433,14 @@ class SiameseDB:
         """Hold the write lock for one public write; on first taking it, catch up with other processes' writes."""
         outermost = not self._lock.held
         self._lock.acquire()
+        started_at = None
         try:
             if outermost:
                 self._catch_up()
+                started_at = self._index_version
             yield
         except BaseException:
-            if outermost:
+            if outermost and not self._store_still_at(started_at):
                 self._index_version = None  # a write failed part-way: rebuild from the store before the next one
             raise
         else:
@@ -445,6 +448,13 @@ class SiameseDB:
                 self._index_version = self.store.version  # under the lock only our writes moved it, in step
         finally:
             self._lock.release()
+
+    def _store_still_at(self, version: int | None) -> bool:
+        """Whether the store is still at `version` (a refused write changed nothing: no rebuild needed)."""
+        try:
+            return version is not None and self.store.version == version
+        except SiameseDBError:
+            return False
 
     def _catch_up(self) -> None:
         """Under the write lock: drop leftovers of crashed writers, re-read the manifest, rebuild a stale index."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from siamesedb.errors import IndexLockedError, InvalidInputError
+from siamesedb.errors import IndexLockedError, InvalidInputError, StorageError
 
 LOCK_FILE = "write.lock"
 OWNER_FILE = "write.lock.owner"
@@ -75,22 +75,27 @@ class IndexWriteLock:
         wait = parse_timeout(self.timeout if timeout is None else timeout)
         try:
             self._lock.acquire(timeout=-1 if wait < 0 else wait)
-        except Timeout:
-            raise IndexLockedError(
-                f"index {self.folder} is being written by {lock_owner(self.folder)}; gave up after {wait:g} s "
-                f"(wait longer with --lock-timeout or ${TIMEOUT_ENV}; -1 waits forever)"
-            ) from None
+        except OSError as exc:  # filelock's Timeout is an OSError too
+            if isinstance(exc, Timeout):
+                raise self._locked_error(wait) from None
+            raise StorageError(f"{self.folder}: cannot take the write lock ({exc.strerror or exc})") from None
         self.depth = 1
         try:
             self._record_owner()
         except OSError:
             pass  # the owner file only words error messages; the lock itself is held
 
+    def _locked_error(self, wait: float) -> IndexLockedError:
+        return IndexLockedError(
+            f"index {self.folder} is being written by {lock_owner(self.folder)}; gave up after {wait:g} s "
+            f"(wait longer with --lock-timeout or ${TIMEOUT_ENV}; -1 waits forever)"
+        )
+
     def try_acquire(self) -> bool:
         """Take the lock only if it is free right now (no waiting); False when held elsewhere or not writable."""
         try:
             self.acquire(timeout=0)
-        except (IndexLockedError, OSError):
+        except (IndexLockedError, StorageError, OSError):
             return False
         return True
 
