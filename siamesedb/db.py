@@ -678,10 +678,12 @@ class SiameseDB:
     def _prototypes(self, classes: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
         version = self.store.version
         if self._prototype_cache is None or self._prototype_cache[0] != version:
-            ids, vectors = self.store.vectors()
+            with self.store.snapshot():  # version, vectors and labels of one committed state, whoever writes
+                version = self.store.version
+                ids, vectors = self.store.vectors()
+                labels = self.store.labels_of(ids)
             if len(ids) == 0:
                 raise EmptyIndexError(f"{self.path}: the index holds no items")
-            labels = self.store.labels_of(ids)
             names, protos = query.class_prototypes(vectors, labels)
             self._prototype_cache = (version, names, protos)
         _, names, protos = self._prototype_cache
@@ -736,8 +738,9 @@ class SiameseDB:
 
     def _knn_within(self, vectors: np.ndarray, classes: Sequence[str], k: int) -> tuple[np.ndarray, list[list]]:
         """Exact top-k among the items of `classes` only (an episode's support set is small: brute force)."""
-        ids, corpus = self.store.vectors()
-        labels = np.asarray(self.store.labels_of(ids), dtype=object)
+        with self.store.snapshot():
+            ids, corpus = self.store.vectors()
+            labels = np.asarray(self.store.labels_of(ids), dtype=object)
         keep = np.isin(labels, np.asarray(list(classes), dtype=object))
         D, I = query.brute_force_search(vectors, corpus[keep], k)
         kept_labels = labels[keep]
