@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench-build clean
+.PHONY: install demo test bench-build torture bench-resume clean
 
 install: $(STAMP)
 
@@ -25,6 +25,12 @@ test: install
 
 bench-build: install
 	$(BIN)/python tools/bench_build.py --data $(DATA)
+
+torture: install
+	$(BIN)/python tools/torture.py --trials 400 --data $(DATA)
+
+bench-resume: install
+	$(BIN)/python tools/bench_resume.py --data $(DATA)
 
 clean:
 	rm -rf $(VENV) indexes/omniglot-demo runs/demo

@@ -60,11 +60,11 @@ def interrupted_build(folder: Path, index: Path, at: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=None, help="Omniglot images_evaluation folder (default: the dataset cache).")
+    parser.add_argument("--data", default=None, help="Folder holding omniglot/images_evaluation.zip (or the zip).")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--at", type=float, default=0.9, help="Fraction committed when the build is killed.")
     args = parser.parse_args()
-    folder = Path(args.data) if args.data else Path(omniglot("evaluation"))
+    folder = omniglot("evaluation", source=args.data)
     total = len(scan_folder(folder))
     work = Path(tempfile.mkdtemp(prefix="siamesedb-resume-"))
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "

@@ -253,19 +253,16 @@ def main() -> int:
     parser.add_argument("--operations", default=",".join(OPERATIONS), help="Comma-separated subset of " + ", ".join(OPERATIONS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="Scratch folder (default: a temporary one, removed after).")
-    parser.add_argument("--data", default=None, help="Omniglot images_evaluation folder (default: the dataset cache).")
+    parser.add_argument("--data", default=None, help="Folder holding omniglot/images_evaluation.zip (or the zip).")
     parser.add_argument("--no-resume", action="store_true", help="Skip re-running interrupted builds.")
     args = parser.parse_args()
     operations = [op.strip() for op in args.operations.split(",") if op.strip()]
     if any(op not in OPERATIONS for op in operations):
         parser.error(f"--operations: choose from {', '.join(OPERATIONS)}")
 
-    if args.data:
-        omniglot_root = Path(args.data)
-    else:
-        from siamesedb.datasets import omniglot
+    from siamesedb.datasets import omniglot
 
-        omniglot_root = Path(omniglot("evaluation"))
+    omniglot_root = Path(omniglot("evaluation", source=args.data))
     rng = random.Random(args.seed)
     work = Path(args.work or tempfile.mkdtemp(prefix="siamesedb-torture-"))
     work.mkdir(parents=True, exist_ok=True)
