@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench-build torture bench-resume clean
+.PHONY: install demo test bench-build serve torture bench-resume clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The web page and HTTP API over the demo's index (run `make demo` first).
+serve: install
+	$(BIN)/siamesedb serve --index indexes/omniglot-demo
 
 bench-build: install
 	$(BIN)/python tools/bench_build.py --data $(DATA)

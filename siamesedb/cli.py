@@ -78,6 +78,8 @@ lock_timeout_option = click.option(
     help="Seconds to wait while another process writes the index (default $SIAMESEDB_LOCK_TIMEOUT or 60; -1 = forever).",
 )
 images_argument = click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+sheet_option = click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                            help="Also write a contact sheet PNG: each image beside its answers, labels and scores.")
 
 
 def emit_json(document: Any) -> None:
@@ -233,15 +235,21 @@ def calibrate(index_dir: Path, target_far: float | None, rule: str, as_json: boo
 @click.option("-k", "k", default=5, show_default=True, help="How many neighbours to return.")
 @device_option
 @json_option
-def query(images: tuple[Path, ...], index_dir: Path, k: int, device: str, as_json: bool) -> None:
+@sheet_option
+def query(images: tuple[Path, ...], index_dir: Path, k: int, device: str, as_json: bool, sheet: Path | None) -> None:
     """Find the K most similar indexed items to each IMAGE.
 
     \b
     Example:
       siamesedb query new.png --index indexes/omniglot -k 5 --json
+      siamesedb query new.png --index indexes/omniglot --sheet answers.png
     """
     db = open_db(index_dir, device)
     results = db.search(list(images), k=k)
+    if sheet is not None:
+        from siamesedb.plots import search_sheet
+
+        click.echo(f"wrote {search_sheet(list(images), results, sheet)}", err=True)
     if as_json:
         emit_json([{"query": str(p), "hits": [h.to_dict() for h in hits]} for p, hits in zip(images, results)])
         return
@@ -261,16 +269,22 @@ def query(images: tuple[Path, ...], index_dir: Path, k: int, device: str, as_jso
 @click.option("--top", default=5, show_default=True, help="Ranking entries shown (all are in --json).")
 @device_option
 @json_option
+@sheet_option
 def classify(images: tuple[Path, ...], index_dir: Path, method: str, k: int, classes: tuple[str, ...], top: int,
-             device: str, as_json: bool) -> None:
+             device: str, as_json: bool, sheet: Path | None) -> None:
     """Say which of the index's classes each IMAGE belongs to.
 
     \b
     Example:
       siamesedb classify new.png --index indexes/omniglot --method prototype --json
+      siamesedb classify new.png --index indexes/omniglot --sheet classes.png
     """
     db = open_db(index_dir, device)
     predictions = db.classify(list(images), method=method, k=k, classes=list(classes) or None)
+    if sheet is not None:
+        from siamesedb.plots import classify_sheet
+
+        click.echo(f"wrote {classify_sheet(db, list(images), predictions, sheet, top=top)}", err=True)
     if as_json:
         emit_json([{"query": str(p), **pred.to_dict()} for p, pred in zip(images, predictions)])
         return
@@ -374,6 +388,8 @@ def info(index_dir: Path, as_json: bool) -> None:
 @click.option("--rotate-classes", is_flag=True, default=None,
               help="Add 90/180/270-degree copies of each training class as new classes (characters).")
 @click.option("--augment/--no-augment", default=None, help="Random small affine distortions (default: on).")
+@click.option("--forgery-episodes/--no-forgery-episodes", default=None,
+              help="Proto: an episode that draws X/genuine also draws X/forged as a class (default: on).")
 @click.option("--seed", type=int, default=None, help="Random seed (runs are deterministic on CPU).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
 @device_option
@@ -382,12 +398,13 @@ def train(folder: Path, out_dir: Path, loss: str, epochs: int | None, steps_per_
           batch_size: int | None, lr: float | None, margin: float | None, backbone: str | None,
           embedding_dim: int | None, width: int | None, image_size: int | None, image_width: int | None,
           keep_aspect: bool | None, groups: str | None, way: int | None, shot: int | None,
-          rotate_classes: bool | None, augment: bool | None,
+          rotate_classes: bool | None, augment: bool | None, forgery_episodes: bool | None,
           seed: int | None, resume: bool, device: str, quiet: bool) -> None:
     """Train a Siamese encoder on a labelled FOLDER (twin networks, shared weights).
 
     Skilled forgeries: a class X/forged beside a class X/genuine holds forgeries of X.
-    They never form genuine pairs and serve as hard impostors of X/genuine (pair losses).
+    They never form genuine pairs and serve as hard impostors of X/genuine (pair losses); proto
+    episodes that draw X/genuine also draw X/forged as a class of its own.
 
     \b
     Example:
@@ -402,6 +419,7 @@ def train(folder: Path, out_dir: Path, loss: str, epochs: int | None, steps_per_
         "margin": margin, "backbone": backbone, "embedding_dim": embedding_dim, "width": width, "seed": seed,
         "device": device, "image_size": image_size, "image_width": image_width, "keep_aspect": keep_aspect,
         "groups": groups, "way": way, "shot": shot, "rotate_classes": rotate_classes, "augment": augment,
+        "forgery_episodes": forgery_episodes,
     }
     config = TrainConfig(**{key: value for key, value in overrides.items() if value is not None})
     encoder = run_training(folder, out_dir, config, progress=not quiet, resume=resume,
@@ -430,11 +448,13 @@ def eval_group() -> None:
               help="Lake's protocol: all classes of an episode from one group (alphabet = first label component), "
                    "support all by one drawer, queries by another.")
 @click.option("--seed", default=0, show_default=True, help="Episode sampling seed.")
+@click.option("--plots", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for oneshot.png (episode accuracies and the running mean).")
 @device_option
 @quiet_option
 @json_option
 def oneshot(folder: Path, encoder: str, way: int, shot: int, queries: int, episodes: int, within_group: bool,
-            seed: int, device: str, quiet: bool, as_json: bool) -> None:
+            seed: int, plots: Path | None, device: str, quiet: bool, as_json: bool) -> None:
     """N-way K-shot classification accuracy (mean and 95% CI) over episodes of FOLDER.
 
     \b
@@ -446,13 +466,15 @@ def oneshot(folder: Path, encoder: str, way: int, shot: int, queries: int, episo
 
     result = evaluate_oneshot(folder, Encoder.load(encoder, device=device), way=way, shot=shot, queries=queries,
                               episodes=episodes, within_group=within_group, seed=seed,
-                              progress=not (quiet or as_json))
+                              progress=not (quiet or as_json), plots=plots)
     if as_json:
         emit_json(result.to_dict())
         return
     task = "within-group" if within_group else "unstructured"
     click.echo(f"{way}-way {shot}-shot ({task}, {episodes} episodes, seed {seed}): "
                f"accuracy {result.accuracy:.2%} ± {result.ci95:.2%} (95% CI)")
+    for path in result.plots.values():
+        click.echo(f"wrote {path}")
 
 
 @eval_group.command(name="verify", context_settings=CONTEXT_SETTINGS)
@@ -498,6 +520,97 @@ def eval_verify(folder: Path, encoder: str, references: int, test_groups: str, c
                f"FAR {result.far:.2%}, FRR {result.frr:.2%}, accuracy {result.accuracy:.2%}")
     for name, path in result.plots.items():
         click.echo(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------- serving
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@index_option()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (anything but loopback makes the write endpoints need a token).")
+@click.option("--port", default=8000, show_default=True, help="TCP port.")
+@click.option("--token", envvar="SIAMESEDB_TOKEN", default=None,
+              help="Bearer token for POST /items and DELETE /items/ID (env SIAMESEDB_TOKEN; made up when needed).")
+@click.option("--max-upload-mb", type=float, default=10.0, show_default=True, help="Largest accepted request body.")
+@device_option
+def serve(index_dir: Path, host: str, port: int, token: str | None, max_upload_mb: float, device: str) -> None:
+    """Serve an index over HTTP: a JSON API and a web page at http://HOST:PORT/.
+
+    POST an image to /search, /classify or /verify?label=L; GET /info, /labels,
+    /items/ID; POST /items?label=L and DELETE /items/ID change the index. The
+    OpenAPI schema is at /openapi.json, its interactive page at /docs.
+
+    \b
+    Example:
+      siamesedb serve --index indexes/omniglot-demo --port 8000
+      curl -s -H 'Content-Type: image/png' --data-binary @new.png 'http://127.0.0.1:8000/search?k=5'
+    """
+    from siamesedb.serve import serve as run_server
+
+    open_db(index_dir, device).close()  # a missing or broken index fails here, as one line, before the server starts
+    click.echo(f"serving {index_dir} on http://{host}:{port}/ (API schema: /docs; Ctrl-C stops)", err=True)
+    run_server(index_dir, host=host, port=port, token=token, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+               device=device)
+
+
+@cli.command(name="plot-map", context_settings=CONTEXT_SETTINGS)
+@index_option()
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write.")
+@click.option("--class", "classes", multiple=True, help="Draw these classes (repeatable; default: the largest ones).")
+@click.option("--max-classes", default=20, show_default=True, help="How many of the largest classes to draw.")
+def plot_map(index_dir: Path, out: Path, classes: tuple[str, ...], max_classes: int) -> None:
+    """Draw an index's vectors in 2-D (PCA), one colour per class, class means as crosses.
+
+    \b
+    Example:
+      siamesedb plot-map --index indexes/omniglot-demo --out map.png --max-classes 12
+    """
+    from siamesedb.plots import index_map
+
+    click.echo(f"wrote {index_map(open_db(index_dir), out, classes=list(classes) or None, max_classes=max_classes)}")
+
+
+@cli.group(cls=SiameseGroup, context_settings=CONTEXT_SETTINGS, name="datasets")
+def datasets_group() -> None:
+    """Known public datasets: unpack their official archives into labelled folders.
+
+    \b
+    Example:
+      siamesedb datasets fetch omniglot --to data --from ../shared/data
+    """
+
+
+@datasets_group.command(name="fetch", context_settings=CONTEXT_SETTINGS)
+@click.argument("name", type=click.Choice(["omniglot", "svc2004", "fashion-mnist"]))
+@click.option("--to", "to", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Destination folder (the dataset goes into TO/NAME/).")
+@click.option("--from", "source", default=None,
+              help="Folder or archive holding the official files, or an http(s) URL of a folder of them "
+                   "(default: $SIAMESEDB_DATA or ../shared/data, else the official download).")
+@quiet_option
+@json_option
+def datasets_fetch(name: str, to: Path, source: str | None, quiet: bool, as_json: bool) -> None:
+    """Unpack a dataset into labelled folders (checksums verified); prints each split's root.
+
+    Omniglot: images_background/ and images_evaluation/ (label Alphabet/characterNN).
+    SVC2004: Uxx/genuine and Uxx/forged. Fashion-MNIST: train/ and test/ (label = class name).
+    Fashion-MNIST files must match the official MD5s; every zip member its CRC-32.
+
+    \b
+    Example:
+      siamesedb datasets fetch omniglot --to data --from ../shared/data
+      siamesedb build data/omniglot/images_evaluation.d/images_evaluation --index indexes/omniglot
+    """
+    from siamesedb.datasets import fetch
+
+    log = None if (quiet or as_json) else (lambda line: click.echo(line, err=True))
+    roots = fetch(name, to, source=source, log=log, progress=log is not None)
+    if as_json:
+        emit_json({"dataset": name, "roots": {split: str(root) for split, root in roots.items()}})
+        return
+    for split, root in roots.items():
+        click.echo(f"{name} {split}: {root}")
 
 
 def main() -> None:

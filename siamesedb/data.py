@@ -536,7 +536,10 @@ class ClassBalancedSampler:
 class EpisodeSampler:
     """N-way K-shot episodes for prototypical training and evaluation: disjoint support and query items per class."""
 
-    def __init__(self, labels: Sequence[int], way: int, shot: int, queries: int, seed: int = 0):
+    def __init__(self, labels: Sequence[int], way: int, shot: int, queries: int, seed: int = 0,
+                 forgery_of: dict[int, int] | None = None):
+        """`forgery_of` (forged class label -> genuine class label): an episode that draws a genuine class also draws
+        its skilled forgeries as another class, so the loss must tell each writer from their imitators."""
         if way < 1 or shot < 1 or queries < 0:
             raise InvalidInputError(f"need way >= 1, shot >= 1, queries >= 0; got {way}, {shot}, {queries}")
         self.labels, order, offsets, counts = _group_by_class(labels)
@@ -546,6 +549,30 @@ class EpisodeSampler:
             raise InvalidInputError(f"only {len(self.eligible)} classes have {shot + queries} items; need {way}")
         self.way, self.shot, self.queries = way, shot, queries
         self.rng = np.random.default_rng(seed)
+        # Class positions (indices into members): genuine position -> its eligible forged position.
+        position = {int(label): c for c, label in enumerate(np.unique(self.labels))}
+        eligible = set(self.eligible.tolist())
+        self.forged_position = {position[g]: position[f] for f, g in (forgery_of or {}).items()
+                                if f in position and g in position and position[f] in eligible}
+
+    def _classes(self) -> np.ndarray:
+        """`way` distinct class positions; with forgeries, each drawn genuine class brings its forged class along."""
+        if not self.forged_position:
+            return self.rng.choice(self.eligible, size=self.way, replace=False)
+        forged = set(self.forged_position.values())
+        chosen: list[int] = []
+        for c in self.rng.permutation(self.eligible).tolist():
+            if len(chosen) == self.way:
+                break
+            if c in forged or c in chosen:
+                continue  # forged classes come in with their genuine class, or fill the episode at the end
+            chosen.append(c)
+            if c in self.forged_position and len(chosen) < self.way:
+                chosen.append(self.forged_position[c])
+        if len(chosen) < self.way:
+            spare = [c for c in self.eligible.tolist() if c not in chosen]
+            chosen += self.rng.choice(spare, size=self.way - len(chosen), replace=False).tolist()
+        return np.asarray(chosen, dtype=np.int64)
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(support (way*shot,), query (way*queries,), query episode labels (way*queries,) in 0..way-1).
@@ -553,7 +580,7 @@ class EpisodeSampler:
         Both index arrays are class-major; the support's episode labels are np.repeat(arange(way), shot).
         """
         support, query = [], []
-        for c in self.rng.choice(self.eligible, size=self.way, replace=False):
+        for c in self._classes():
             picked = self.rng.choice(self.members[c], size=self.shot + self.queries, replace=False)
             support.append(picked[: self.shot])
             query.append(picked[self.shot :])

@@ -181,8 +181,10 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _write_fashion_pngs(files: dict[str, Path], staging: Path) -> None:
+def _write_fashion_pngs(files: dict[str, Path], staging: Path, progress: bool = False) -> None:
     """IDX pairs -> staging/<split>/<class>/<split>_<index>.png (28x28 grey, as stored: dark background)."""
+    from tqdm import tqdm
+
     for split, (images_name, labels_name) in FASHION_MNIST_SPLITS.items():
         images, labels = _read_idx(files[images_name]), _read_idx(files[labels_name])
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -192,12 +194,13 @@ def _write_fashion_pngs(files: dict[str, Path], staging: Path) -> None:
         folders = [staging / split / name for name in FASHION_MNIST_CLASSES]
         for folder in folders:
             folder.mkdir(parents=True)
-        for i, (image, label) in enumerate(zip(images, labels)):
+        for i, (image, label) in enumerate(tqdm(zip(images, labels), total=len(labels), unit="img",
+                                                desc=f"fashion-mnist {split}", disable=not progress)):
             Image.fromarray(image).save(folders[label] / f"{split}_{i:05d}.png", compress_level=1)
 
 
 def fashion_mnist(split: str | None = None, source: str | os.PathLike | None = None,
-                  cache_dir: str | os.PathLike | None = None) -> Path:
+                  cache_dir: str | os.PathLike | None = None, progress: bool = False) -> Path:
     """Fashion-MNIST as PNG folders by class name: <root>/train/<class>/*.png (60,000), <root>/test/<class>/*.png (10,000).
 
     Returns <root> when split is None, else the labelled root of that split (<root>/train or <root>/test).
@@ -218,5 +221,90 @@ def fashion_mnist(split: str | None = None, source: str | os.PathLike | None = N
                 if path.parent == cache / "downloads":
                     path.unlink()  # a bad download must not block the next attempt
                 raise FolderError(f"{path}: MD5 {actual} is not the official {FASHION_MNIST_MD5[name]}")
-        _publish(lambda staging: _write_fashion_pngs(files, staging), root)
+        _publish(lambda staging: _write_fashion_pngs(files, staging, progress), root)
     return root if split is None else root / split
+
+
+# ---------------------------------------------------------------------------------------------- `siamesedb datasets fetch`
+
+DATASETS = ("omniglot", "svc2004", "fashion-mnist")
+ARCHIVES = {
+    "omniglot": ("omniglot", ["images_background.zip", "images_evaluation.zip"]),
+    "svc2004": ("signatures_svc2004", ["svc2004_png.zip"]),
+    "fashion-mnist": ("fashion_mnist", list(FASHION_MNIST_MD5)),
+}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_zip(archive: Path) -> None:
+    """Every member's CRC-32 checked against the archive's own record: a damaged or truncated zip fails here."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise FolderError(f"{archive}: not a readable zip archive ({exc})") from None
+    if bad is not None:
+        raise FolderError(f"{archive}: member {bad} fails its CRC-32 check (damaged archive)")
+
+
+def fetch(name: str, to: str | os.PathLike, source: str | os.PathLike | None = None,
+          log: Callable[[str], None] | None = None, progress: bool = False) -> dict[str, Path]:
+    """Unpack a known dataset's official archives into labelled folders under `to/<name>/`; returns {split: root}.
+
+    `source`: a local folder or file holding the archives (default: default_data_root(), then the official
+    download), or an http(s) URL of a folder holding them (each file is fetched as URL/<file name>). Checks before
+    unpacking: Fashion-MNIST's files against the official MD5s, zip archives' CRC-32 of every member. The SHA-256 of
+    every archive used is written to `to/<name>/SHA256SUMS`.
+    """
+    if name not in DATASETS:
+        raise FolderError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    log = log or (lambda line: None)
+    target = Path(to) / name
+    subfolder, files = ARCHIVES[name]
+    if source is not None and str(source).startswith(("http://", "https://")):
+        base = str(source).rstrip("/")
+        downloads = target / "downloads"
+        for filename in files:
+            if not (downloads / filename).is_file():
+                log(f"downloading {base}/{filename}")
+                try:
+                    _download(f"{base}/{filename}", downloads / filename)
+                except Exception as exc:
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise FolderError(f"downloading {base}/{filename} failed ({reason})") from None
+        source = downloads
+    roots: dict[str, Path] = {}
+    used: dict[str, Path] = {}
+    if name == "omniglot":
+        for split in ("background", "evaluation"):
+            filename = f"images_{split}.zip"
+            archive = _obtain(source, subfolder, filename, OMNIGLOT_URL.format(split=split), target / "downloads")
+            _check_zip(archive)
+            used[filename] = archive
+            log(f"unpacking {archive}")
+            roots[split] = omniglot(split, source=archive, cache_dir=target)
+    elif name == "svc2004":
+        archive = _obtain(source, subfolder, "svc2004_png.zip", None, target / "downloads")
+        _check_zip(archive)
+        used["svc2004_png.zip"] = archive
+        log(f"unpacking {archive}")
+        roots["all"] = svc2004(source=archive, cache_dir=target)
+    else:
+        for filename in files:  # fashion_mnist() checks the MD5s itself, before converting
+            used[filename] = _obtain(source, subfolder, filename, FASHION_MNIST_URL.format(name=filename),
+                                     target / "downloads")
+        log(f"converting {len(files)} IDX files to PNG folders")
+        common = {used[f].parent for f in files}
+        folder = common.pop() if len(common) == 1 else None
+        root = fashion_mnist(source=folder, cache_dir=target, progress=progress)
+        roots = {"train": root / "train", "test": root / "test"}
+    sums = "".join(f"{_sha256(path)}  {filename}\n" for filename, path in sorted(used.items()))
+    (target / "SHA256SUMS").write_text(sums, encoding="utf-8")
+    return roots

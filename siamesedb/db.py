@@ -842,6 +842,36 @@ class SiameseDB:
             "largest_classes": sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5],
         }
 
+    def refresh(self) -> bool:
+        """Catch up with writes another process made to this index (a server's view of it). Returns whether it did.
+
+        Reads only: the manifest is re-read, and the FAISS index is reloaded from its file when that mirrors the
+        store's current version, else rebuilt in memory from the store (never written here, so a reader can never
+        race the writer for the files).
+        """
+        manifest = _read_manifest(self.path)
+        version = self.store.version
+        if manifest == self.manifest and self.manifest.get("vectors_store_version") == version:
+            return False  # nothing changed (this object's own writes keep the two in step)
+        if getattr(self, "_refreshed_to", None) == (version, manifest):
+            return False  # caught up already; the writer has not finished its FAISS file and manifest yet
+        self._refreshed_to = (version, manifest)
+        self.manifest = manifest
+        index = None
+        vectors_path = self.path / VECTORS_FILE
+        if manifest.get("vectors_store_version") == version and vectors_path.exists():
+            try:
+                index = VectorIndex.load(vectors_path, factory=manifest.get("factory", "Flat"))
+                if index.ntotal != self.store.count():
+                    index = None
+            except CorruptIndexError:
+                index = None
+        if index is not None:
+            self._index_version = version
+        self.index = index if index is not None else self._index_from_store()
+        self._prototype_cache = None
+        return True
+
 
 def verify_pair(
     image_a: ImageLike,

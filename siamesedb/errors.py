@@ -70,3 +70,11 @@ class IndexLockedError(SiameseDBError):
 
 class StorageError(SiameseDBError):
     """The disk refused a read or write of an index file (full, read-only, I/O error)."""
+
+
+class UploadError(InvalidInputError):
+    """An uploaded image (HTTP API) is missing, too large, of the wrong type or not decodable."""
+
+    def __init__(self, message: str, status: int = 400):
+        self.status = status  # the HTTP status the server answers with (400, 413, 415)
+        super().__init__(message)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ class OneShotResult:
     skipped: int
     encoder: str
     seconds: float
+    plots: dict[str, str] = field(default_factory=dict)  # name -> PNG written (with `plots=FOLDER`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,8 +174,12 @@ def evaluate_oneshot(
     within_group: bool = False,
     seed: int = 0,
     progress: bool = False,
+    plots: str | Path | None = None,
 ) -> OneShotResult:
-    """N-way K-shot accuracy of `encoder` on a labelled folder of classes it was not trained on."""
+    """N-way K-shot accuracy of `encoder` on a labelled folder of classes it was not trained on.
+
+    `plots`: a folder to write oneshot.png into (episode accuracy histogram and running mean with its 95% interval).
+    """
     started = time.perf_counter()
     vectors, images, skipped = encode_folder(folder, encoder, progress=progress)
     accuracies = episode_accuracies(
@@ -189,6 +194,11 @@ def evaluate_oneshot(
         seed=seed,
     )
     ci95 = 1.96 * accuracies.std(ddof=1) / np.sqrt(episodes) if episodes > 1 else float("nan")
+    written = {}
+    if plots is not None:
+        from siamesedb.plots import oneshot_accuracy
+
+        written["oneshot"] = str(oneshot_accuracy(accuracies, way, shot, Path(plots) / "oneshot.png"))
     return OneShotResult(
         way=way,
         shot=shot,
@@ -203,6 +213,7 @@ def evaluate_oneshot(
         skipped=skipped,
         encoder=encoder.fingerprint,
         seconds=round(time.perf_counter() - started, 3),
+        plots=written,
     )
 
 

@@ -73,6 +73,7 @@ class TrainConfig:
     workers: int = 2  # decoding processes while loading the folder
     groups: str | None = None  # train only on these groups (first label component): "U01-U30", "Latin,Greek"
     hard_negative_fraction: float = 0.5  # of impostor pairs drawn as (genuine, its skilled forgery) where forgeries exist
+    forgery_episodes: bool = True  # proto: an episode with a genuine class also holds its forgeries as a class
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -242,6 +243,10 @@ def plot_history(history: list[dict[str, float]], path: Path) -> None:
         right = left.twinx()
         right.plot(epochs, [h.get("val_accuracy") for h in history], "s-", color="tab:red", label="validation")
         right.set_ylabel(f"held-out {history[-1].get('val_way', 20)}-way 1-shot accuracy", color="tab:red")
+        right.set_ylim(0, 1.02)  # an accuracy: a flat line at 1.0 must not be stretched into a band around it
+    from matplotlib.ticker import MaxNLocator
+
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     left.set_title("siamesedb train")
     fig.tight_layout()
     fig.savefig(path)
@@ -314,7 +319,8 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
         elif config.loss == "triplet":
             sampler = ClassBalancedSampler(y_train, max(2, config.batch_size // config.per_class), config.per_class, seed=epoch_seed)
         else:
-            sampler = EpisodeSampler(y_train, config.way, config.shot, config.queries, seed=epoch_seed)
+            sampler = EpisodeSampler(y_train, config.way, config.shot, config.queries, seed=epoch_seed,
+                                     forgery_of=forgeries if config.forgery_episodes else None)
         encoder.net.train()
         losses, started, seen = [], time.perf_counter(), 0
         bar = tqdm(range(config.steps_per_epoch), disable=not progress, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step")

@@ -451,6 +451,21 @@ def test_episode_sampler_is_disjoint_and_deterministic():
         EpisodeSampler(LABELS, way=5, shot=2, queries=2)
 
 
+def test_episode_sampler_brings_each_drawn_writer_with_their_forgeries():
+    # classes 0-5 genuine writers, 10-15 their forgeries (10 imitates 0, ...), 4 items each
+    labels = np.repeat(np.r_[np.arange(6), np.arange(10, 16)], 4)
+    forgery_of = {10 + g: g for g in range(6)}
+    for seed in range(20):
+        support, _, _ = EpisodeSampler(labels, way=4, shot=1, queries=1, seed=seed, forgery_of=forgery_of).sample()
+        drawn = labels[support].tolist()
+        assert len(set(drawn)) == 4
+        # every drawn genuine class has its forged class in the same episode, and vice versa
+        assert all((c + 10 in drawn) for c in drawn if c < 10) and all((c - 10 in drawn) for c in drawn if c >= 10)
+    # an odd way still fills the episode with distinct classes
+    support, _, _ = EpisodeSampler(labels, way=5, shot=1, queries=1, seed=3, forgery_of=forgery_of).sample()
+    assert len(set(labels[support].tolist())) == 5
+
+
 def test_group_selection_and_forgery_targets():
     from siamesedb.data import forgery_target, parse_groups, select_groups
 

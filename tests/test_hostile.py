@@ -241,7 +241,7 @@ def test_random_bytes_load_or_fail_as_image_load_error(tmp_path, data, prefix):
 
 
 MODES = ["1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "I;16", "I", "F", "YCbCr"]
-FORMATS = {"PNG": {"1", "L", "P", "RGB", "RGBA", "LA", "I;16", "I"}, "TIFF": {"1", "L", "P", "RGB", "RGBA", "CMYK",
+FORMATS = {"PNG": {"1", "L", "P", "RGB", "RGBA", "LA", "I;16"}, "TIFF": {"1", "L", "P", "RGB", "RGBA", "CMYK",
            "I;16", "I", "F", "YCbCr"}, "BMP": {"1", "L", "P", "RGB"}, "GIF": {"1", "L", "P"},
            "WEBP": {"RGB", "RGBA"}, "JPEG": {"L", "RGB", "CMYK"}}
 
