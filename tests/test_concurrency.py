@@ -9,8 +9,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -96,6 +94,14 @@ def reader(path: str, stop, results) -> None:
     results.put(("reader", len(sizes), problems))
 
 
+def build(folder: str, path: str, results) -> None:
+    try:
+        with SiameseDB.build(folder, path=path, lock_timeout=120, workers=0) as db:
+            results.put(db.last_report.added)
+    except Exception as exc:  # noqa: BLE001
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
 def hold_lock(path: str, held, release) -> None:
     lock = IndexWriteLock(path)
     lock.acquire()
@@ -179,14 +185,14 @@ def test_two_builds_of_one_new_index_create_it_once(tmp_path, ctx):
         (folder / label).mkdir(parents=True)
         for v in range(3):
             Image.new("L", (20, 20), 40 * v + (100 if label == "b" else 0)).save(folder / label / f"{v}.png")
-    code = ("import sys; from siamesedb.db import SiameseDB; "
-            "db = SiameseDB.build(sys.argv[1], path=sys.argv[2], lock_timeout=120); print(db.last_report.added)")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    runs = [subprocess.Popen([sys.executable, "-c", code, str(folder), str(tmp_path / "index")], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outputs = [run.communicate(timeout=300) for run in runs]
-    assert all(run.returncode == 0 for run in runs), outputs
-    assert sorted(int(out.strip()) for out, _ in outputs) == [0, 6]  # one built it, the other found it all there
+    results = ctx.Queue()
+    builds = [ctx.Process(target=build, args=(str(folder), str(tmp_path / "index"), results)) for _ in range(2)]
+    for p in builds:
+        p.start()
+    outcomes = sorted(results.get(timeout=240) for _ in builds)
+    for p in builds:
+        p.join(30)
+    assert outcomes == [0, 6]  # one built it, the other waited and found it all there
     with SiameseDB.open(tmp_path / "index") as db:
         assert len(db) == 6 and (tmp_path / "index" / MANIFEST_FILE).exists()
 

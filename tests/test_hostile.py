@@ -251,9 +251,9 @@ def fuzz_encoder(encoder_dir) -> Encoder:
     return Encoder.load(encoder_dir)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    width=st.integers(1, 300), height=st.integers(1, 300), mode=st.sampled_from(MODES),
+    width=st.integers(1, 200), height=st.integers(1, 200), mode=st.sampled_from(MODES),
     fmt=st.sampled_from(sorted(FORMATS)), seed=st.integers(0, 2**16),
 )
 def test_random_valid_images_of_odd_sizes_and_modes_encode_to_unit_vectors(tmp_path, fuzz_encoder, width, height,
