@@ -431,8 +431,8 @@ class SiameseDB:
     @contextmanager
     def _writing(self) -> Iterator[None]:
         """Hold the write lock for one public write; on first taking it, catch up with other processes' writes."""
-        outermost = not self._lock.held
         self._lock.acquire()
+        outermost = self._lock.depth == 1  # read under the lock: another thread's write has finished by now
         started_at = None
         try:
             if outermost:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -51,16 +52,19 @@ def lock_owner(folder: str | os.PathLike) -> str:
 
 
 class IndexWriteLock:
-    """The write lock of one index folder; re-entrant within the object (build -> create -> add nests freely).
+    """The write lock of one index folder; re-entrant within a thread (build -> create -> add nests freely).
 
-    `timeout=None` reads $SIAMESEDB_LOCK_TIMEOUT (default 60 s) each time the lock is first taken.
+    Between processes it is the OS file lock; between threads sharing one object (a server's handle), a
+    threading.RLock taken first, so two threads never write through one handle at once.
+    `timeout=None` reads $SIAMESEDB_LOCK_TIMEOUT (default 60 s) each time the lock is taken.
     """
 
     def __init__(self, folder: str | os.PathLike, timeout: float | None = None):
         self.folder = Path(folder)
         self.timeout = timeout
-        self.depth = 0
-        # thread_local=False: the nesting is counted here, per SiameseDB, not per thread.
+        self.depth = 0  # nesting of the holding thread; changed only by the thread holding _guard
+        self._guard = threading.RLock()
+        # thread_local=False: the nesting is counted here (under _guard), not by filelock per thread.
         self._lock = FileLock(self.folder / LOCK_FILE, thread_local=False)
 
     @property
@@ -69,25 +73,33 @@ class IndexWriteLock:
 
     def acquire(self, timeout: float | None = None) -> None:
         """Take the lock, waiting up to `timeout` seconds (default: the object's); IndexLockedError when it expires."""
+        wait = parse_timeout(self.timeout if timeout is None else timeout)
+        started = time.monotonic()
+        if not self._guard.acquire(blocking=wait != 0, timeout=wait if wait > 0 else -1):
+            raise self._locked_error(wait, "another thread of this process")
         if self.depth:
             self.depth += 1
             return
-        wait = parse_timeout(self.timeout if timeout is None else timeout)
+        left = -1.0 if wait < 0 else max(0.0, wait - (time.monotonic() - started))
         try:
-            self._lock.acquire(timeout=-1 if wait < 0 else wait)
+            self._lock.acquire(timeout=left)
         except OSError as exc:  # filelock's Timeout is an OSError too
+            self._guard.release()
             if isinstance(exc, Timeout):
                 raise self._locked_error(wait) from None
             raise StorageError(f"{self.folder}: cannot take the write lock ({exc.strerror or exc})") from None
+        except BaseException:
+            self._guard.release()
+            raise
         self.depth = 1
         try:
             self._record_owner()
         except OSError:
             pass  # the owner file only words error messages; the lock itself is held
 
-    def _locked_error(self, wait: float) -> IndexLockedError:
+    def _locked_error(self, wait: float, holder: str | None = None) -> IndexLockedError:
         return IndexLockedError(
-            f"index {self.folder} is being written by {lock_owner(self.folder)}; gave up after {wait:g} s "
+            f"index {self.folder} is being written by {holder or lock_owner(self.folder)}; gave up after {wait:g} s "
             f"(wait longer with --lock-timeout or ${TIMEOUT_ENV}; -1 waits forever)"
         )
 
@@ -103,8 +115,11 @@ class IndexWriteLock:
         if self.depth == 0:
             return
         self.depth -= 1
-        if self.depth == 0:
-            self._lock.release()
+        try:
+            if self.depth == 0:
+                self._lock.release()
+        finally:
+            self._guard.release()
 
     def __enter__(self) -> IndexWriteLock:
         self.acquire()

@@ -203,3 +203,49 @@ def test_lock_timeout_values_are_checked(index, monkeypatch):
         db.add_vectors(unit_vectors(1, 4), ["x"])
     result = CliRunner().invoke(cli, ["calibrate", "--index", str(index), "--lock-timeout", "soon"])
     assert result.exit_code == 2 and "soon" in result.output
+
+
+def test_threads_sharing_one_handle_write_one_at_a_time(index):
+    import threading
+
+    errors = []
+    with SiameseDB.open(index, lock_timeout=60) as db:
+
+        def write(name: str) -> None:
+            try:
+                for b in range(5):
+                    db.add_vectors(unit_vectors(PER_BATCH, hash((name, b)) % 2**32), [f"{name}-{b}"] * PER_BATCH)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=write, args=(f"t{i}",)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == []
+        assert len(db) == 8 + 3 * 5 * PER_BATCH
+        assert sorted(db.index.ids().tolist()) == sorted(db.store.vectors()[0].tolist())
+        # A thread that finds the handle's lock taken by another thread waits, then names the holder.
+        db._lock.acquire()
+        try:
+            failure = []
+            waiter = threading.Thread(target=lambda: failure.append(_try_add(db, 0.2)))
+            waiter.start()
+            waiter.join(30)
+            assert failure and "another thread of this process" in failure[0]
+        finally:
+            db._lock.release()
+    with SiameseDB.open(index) as again:
+        assert again.manifest["vectors_store_version"] == again.store.version
+
+
+def _try_add(db: SiameseDB, timeout: float) -> str:
+    db._lock.timeout = timeout
+    try:
+        db.add_vectors(unit_vectors(1, 9), ["blocked"])
+    except IndexLockedError as exc:
+        return str(exc)
+    finally:
+        db._lock.timeout = None
+    return "written"
