@@ -291,7 +291,10 @@ def main() -> int:
         child.join(kill_after)
         killed = child.is_alive()
         if killed:
-            os.kill(child.pid, signal.SIGKILL)
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it finished between the check and the kill
+                killed = False
             child.join()
         return time.perf_counter() - started, killed
 
