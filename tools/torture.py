@@ -12,6 +12,7 @@ SIGKILL, then checks, in a fresh process:
   stray        an item is stored that no batch ever held
   inconsistent the FAISS index that open() gives does not hold exactly the store's ids
   unresumable  (build trials) re-running the same build does not end with every image stored exactly once
+  failed checks the checking process itself raised on what the kill left
 
 and prints `N trials, L lost, D duplicated, U unopenable` plus the other counts and where the kills landed.
 Exit status 1 when any count is not zero.
@@ -189,7 +190,7 @@ def check_index(operation: str, index: str, source: str, log_path: str, before: 
                 pending_remove = None
         calibration = db.manifest.get("calibration")
         committed_calibration = any(e["event"] == "commit_calibration" for e in events)
-        if committed_calibration and not (isinstance(calibration, dict) and np.isfinite(calibration["threshold"])):
+        if committed_calibration and not (isinstance(calibration, dict) and np.isfinite(calibration.get("threshold", np.nan))):
             counts["lost"] += 1  # a calibration reported written is gone or damaged
         if pending_add:  # the add in flight: all of it stored, or none of it
             arrived = collections.Counter(pending_add) & (present - expected)
@@ -326,8 +327,11 @@ def main() -> int:
         log_path.touch()
         kill_after = rng.uniform(0.0, 1.1 * durations[operation])
         _, killed = run_child(operation, index, log_path, trial, kill_after)
-        result = checker.submit(check_index, operation, str(index), str(source), str(log_path), before,
-                                not args.no_resume, args.batch_size).result()
+        try:
+            result = checker.submit(check_index, operation, str(index), str(source), str(log_path), before,
+                                    not args.no_resume, args.batch_size).result()
+        except Exception as exc:  # noqa: BLE001 - the check itself failed on what the kill left: count it, go on
+            result = {"check_failed": 1, f"error: {type(exc).__name__}: {exc}"[:160]: 1}
         for key, value in result.items():
             if key.startswith("error: "):
                 errors[key] += value
@@ -346,7 +350,7 @@ def main() -> int:
     n = args.trials
     print(f"{n} trials, {totals['lost']} lost, {totals['duplicated']} duplicated, {totals['unopenable']} unopenable")
     print(f"  half batches {totals['half']}, stray items {totals['stray']}, FAISS/store mismatches "
-          f"{totals['inconsistent']}, unresumable builds {totals['unresumable']}")
+          f"{totals['inconsistent']}, unresumable builds {totals['unresumable']}, failed checks {totals['check_failed']}")
     print(f"  {totals['killed']} killed; {totals['not_created']} build kills landed before the index existed")
     for operation in operations:
         where = ", ".join(f"{phases[operation, phase]} {phase}"
@@ -358,7 +362,8 @@ def main() -> int:
         print(f"  {count} x {message[7:]}")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
-    bad = sum(totals[k] for k in ("lost", "duplicated", "unopenable", "half", "stray", "inconsistent", "unresumable"))
+    bad = sum(totals[k] for k in ("lost", "duplicated", "unopenable", "half", "stray", "inconsistent", "unresumable",
+                                  "check_failed"))
     return 1 if bad else 0
 
 
