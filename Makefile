@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench-build serve torture bench-resume clean
+.PHONY: install demo test bench-build bench-search serve torture bench-resume clean
 
 install: $(STAMP)
 
@@ -29,6 +29,9 @@ serve: install
 
 bench-build: install
 	$(BIN)/python tools/bench_build.py --data $(DATA)
+
+bench-search: install
+	$(BIN)/python tools/bench_search.py
 
 torture: install
 	$(BIN)/python tools/torture.py --trials 400 --data $(DATA)

@@ -49,7 +49,8 @@ def index_option(required: bool = True) -> Callable:
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 device_option = click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where to run the encoder."
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+    help="Where to run the encoder (and search, for commands that search).",
 )
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 encoder_option = click.option(
@@ -80,6 +81,10 @@ lock_timeout_option = click.option(
 images_argument = click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 sheet_option = click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
                             help="Also write a contact sheet PNG: each image beside its answers, labels and scores.")
+nprobe_option = click.option("--nprobe", type=click.IntRange(min=1), default=None,
+                             help="IVF indexes: inverted lists to visit for this query (more = slower, closer to exact).")
+ef_search_option = click.option("--ef-search", type=click.IntRange(min=1), default=None,
+                                 help="HNSW indexes: candidate list size for this query (more = slower, closer to exact).")
 
 
 def emit_json(document: Any) -> None:
@@ -119,7 +124,8 @@ def cli() -> None:
 @click.argument("folder", type=click.Path(path_type=Path))
 @index_option()
 @encoder_option
-@click.option("--factory", default="Flat", show_default=True, help="FAISS index factory string (Flat, IVF256,Flat, HNSW32…).")
+@click.option("--factory", default="Flat", show_default=True,
+              help="FAISS index factory string (Flat, IVF256,Flat, HNSW32, IVF1024,PQ16…) or 'auto' (by collection size).")
 @device_option
 @click.option("--batch-size", default=256, show_default=True, help="Images encoded per batch.")
 @click.option("--workers", type=int, default=None, help="Decoding processes (default: automatic).")
@@ -137,6 +143,7 @@ def build(folder: Path, index_dir: Path, encoder: str, factory: str, device: str
     \b
     Example:
       siamesedb build ~/omniglot/images_evaluation --index indexes/omniglot
+      siamesedb build ~/photos --index indexes/photos --factory auto
     """
     from siamesedb.db import SiameseDB
 
@@ -203,6 +210,28 @@ def remove(index_dir: Path, ids: tuple[int, ...], label: str | None, as_json: bo
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @index_option()
+@click.option("--factory", default=None,
+              help="New FAISS factory string, or 'auto' to choose again for today's size (default: keep the type).")
+@lock_timeout_option
+@json_option
+def reindex(index_dir: Path, factory: str | None, as_json: bool) -> None:
+    """Rebuild the FAISS index from the store: retrain, drop removed items, optionally change type.
+
+    \b
+    Example:
+      siamesedb reindex --index indexes/omniglot --factory auto
+    """
+    db = open_db(index_dir)
+    chosen = db.reindex(factory)
+    if as_json:
+        emit_json({"index": str(index_dir), "factory": chosen, "items": len(db),
+                   "search_defaults": db.index.search_defaults})
+    else:
+        click.echo(f"{index_dir}: rebuilt as {chosen} over {len(db)} items")
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@index_option()
 @click.option("--target-far", type=float, default=None, help="Aim for this false-accept rate instead of the equal-error point.")
 @lock_timeout_option
 @click.option("--rule", type=click.Choice(VERIFY_RULES), default="prototype", show_default=True,
@@ -233,19 +262,23 @@ def calibrate(index_dir: Path, target_far: float | None, rule: str, as_json: boo
 @images_argument
 @index_option()
 @click.option("-k", "k", default=5, show_default=True, help="How many neighbours to return.")
+@nprobe_option
+@ef_search_option
 @device_option
 @json_option
 @sheet_option
-def query(images: tuple[Path, ...], index_dir: Path, k: int, device: str, as_json: bool, sheet: Path | None) -> None:
+def query(images: tuple[Path, ...], index_dir: Path, k: int, nprobe: int | None, ef_search: int | None, device: str,
+          as_json: bool, sheet: Path | None) -> None:
     """Find the K most similar indexed items to each IMAGE.
 
     \b
     Example:
       siamesedb query new.png --index indexes/omniglot -k 5 --json
       siamesedb query new.png --index indexes/omniglot --sheet answers.png
+      siamesedb query new.png --index indexes/big --nprobe 32
     """
     db = open_db(index_dir, device)
-    results = db.search(list(images), k=k)
+    results = db.search(list(images), k=k, nprobe=nprobe, ef_search=ef_search)
     if sheet is not None:
         from siamesedb.plots import search_sheet
 
@@ -267,11 +300,13 @@ def query(images: tuple[Path, ...], index_dir: Path, k: int, device: str, as_jso
 @click.option("-k", "k", default=5, show_default=True, help="Neighbours that vote (knn only).")
 @click.option("--class", "classes", multiple=True, help="Restrict to these classes (repeatable): an N-way episode.")
 @click.option("--top", default=5, show_default=True, help="Ranking entries shown (all are in --json).")
+@nprobe_option
+@ef_search_option
 @device_option
 @json_option
 @sheet_option
 def classify(images: tuple[Path, ...], index_dir: Path, method: str, k: int, classes: tuple[str, ...], top: int,
-             device: str, as_json: bool, sheet: Path | None) -> None:
+             nprobe: int | None, ef_search: int | None, device: str, as_json: bool, sheet: Path | None) -> None:
     """Say which of the index's classes each IMAGE belongs to.
 
     \b
@@ -280,7 +315,8 @@ def classify(images: tuple[Path, ...], index_dir: Path, method: str, k: int, cla
       siamesedb classify new.png --index indexes/omniglot --sheet classes.png
     """
     db = open_db(index_dir, device)
-    predictions = db.classify(list(images), method=method, k=k, classes=list(classes) or None)
+    predictions = db.classify(list(images), method=method, k=k, classes=list(classes) or None, nprobe=nprobe,
+                              ef_search=ef_search)
     if sheet is not None:
         from siamesedb.plots import classify_sheet
 
@@ -352,7 +388,9 @@ def info(index_dir: Path, as_json: bool) -> None:
     calibration = summary["calibration"]
     click.echo(f"index      {summary['path']}")
     click.echo(f"items      {summary['items']} in {summary['classes']} classes")
-    click.echo(f"vectors    {summary['dimension']}-d, {summary['metric']}, FAISS {summary['factory']}")
+    defaults = ", ".join(f"{key} {value}" for key, value in summary.get("search_defaults", {}).items())
+    click.echo(f"vectors    {summary['dimension']}-d, {summary['metric']}, FAISS {summary['factory']}"
+               + (f" ({defaults})" if defaults else ""))
     enc = summary["encoder"]
     click.echo(f"encoder    {enc['backbone']} {enc['name']} (fingerprint {enc['fingerprint']}, input {enc['image_size']})")
     if calibration:
@@ -389,7 +427,7 @@ def info(index_dir: Path, as_json: bool) -> None:
               help="Add 90/180/270-degree copies of each training class as new classes (characters).")
 @click.option("--augment/--no-augment", default=None, help="Random small affine distortions (default: on).")
 @click.option("--forgery-episodes/--no-forgery-episodes", default=None,
-              help="Proto: an episode that draws X/genuine also draws X/forged as a class (default: on).")
+              help="Proto: an episode that draws X/genuine also draws X/forged as a class (default: off).")
 @click.option("--seed", type=int, default=None, help="Random seed (runs are deterministic on CPU).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
 @device_option
@@ -403,8 +441,8 @@ def train(folder: Path, out_dir: Path, loss: str, epochs: int | None, steps_per_
     """Train a Siamese encoder on a labelled FOLDER (twin networks, shared weights).
 
     Skilled forgeries: a class X/forged beside a class X/genuine holds forgeries of X.
-    They never form genuine pairs and serve as hard impostors of X/genuine (pair losses); proto
-    episodes that draw X/genuine also draw X/forged as a class of its own.
+    They never form genuine pairs and serve as hard impostors of X/genuine (pair losses); with
+    --forgery-episodes, proto episodes that draw X/genuine also draw X/forged as a class.
 
     \b
     Example:

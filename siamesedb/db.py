@@ -45,7 +45,7 @@ from siamesedb.errors import (
     StorageError,
     UnknownLabelError,
 )
-from siamesedb.index import VectorIndex
+from siamesedb.index import AUTO, VectorIndex, auto_search_defaults, choose_factory
 from siamesedb.locking import IndexWriteLock
 from siamesedb.store import ItemStore
 
@@ -238,11 +238,16 @@ class SiameseDB:
         encoder: str | os.PathLike | Encoder = DEFAULT_ENCODER,
         factory: str = "Flat",
         device: str = "auto",
+        expected_items: int | None = None,
+        memory_budget: int | None = None,
+        search_backend: str = "auto",
         lock_timeout: float | None = None,
         _lock: IndexWriteLock | None = None,
     ) -> SiameseDB:
         """Make a new, empty index folder at `path` carrying a copy of `encoder`.
 
+        factory="auto" picks the FAISS index type for `expected_items` vectors within `memory_budget` bytes
+        (siamesedb.index.choose_factory; README "Index types"); the manifest records the type chosen.
         The manifest is written last: a folder without one is an index whose creation was cut short, and creating
         it again starts over (as long as its store holds no items).
         """
@@ -252,15 +257,22 @@ class SiameseDB:
         if path.exists() and not path.is_dir():
             raise IndexExistsError(f"{path}: exists and is not a folder")
         enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder, device=device)
-        index = VectorIndex(enc.dimension, factory=factory)  # validates the factory before anything is written
+        requested = factory
+        if factory == AUTO:
+            factory = choose_factory(expected_items or 0, enc.dimension, memory_budget)
+        # Validates the factory before anything is written.
+        index = VectorIndex(enc.dimension, factory=factory, device=device, backend=search_backend)
+        if requested == AUTO:
+            index.set_search_defaults(**auto_search_defaults(factory, expected_items or 0))
         path.mkdir(parents=True, exist_ok=True)
         lock = _lock or IndexWriteLock(path, timeout=lock_timeout)
         with lock:
-            return cls._create_locked(path, enc, encoder, index, factory, lock)
+            return cls._create_locked(path, enc, encoder, index, factory, requested, device, search_backend, lock)
 
     @classmethod
     def _create_locked(
-        cls, path: Path, enc: Encoder, encoder: Any, index: VectorIndex, factory: str, lock: IndexWriteLock
+        cls, path: Path, enc: Encoder, encoder: Any, index: VectorIndex, factory: str, requested: str, device: str,
+        search_backend: str, lock: IndexWriteLock
     ) -> SiameseDB:
         if (path / MANIFEST_FILE).exists():  # another process finished creating it while we waited for the lock
             raise IndexExistsError(f"{path}: an index already exists here (remove it first, or use `add`)")
@@ -281,6 +293,7 @@ class SiameseDB:
             "dimension": enc.dimension,
             "metric": "inner_product",
             "factory": factory,
+            "factory_requested": requested,
             "encoder": {
                 "fingerprint": enc.fingerprint,
                 "backbone": enc.config.backbone,
@@ -291,6 +304,7 @@ class SiameseDB:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         db = cls(path, store, index, enc, manifest)
+        db._search_device = (device, search_backend)
         db._lock = lock
         db._index_version = store.version
         db._save_index_and_manifest()
@@ -323,7 +337,8 @@ class SiameseDB:
         if not (path / MANIFEST_FILE).exists():
             # Check the encoder and factory before the folder (and its lock file) is made.
             checked = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder, device=device)
-            VectorIndex(checked.dimension, factory=factory)
+            if factory != AUTO:
+                VectorIndex(checked.dimension, factory=factory)
             if path.exists() and not path.is_dir():
                 raise IndexExistsError(f"{path}: exists and is not a folder")
             path.mkdir(parents=True, exist_ok=True)
@@ -338,7 +353,8 @@ class SiameseDB:
                             f"{path}: index was built with encoder {db.encoder.fingerprint}, not {other.fingerprint}"
                         )
             else:
-                db = cls.create(path, encoder=encoder, factory=factory, device=device, _lock=lock)
+                db = cls.create(path, encoder=encoder, factory=factory, device=device, expected_items=len(images),
+                                _lock=lock)
             _remove_temporaries(path)
             report = db._add_images(images, batch_size=batch_size, workers=workers, progress=progress)
         report.scanned += len(unstorable)
@@ -350,12 +366,14 @@ class SiameseDB:
         cls,
         path: str | os.PathLike,
         device: str = "auto",
+        search_backend: str = "auto",
         lock_timeout: float | None = None,
         _lock: IndexWriteLock | None = None,
     ) -> SiameseDB:
         """Open an existing index; its FAISS file is rebuilt from the store when missing, stale or unreadable.
 
-        Opening takes no lock: many readers may open an index at once, also while a writer works on it. Writes
+        Search runs where `device` resolves (README "GPU search"); search_backend="torch" forces the exact torch
+        search, also on the CPU. Opening takes no lock: many readers may open an index at once, also while a writer works on it. Writes
         through the handle (add, remove, calibrate) take the write lock, waiting up to `lock_timeout` seconds.
         """
         path = Path(path)
@@ -384,7 +402,8 @@ class SiameseDB:
             store.close()
             raise DimensionMismatchError(f"{path / STORE_FILE}: store holds {store.dim}-d vectors, manifest says {dim}")
         factory = manifest.get("factory", "Flat")
-        db = cls(path, store, VectorIndex(dim, factory=factory), encoder, manifest)
+        db = cls(path, store, VectorIndex(dim, factory=factory, device=device, backend=search_backend), encoder, manifest)
+        db._search_device = (device, search_backend)
         db._lock = _lock or IndexWriteLock(path, timeout=lock_timeout)
         db.index = db._load_or_rebuild_vectors()
         return db
@@ -396,7 +415,8 @@ class SiameseDB:
         fresh = self.manifest.get("vectors_store_version") == version
         if fresh and vectors_path.exists():
             try:
-                index = VectorIndex.load(vectors_path, factory=self.manifest.get("factory", "Flat"))
+                factory = self.manifest.get("factory", "Flat")
+                index = VectorIndex.load(vectors_path, factory=factory, **self._device_args())
                 if index.dim == self.store.dim and index.ntotal == count:
                     self._index_version = version
                     return index
@@ -415,16 +435,31 @@ class SiameseDB:
                 self._lock.release()
         return self.index
 
-    def _index_from_store(self) -> VectorIndex:
-        """A FAISS index of one committed state of the store; records which store version it mirrors."""
+    def _device_args(self) -> dict[str, str]:
+        device, backend = getattr(self, "_search_device", ("cpu", "auto"))
+        return {"device": device, "backend": backend}
+
+    def _index_from_store(self, factory: str | None = None) -> VectorIndex:
+        """A fresh FAISS index over one committed state of the store, keeping the current search defaults (nprobe,
+        efSearch); records which store version it mirrors.
+
+        A factory that needs training and cannot train on what the store holds yet (fewer vectors than IVF lists
+        or PQ centroids) stays untrained and empty: searches then run exactly over the store until it can.
+        """
         with self.store.snapshot():
             version = self.store.version
             ids, vectors = self.store.vectors()
-        index = VectorIndex(self.dimension, factory=self.manifest.get("factory", "Flat"))
+        factory = factory or self.manifest.get("factory", "Flat")
+        index = VectorIndex(self.dimension, factory=factory, **self._device_args())
         if len(ids):
             if not index.is_trained:
-                index.train(vectors)
+                try:
+                    index.train(vectors)
+                except InvalidInputError:
+                    return index
             index.add(vectors, ids)
+        if factory == self.manifest.get("factory") and self.manifest.get("search_defaults"):
+            index.set_search_defaults(**self.manifest["search_defaults"])
         self._index_version = version
         return index
 
@@ -467,6 +502,7 @@ class SiameseDB:
     def _save_index_and_manifest(self) -> None:
         try:
             self.index.save(self.path / VECTORS_FILE)
+            self.manifest["search_defaults"] = self.index.search_defaults  # survive a rebuild from the store
             self.manifest["vectors_store_version"] = self.store.version
             _write_json_atomic(self.path / MANIFEST_FILE, self.manifest)
         except OSError as exc:  # disk full, read-only folder, a folder where the file should be...
@@ -556,10 +592,12 @@ class SiameseDB:
     def _commit(
         self, labels: list[str], paths: list[str], hashes: list[str], vectors: np.ndarray, save: bool = True
     ) -> np.ndarray:
-        if self.index.ntotal == 0 and not self.index.is_trained:
-            self.index.train(vectors)
         ids = self.store.add(labels, paths, hashes, vectors)
-        self.index.add(vectors, ids)
+        if self.index.is_trained:
+            self.index.add(vectors, ids)
+        else:
+            # Train on everything stored so far once there is enough of it (IVF / PQ); until then search is exact.
+            self.index = self._index_from_store()
         self._prototype_cache = None
         if save:
             self._save_index_and_manifest()
@@ -625,9 +663,6 @@ class SiameseDB:
         """Remove items by id(s) or every item of a label. Returns how many were removed."""
         if (ids is None) == (label is None):
             raise InvalidInputError("remove needs either ids or a label, not both")
-        if not self.index.supports_remove:
-            # Refuse before the store changes: store and FAISS file must never disagree on what was removed.
-            raise InvalidInputError(f"{self.path}: the {self.manifest.get('factory')!r} index cannot remove items")
         if label is not None:
             removed = self.store.remove_label(label)
             if len(removed) == 0:
@@ -640,10 +675,35 @@ class SiameseDB:
                 raise InvalidInputError(f"{self.path}: no item with id {missing[0]}")
             self.store.remove_ids(np.asarray(present, dtype=np.int64))
             removed = np.asarray(present, dtype=np.int64)
-        self.index.remove(removed)
+        self.index.remove(removed)  # HNSW: tombstones, filtered out of every search
+        if self.index.needs_compaction:
+            self.index = self._index_from_store()  # rebuild the graph without them, from the exact stored vectors
         self._prototype_cache = None
         self._save_index_and_manifest()
         return int(len(removed))
+
+    @_locked_write
+    def set_search_defaults(self, nprobe: int | None = None, ef_search: int | None = None) -> dict[str, int]:
+        """Store the nprobe (IVF) / efSearch (HNSW) searches use unless they pass their own; returns them all."""
+        self.index.set_search_defaults(nprobe=nprobe, ef_search=ef_search)
+        self._save_index_and_manifest()
+        return self.index.search_defaults
+
+    @_locked_write
+    def reindex(self, factory: str | None = None, memory_budget: int | None = None) -> str:
+        """Rebuild the FAISS index from the store: retrain it on every stored vector, drop tombstones, and
+        optionally switch its type (`factory`, or "auto" to choose again for today's size). Returns the type."""
+        requested = factory or self.manifest.get("factory", "Flat")
+        chosen = choose_factory(len(self), self.dimension, memory_budget) if requested == AUTO else requested
+        # Validates the factory before anything changes; the same type keeps its search defaults.
+        fresh = self._index_from_store(chosen)
+        if requested == AUTO and chosen != self.index.factory:
+            fresh.set_search_defaults(**auto_search_defaults(chosen, len(self)))
+        self.index = fresh
+        self.manifest["factory"] = chosen
+        self.manifest["factory_requested"] = requested
+        self._save_index_and_manifest()
+        return chosen
 
     # ------------------------------------------------------------------ reading
 
@@ -651,17 +711,39 @@ class SiameseDB:
         """(N, D) float32 vectors of `images` with this index's encoder; ImageLoadError names the first bad one."""
         return np.atleast_2d(self.encoder.encode(list(images)))
 
-    def search(self, images: ImageLike | Sequence[ImageLike], k: int = 5) -> list[query.Hit] | list[list[query.Hit]]:
-        """Top-k most similar items for each image (highest cosine similarity first)."""
+    def search(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        k: int = 5,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> list[query.Hit] | list[list[query.Hit]]:
+        """Top-k most similar items for each image (highest cosine similarity first).
+
+        `nprobe` (IVF indexes) and `ef_search` (HNSW) trade speed for recall for this call only.
+        """
         single = _is_single(images)
-        hits = self.search_vectors(self._encode([images] if single else list(images)), k)
+        hits = self.search_vectors(self._encode([images] if single else list(images)), k, nprobe, ef_search)
         return hits[0] if single else hits
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 5) -> list[list[query.Hit]]:
+    def _search_index(
+        self, vectors: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(D, I) from the FAISS index; exact over the store while a type that needs training cannot train yet."""
+        if self.index.is_trained or len(self) == 0:
+            return self.index.search(vectors, k, nprobe=nprobe, ef_search=ef_search)
+        self.index.search(np.empty((0, self.dimension), np.float32), k, nprobe=nprobe, ef_search=ef_search)  # checks
+        ids, corpus = self.store.vectors()
+        D, rows = query.brute_force_search(vectors, corpus, k)
+        return D, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
+
+    def search_vectors(
+        self, vectors: np.ndarray, k: int = 5, nprobe: int | None = None, ef_search: int | None = None
+    ) -> list[list[query.Hit]]:
         """Array-level search: (nq, D) vectors -> one list of Hits per query (fewer than k if the index is small)."""
         if k < 1:
             raise InvalidInputError(f"k must be at least 1, got {k}")
-        D, I = self.index.search(np.atleast_2d(vectors), k)
+        D, I = self._search_index(np.atleast_2d(vectors), k, nprobe, ef_search)
         found = I[I >= 0]
         items = {item.id: item for item in self.store.items(np.unique(found)) if item is not None}
         results = []
@@ -702,17 +784,28 @@ class SiameseDB:
         method: str = "prototype",
         k: int = 5,
         classes: Sequence[str] | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> query.Prediction | list[query.Prediction]:
         """Which class is each image? `prototype`: nearest class mean; `knn`: score-weighted vote of the top k.
 
         `classes` restricts the candidates (an N-way episode); by default every class in the index competes.
+        `nprobe` / `ef_search` tune the knn search over the whole index (prototype ranking is always exact).
         """
         single = _is_single(images)
-        predictions = self.classify_vectors(self._encode([images] if single else list(images)), method, k, classes)
+        predictions = self.classify_vectors(
+            self._encode([images] if single else list(images)), method, k, classes, nprobe, ef_search
+        )
         return predictions[0] if single else predictions
 
     def classify_vectors(
-        self, vectors: np.ndarray, method: str = "prototype", k: int = 5, classes: Sequence[str] | None = None
+        self,
+        vectors: np.ndarray,
+        method: str = "prototype",
+        k: int = 5,
+        classes: Sequence[str] | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> list[query.Prediction]:
         """Array-level classify of (nq, D) vectors."""
         vectors = _finite_queries(vectors)
@@ -725,7 +818,7 @@ class SiameseDB:
             if len(self) == 0:
                 raise EmptyIndexError(f"{self.path}: the index holds no items")
             if classes is None:
-                D, I = self.index.search(vectors, k)
+                D, I = self._search_index(vectors, k, nprobe, ef_search)
                 labels_by_id = dict(zip(I[I >= 0].tolist(), self.store.labels_of(I[I >= 0])))
                 hit_labels = [[labels_by_id.get(int(i)) if i >= 0 else None for i in row] for row in I]
             else:
@@ -831,6 +924,8 @@ class SiameseDB:
             "dimension": self.dimension,
             "metric": self.manifest.get("metric", "inner_product"),
             "factory": self.manifest.get("factory", "Flat"),
+            "search_defaults": self.index.search_defaults,
+            "removed_pending": self.index.removed_pending,
             "encoder": {
                 "fingerprint": self.encoder.fingerprint,
                 "backbone": self.encoder.config.backbone,

@@ -179,14 +179,30 @@ def test_training_errors_are_one_line():
     assert "\n" not in str(info.value) and ".cpp" not in str(info.value)
 
 
-def test_hnsw_searches_but_refuses_removal_cleanly():
+def test_hnsw_removal_is_tombstones_filtered_in_search(tmp_path):
     corpus, queries = data()
     index = VectorIndex.from_vectors(corpus, np.arange(len(corpus)), factory="HNSW16")
-    assert not index.supports_remove and VectorIndex(16).supports_remove
+    assert not index.removes_natively and VectorIndex(16).removes_natively
     _, I = index.search(queries, 10)
     _, I_ref = brute_force_search(queries, corpus, 10)
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, I_ref)]) > 0.8
-    with pytest.raises(InvalidInputError, match="HNSW16.*cannot remove") as info:
-        index.remove([1, 2])
-    assert ".cpp" not in str(info.value)
-    assert index.ntotal == len(corpus)  # the failed removal changed nothing
+    gone = np.unique(I[:, 0])
+    assert index.remove(np.concatenate([gone, [10**9]])) == len(gone)  # unknown ids are ignored
+    assert index.remove(gone) == 0  # already removed
+    assert index.ntotal == len(corpus) - len(gone) and index.removed_pending == len(gone)
+    D, I2 = index.search(queries, 10)
+    assert not set(I2.ravel()) & set(gone.tolist())
+    assert (I2 >= 0).all()  # the selector skips tombstones inside the graph search: still k live results
+    index.save(tmp_path / "h.faiss")
+    assert (tmp_path / "h.faiss.removed.npy").exists()
+    again = VectorIndex.load(tmp_path / "h.faiss", factory="HNSW16")
+    assert again.removed_pending == len(gone) and np.array_equal(again.search(queries, 10)[1], I2)
+    assert set(again.ids().tolist()) == set(range(len(corpus))) - set(gone.tolist())
+    assert again.needs_compaction  # 500 vectors: small enough to rebuild at once
+    again.compact()
+    assert again.removed_pending == 0 and again.ntotal == len(corpus) - len(gone)
+    again.save(tmp_path / "h.faiss")
+    assert not (tmp_path / "h.faiss.removed.npy").exists()
+    index.add(corpus[gone], gone)  # a tombstoned id comes back: compacted first, then added
+    assert index.removed_pending == 0 and index.ntotal == len(corpus)
+    assert np.array_equal(index.search(corpus[gone], 1, ef_search=64)[1][:, 0], gone)  # each finds itself

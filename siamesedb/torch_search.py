@@ -1,0 +1,70 @@
+"""Exact top-k inner-product search in torch: a chunked matrix product + top-k, on a GPU or (for tests) the CPU.
+
+The same (D, I) contract as VectorIndex.search: D (nq, k) float32 scores best first, I (nq, k) int64 ids, padded
+with -inf / -1 when the collection holds fewer than k vectors. Used where FAISS has no GPU support but torch sees a
+GPU; results equal FAISS Flat's up to float rounding (ties between equal scores may order differently).
+torch is imported here only, never by index.py / query.py at module top.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from siamesedb.errors import DimensionMismatchError, InvalidInputError
+
+# Most scores held at once: a (query rows, corpus rows) float32 block of this many entries (~256 MB).
+BLOCK_ENTRIES = 1 << 26
+
+
+class TorchExactSearch:
+    """(n, d) vectors with (n,) int64 ids held as one tensor on `device`; search is exact."""
+
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray, device: str = "cpu", block_entries: int = BLOCK_ENTRIES):
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2:
+            raise InvalidInputError(f"vectors must be a 2-D array (n, d), got shape {vectors.shape}")
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) != len(vectors):
+            raise InvalidInputError(f"{len(vectors)} vectors but {len(ids)} ids")
+        self.device = torch.device(device)
+        self.dim = vectors.shape[1]
+        self.corpus = torch.from_numpy(np.ascontiguousarray(vectors)).to(self.device)  # (n, d)
+        self.ids = torch.from_numpy(ids).to(self.device)  # (n,)
+        self.block_entries = int(block_entries)
+
+    def __len__(self) -> int:
+        return int(self.corpus.shape[0])
+
+    @torch.inference_mode()
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim == 1:
+            queries = queries[None, :]
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise DimensionMismatchError(f"queries have shape {queries.shape}, the corpus holds {self.dim}-d vectors")
+        nq, n = len(queries), len(self)
+        D = np.full((nq, k), -np.inf, dtype=np.float32)
+        I = np.full((nq, k), -1, dtype=np.int64)
+        take = min(k, n)
+        if nq == 0 or take == 0:
+            return D, I
+        q = torch.from_numpy(np.ascontiguousarray(queries)).to(self.device)
+        # Corpus chunk so one (rows, chunk) block stays under block_entries; query rows likewise.
+        chunk = max(take, min(n, self.block_entries // max(1, min(nq, 1024))))
+        rows = max(1, self.block_entries // chunk)
+        for start in range(0, nq, rows):
+            block = q[start : start + rows]  # (r, d)
+            best_scores = best_pos = None
+            for first in range(0, n, chunk):
+                scores = block @ self.corpus[first : first + chunk].T  # (r, c)
+                s, p = torch.topk(scores, min(take, scores.shape[1]), dim=1)
+                p = p + first
+                if best_scores is not None:
+                    # Merge with the running top-k: top-k of the (r, 2k) union is the top-k so far.
+                    s, where = torch.topk(torch.cat([best_scores, s], 1), take, dim=1)
+                    p = torch.gather(torch.cat([best_pos, p], 1), 1, where)
+                best_scores, best_pos = s, p
+            D[start : start + rows, :take] = best_scores.float().cpu().numpy()
+            I[start : start + rows, :take] = self.ids[best_pos].cpu().numpy()
+        return D, I
