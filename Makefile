@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench-build bench-search bench-scale serve clean
+.PHONY: install demo test bench-build bench-search bench-scale serve torture bench-resume clean
 
 install: $(STAMP)
 
@@ -35,6 +35,12 @@ bench-search: install
 
 bench-scale: install
 	$(BIN)/python tools/bench_scale.py
+
+torture: install
+	$(BIN)/python tools/torture.py --trials 400 --data $(DATA)
+
+bench-resume: install
+	$(BIN)/python tools/bench_resume.py --data $(DATA)
 
 clean:
 	rm -rf $(VENV) indexes/omniglot-demo runs/demo

@@ -59,6 +59,25 @@ encoder_option = click.option(
     show_default=True,
     help="Encoder name ('default' = the shipped model) or a folder holding config.json + model.safetensors.",
 )
+def _set_lock_timeout(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
+    # The API reads $SIAMESEDB_LOCK_TIMEOUT whenever no timeout is passed: setting it for this one process reaches
+    # every write the command makes without threading the value through each call.
+    if value is not None:
+        import os
+
+        from siamesedb.locking import TIMEOUT_ENV
+
+        os.environ[TIMEOUT_ENV] = repr(float(value))
+
+
+lock_timeout_option = click.option(
+    "--lock-timeout",
+    type=float,
+    default=None,
+    expose_value=False,
+    callback=_set_lock_timeout,
+    help="Seconds to wait while another process writes the index (default $SIAMESEDB_LOCK_TIMEOUT or 60; -1 = forever).",
+)
 images_argument = click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 sheet_option = click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
                             help="Also write a contact sheet PNG: each image beside its answers, labels and scores.")
@@ -110,6 +129,7 @@ def cli() -> None:
 @device_option
 @click.option("--batch-size", default=256, show_default=True, help="Images encoded per batch.")
 @click.option("--workers", type=int, default=None, help="Decoding processes (default: automatic).")
+@lock_timeout_option
 @quiet_option
 @json_option
 def build(folder: Path, index_dir: Path, encoder: str, factory: str, device: str, batch_size: int,
@@ -147,6 +167,7 @@ def build(folder: Path, index_dir: Path, encoder: str, factory: str, device: str
 @index_option()
 @click.option("--label", required=True, help="Class label for the added image(s).")
 @device_option
+@lock_timeout_option
 @json_option
 def add(images: tuple[Path, ...], index_dir: Path, label: str, device: str, as_json: bool) -> None:
     """Add IMAGE(s) to an index under one LABEL.
@@ -167,6 +188,7 @@ def add(images: tuple[Path, ...], index_dir: Path, label: str, device: str, as_j
 @index_option()
 @click.option("--id", "ids", type=int, multiple=True, help="Item id to remove (repeatable).")
 @click.option("--label", default=None, help="Remove every item of this label.")
+@lock_timeout_option
 @json_option
 def remove(index_dir: Path, ids: tuple[int, ...], label: str | None, as_json: bool) -> None:
     """Remove items by --id or a whole class by --label.
@@ -190,6 +212,7 @@ def remove(index_dir: Path, ids: tuple[int, ...], label: str | None, as_json: bo
 @index_option()
 @click.option("--factory", default=None,
               help="New FAISS factory string, or 'auto' to choose again for today's size (default: keep the type).")
+@lock_timeout_option
 @json_option
 def reindex(index_dir: Path, factory: str | None, as_json: bool) -> None:
     """Rebuild the FAISS index from the store: retrain, drop removed items, optionally change type.
@@ -210,6 +233,7 @@ def reindex(index_dir: Path, factory: str | None, as_json: bool) -> None:
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @index_option()
 @click.option("--target-far", type=float, default=None, help="Aim for this false-accept rate instead of the equal-error point.")
+@lock_timeout_option
 @click.option("--rule", type=click.Choice(VERIFY_RULES), default="prototype", show_default=True,
               help="Score against the class prototype, the best reference, or the mean of the top 3.")
 @json_option

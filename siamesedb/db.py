@@ -15,10 +15,15 @@ store version, and the next open rebuilds the FAISS file from the store instead 
 from __future__ import annotations
 
 import bisect
+import errno
+import functools
 import json
 import os
+import sqlite3
+import stat
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +42,12 @@ from siamesedb.errors import (
     IndexNotFoundError,
     InvalidInputError,
     NotCalibratedError,
+    SiameseDBError,
+    StorageError,
     UnknownLabelError,
 )
 from siamesedb.index import AUTO, VectorIndex, auto_search_defaults, choose_factory
+from siamesedb.locking import IndexWriteLock
 from siamesedb.store import ItemStore
 
 FORMAT_VERSION = 1
@@ -93,12 +101,73 @@ class _ClassTable:
     prototype_index: VectorIndex | None = None  # built on first use by a top-k prototype search
 
 
+def _locked_write(method):
+    """Run a public write of SiameseDB under the index's write lock (see SiameseDB._writing)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._writing():
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
+NOT_UTF8 = "file or folder name is not valid UTF-8 (rename it)"
+
+
+def _printable(path: str | os.PathLike) -> str:
+    """A path as text that always prints: undecodable bytes shown as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _unindexable_reason(image: LabelledImage) -> str | None:
+    """Why a scanned file cannot be indexed before reading a byte of it, or None: names the store cannot hold
+    (not UTF-8) and entries that are no regular file (a FIFO would block the content hash forever)."""
+    try:
+        str(image.path).encode("utf-8")
+        image.label.encode("utf-8")
+    except UnicodeEncodeError:
+        return NOT_UTF8
+    try:
+        mode = os.stat(image.path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if exc.errno == errno.ENOENT and os.path.islink(image.path):
+            return "broken symbolic link"
+        return exc.strerror or str(exc)
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _split_unindexable(images: list[LabelledImage]) -> tuple[list[LabelledImage], list[tuple[str, str]]]:
+    """(indexable images, (printable path, reason) of the rest); see _unindexable_reason."""
+    kept, skipped = [], []
+    for image in images:
+        reason = _unindexable_reason(image)
+        if reason is None:
+            kept.append(image)
+        else:
+            skipped.append((_printable(image.path), reason))
+    return kept, skipped
+
+
+def _remove_temporaries(path: Path) -> None:
+    """Under the write lock: delete the temporary files a writer killed mid-write left (manifest, FAISS, encoder)."""
+    for folder in (path, path / ENCODER_DIR):
+        for leftover in folder.glob("*.tmp"):
+            try:
+                leftover.unlink()
+            except OSError:
+                pass
+
+
 def _is_single(images: Any) -> bool:
     """One image in -> one result out; a list or tuple in -> a list out (a 2-D+ array is one image)."""
     return not isinstance(images, (list, tuple))
 
 
 def _write_json_atomic(path: Path, document: dict[str, Any]) -> None:
+    """Write, fsync, rename, fsync the folder: a crash leaves the old document or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(document, fh, indent=2, sort_keys=True)
@@ -106,6 +175,55 @@ def _write_json_atomic(path: Path, document: dict[str, Any]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX); skipped where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the index at `path`, checked for the fields open() relies on (CorruptIndexError otherwise)."""
+    manifest_path = path / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict):
+            raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
+        int(manifest["dimension"])
+        int(manifest["format_version"])
+        if not isinstance(manifest.get("encoder", {}), dict) or not isinstance(manifest.get("factory", "Flat"), str):
+            raise ValueError("'encoder' must be an object and 'factory' a string")
+        if not isinstance(manifest.get("calibration") or {}, dict):
+            raise ValueError("'calibration' must be an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptIndexError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    return manifest
+
+
+def _store_has_items(store_path: Path) -> bool:
+    """Whether a store file holds any item (False for one whose creation was cut short before its tables)."""
+    try:
+        conn = sqlite3.connect(store_path, timeout=30.0)
+        try:
+            return conn.execute("SELECT EXISTS (SELECT 1 FROM items)").fetchone()[0] == 1
+        finally:
+            conn.close()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return False
+        raise CorruptIndexError(f"{store_path}: not a readable SQLite store ({exc})") from None
+    except sqlite3.DatabaseError as exc:
+        raise CorruptIndexError(f"{store_path}: not a readable SQLite store ({exc})") from None
 
 
 class SiameseDB:
@@ -118,6 +236,11 @@ class SiameseDB:
         self.encoder = encoder
         self.manifest = manifest
         self.last_report: BuildReport | None = None
+        # One writer at a time (locking.py); build/open/create replace it with one carrying their lock_timeout.
+        self._lock = IndexWriteLock(path)
+        # The store version the in-memory FAISS index mirrors: a write that finds the store moved on (another
+        # process wrote since) rebuilds it first, so this handle never writes a FAISS file missing their items.
+        self._index_version: int | None = None
         # Class prototypes are derived from the store; cached per store version so repeated classify calls are cheap.
         self._prototype_cache: _ClassTable | None = None
 
@@ -133,14 +256,18 @@ class SiameseDB:
         expected_items: int | None = None,
         memory_budget: int | None = None,
         search_backend: str = "auto",
+        lock_timeout: float | None = None,
+        _lock: IndexWriteLock | None = None,
     ) -> SiameseDB:
         """Make a new, empty index folder at `path` carrying a copy of `encoder`.
 
         factory="auto" picks the FAISS index type for `expected_items` vectors within `memory_budget` bytes
         (siamesedb.index.choose_factory; README "Index types"); the manifest records the type chosen.
+        The manifest is written last: a folder without one is an index whose creation was cut short, and creating
+        it again starts over (as long as its store holds no items).
         """
         path = Path(path)
-        if (path / MANIFEST_FILE).exists() or (path / STORE_FILE).exists():
+        if (path / MANIFEST_FILE).exists():
             raise IndexExistsError(f"{path}: an index already exists here (remove it first, or use `add`)")
         if path.exists() and not path.is_dir():
             raise IndexExistsError(f"{path}: exists and is not a folder")
@@ -153,6 +280,26 @@ class SiameseDB:
         if requested == AUTO:
             index.set_search_defaults(**auto_search_defaults(factory, expected_items or 0))
         path.mkdir(parents=True, exist_ok=True)
+        lock = _lock or IndexWriteLock(path, timeout=lock_timeout)
+        with lock:
+            return cls._create_locked(path, enc, encoder, index, factory, requested, device, search_backend, lock)
+
+    @classmethod
+    def _create_locked(
+        cls, path: Path, enc: Encoder, encoder: Any, index: VectorIndex, factory: str, requested: str, device: str,
+        search_backend: str, lock: IndexWriteLock
+    ) -> SiameseDB:
+        if (path / MANIFEST_FILE).exists():  # another process finished creating it while we waited for the lock
+            raise IndexExistsError(f"{path}: an index already exists here (remove it first, or use `add`)")
+        store_path = path / STORE_FILE
+        if store_path.exists():
+            if _store_has_items(store_path):
+                raise IndexExistsError(
+                    f"{path}: {STORE_FILE} holds items but there is no {MANIFEST_FILE}; move the folder aside"
+                )
+            for suffix in ("", "-wal", "-shm"):  # an empty store from a creation cut short: start over
+                Path(f"{store_path}{suffix}").unlink(missing_ok=True)
+        _remove_temporaries(path)
         enc.save(path / ENCODER_DIR)
         store = ItemStore(path / STORE_FILE, dim=enc.dimension)
         manifest = {
@@ -173,6 +320,8 @@ class SiameseDB:
         }
         db = cls(path, store, index, enc, manifest)
         db._search_device = (device, search_backend)
+        db._lock = lock
+        db._index_version = store.version
         db._save_index_and_manifest()
         return db
 
@@ -187,46 +336,68 @@ class SiameseDB:
         batch_size: int = 256,
         workers: int | None = None,
         progress: bool = False,
+        lock_timeout: float | None = None,
     ) -> SiameseDB:
         """Index every image of a labelled folder (label = parent folder relative to the root).
 
         Re-running a build into an existing index adds only the files it does not hold yet (same label and content
         hash), so an interrupted build resumes where it stopped. Unreadable files are skipped and reported in
-        `db.last_report`, never fatal.
+        `db.last_report`, never fatal. The whole build holds the index's write lock (a second writer waits up to
+        `lock_timeout` seconds, default $SIAMESEDB_LOCK_TIMEOUT or 60).
         """
         folder = Path(folder)
         images = scan_folder(folder)  # FolderError for a missing / empty folder, before anything is created
+        images, unstorable = _split_unindexable(images)
         path = Path(path) if path is not None else DEFAULT_HOME / folder.resolve().name
-        if (path / MANIFEST_FILE).exists():
-            db = cls.open(path, device=device)
-            if not isinstance(encoder, Encoder) and encoder != DEFAULT_ENCODER:
-                other = Encoder.load(encoder, device=device)
-                if other.fingerprint != db.encoder.fingerprint:
-                    raise EncoderMismatchError(
-                        f"{path}: index was built with encoder {db.encoder.fingerprint}, not {other.fingerprint}"
-                    )
-        else:
-            db = cls.create(path, encoder=encoder, factory=factory, device=device, expected_items=len(images))
-        db._add_images(images, batch_size=batch_size, workers=workers, progress=progress)
+        if not (path / MANIFEST_FILE).exists():
+            # Check the encoder and factory before the folder (and its lock file) is made.
+            checked = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder, device=device)
+            if factory != AUTO:
+                VectorIndex(checked.dimension, factory=factory)
+            if path.exists() and not path.is_dir():
+                raise IndexExistsError(f"{path}: exists and is not a folder")
+            path.mkdir(parents=True, exist_ok=True)
+        lock = IndexWriteLock(path, timeout=lock_timeout)
+        with lock:  # taken before deciding create-or-resume, so two builds of one new index cannot both create it
+            if (path / MANIFEST_FILE).exists():
+                db = cls.open(path, device=device, lock_timeout=lock_timeout, _lock=lock)
+                if not isinstance(encoder, Encoder) and encoder != DEFAULT_ENCODER:
+                    other = Encoder.load(encoder, device=device)
+                    if other.fingerprint != db.encoder.fingerprint:
+                        raise EncoderMismatchError(
+                            f"{path}: index was built with encoder {db.encoder.fingerprint}, not {other.fingerprint}"
+                        )
+            else:
+                db = cls.create(path, encoder=encoder, factory=factory, device=device, expected_items=len(images),
+                                _lock=lock)
+            _remove_temporaries(path)
+            report = db._add_images(images, batch_size=batch_size, workers=workers, progress=progress)
+        report.scanned += len(unstorable)
+        report.skipped[:0] = unstorable
         return db
 
     @classmethod
-    def open(cls, path: str | os.PathLike, device: str = "auto", search_backend: str = "auto") -> SiameseDB:
+    def open(
+        cls,
+        path: str | os.PathLike,
+        device: str = "auto",
+        search_backend: str = "auto",
+        lock_timeout: float | None = None,
+        _lock: IndexWriteLock | None = None,
+    ) -> SiameseDB:
         """Open an existing index; its FAISS file is rebuilt from the store when missing, stale or unreadable.
 
         Search runs where `device` resolves (README "GPU search"); search_backend="torch" forces the exact torch
-        search, also on the CPU.
+        search, also on the CPU. Opening takes no lock: many readers may open an index at once, also while a writer works on it. Writes
+        through the handle (add, remove, calibrate) take the write lock, waiting up to `lock_timeout` seconds.
         """
         path = Path(path)
         manifest_path = path / MANIFEST_FILE
         if not path.is_dir() or not manifest_path.exists():
             raise IndexNotFoundError(f"{path}: no index here (build one with `siamesedb build FOLDER --index {path}`)")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            dim = int(manifest["dimension"])
-            version = int(manifest["format_version"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CorruptIndexError(f"{manifest_path}: unreadable manifest ({exc})") from None
+        manifest = _read_manifest(path)
+        dim = int(manifest["dimension"])
+        version = int(manifest["format_version"])
         if version > FORMAT_VERSION:
             raise CorruptIndexError(
                 f"{path}: written by a newer siamesedb (format {version}; this one reads up to {FORMAT_VERSION})"
@@ -241,42 +412,58 @@ class SiameseDB:
             raise DimensionMismatchError(f"{path}: encoder makes {encoder.dimension}-d vectors, manifest says {dim}")
         if not (path / STORE_FILE).exists():
             raise CorruptIndexError(f"{path / STORE_FILE}: missing (the store is the index's truth)")
-        store = ItemStore(path / STORE_FILE, dim=dim)
+        store = ItemStore(path / STORE_FILE)  # reads its own dimension; compared with the manifest's below
         if store.dim is not None and store.dim != dim:
+            store.close()
             raise DimensionMismatchError(f"{path / STORE_FILE}: store holds {store.dim}-d vectors, manifest says {dim}")
         factory = manifest.get("factory", "Flat")
         db = cls(path, store, VectorIndex(dim, factory=factory, device=device, backend=search_backend), encoder, manifest)
         db._search_device = (device, search_backend)
+        db._lock = _lock or IndexWriteLock(path, timeout=lock_timeout)
         db.index = db._load_or_rebuild_vectors()
         return db
 
     def _load_or_rebuild_vectors(self) -> VectorIndex:
         vectors_path = self.path / VECTORS_FILE
-        fresh = self.manifest.get("vectors_store_version") == self.store.version
+        with self.store.snapshot():  # version and count of one committed state, even while a writer commits
+            version, count = self.store.version, self.store.count()
+        fresh = self.manifest.get("vectors_store_version") == version
         if fresh and vectors_path.exists():
             try:
                 factory = self.manifest.get("factory", "Flat")
                 index = VectorIndex.load(vectors_path, factory=factory, **self._device_args())
-                if index.dim == self.store.dim and index.ntotal == self.store.count():
+                if index.dim == self.store.dim and index.ntotal == count:
+                    self._index_version = version
                     return index
             except CorruptIndexError:
                 pass  # derived data: fall through and rebuild it from the store
-        index = self._index_from_store()
-        self.index = index
-        self._save_index_and_manifest()
-        return index
+        self.index = self._index_from_store()
+        # Save the rebuilt file only when no writer is at work (never wait: a reader must not block). A writer
+        # holding the lock saves a fresh file when it finishes; until then every opener rebuilds in memory.
+        if self._lock.try_acquire():
+            try:
+                self._catch_up()
+                self._save_index_and_manifest()
+            except StorageError:
+                pass  # a reader answers from the rebuilt index in memory; saving it was only a courtesy
+            finally:
+                self._lock.release()
+        return self.index
 
     def _device_args(self) -> dict[str, str]:
         device, backend = getattr(self, "_search_device", ("cpu", "auto"))
         return {"device": device, "backend": backend}
 
     def _index_from_store(self, factory: str | None = None) -> VectorIndex:
-        """A fresh FAISS index over every stored vector, keeping the current search defaults (nprobe, efSearch).
+        """A fresh FAISS index over one committed state of the store, keeping the current search defaults (nprobe,
+        efSearch); records which store version it mirrors.
 
         A factory that needs training and cannot train on what the store holds yet (fewer vectors than IVF lists
         or PQ centroids) stays untrained and empty: searches then run exactly over the store until it can.
         """
-        ids, vectors = self.store.vectors()
+        with self.store.snapshot():
+            version = self.store.version
+            ids, vectors = self.store.vectors()
         factory = factory or self.manifest.get("factory", "Flat")
         index = VectorIndex(self.dimension, factory=factory, **self._device_args())
         if len(ids):
@@ -288,13 +475,56 @@ class SiameseDB:
             index.add(vectors, ids)
         if factory == self.manifest.get("factory") and self.manifest.get("search_defaults"):
             index.set_search_defaults(**self.manifest["search_defaults"])
+        self._index_version = version
         return index
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the write lock for one public write; on first taking it, catch up with other processes' writes."""
+        self._lock.acquire()
+        outermost = self._lock.depth == 1  # read under the lock: another thread's write has finished by now
+        started_at = None
+        try:
+            if outermost:
+                self._catch_up()
+                started_at = self._index_version
+            yield
+        except BaseException:
+            if outermost and not self._store_still_at(started_at):
+                self._index_version = None  # a write failed part-way: rebuild from the store before the next one
+            raise
+        else:
+            if outermost:
+                self._index_version = self.store.version  # under the lock only our writes moved it, in step
+        finally:
+            self._lock.release()
+
+    def _store_still_at(self, version: int | None) -> bool:
+        """Whether the store is still at `version` (a refused write changed nothing: no rebuild needed)."""
+        try:
+            return version is not None and self.store.version == version
+        except SiameseDBError:
+            return False
+
+    def _catch_up(self) -> None:
+        """Under the write lock: drop leftovers of crashed writers, re-read the manifest, rebuild a stale index."""
+        _remove_temporaries(self.path)
+        self.manifest = _read_manifest(self.path)
+        if self._index_version is None or self._index_version != self.store.version:
+            self.index = self._index_from_store()
+            self._prototype_cache = None
+
     def _save_index_and_manifest(self) -> None:
-        self.index.save(self.path / VECTORS_FILE)
-        self.manifest["search_defaults"] = self.index.search_defaults  # survive a rebuild from the store
-        self.manifest["vectors_store_version"] = self.store.version
-        _write_json_atomic(self.path / MANIFEST_FILE, self.manifest)
+        try:
+            self.index.save(self.path / VECTORS_FILE)
+            self.manifest["search_defaults"] = self.index.search_defaults  # survive a rebuild from the store
+            self.manifest["vectors_store_version"] = self.store.version
+            _write_json_atomic(self.path / MANIFEST_FILE, self.manifest)
+        except OSError as exc:  # disk full, read-only folder, a folder where the file should be...
+            raise StorageError(
+                f"{self.path}: cannot save the index files ({exc.strerror or exc}); the item store is intact and "
+                "the FAISS file is rebuilt from it on the next open"
+            ) from None
 
     def close(self) -> None:
         self.store.close()
@@ -412,12 +642,18 @@ class SiameseDB:
             self._save_index_and_manifest()
         return ids
 
+    @_locked_write
     def add_folder(
         self, folder: str | os.PathLike, batch_size: int = 256, workers: int | None = None, progress: bool = False
     ) -> BuildReport:
         """Add every image of a labelled folder that the index does not hold yet."""
-        return self._add_images(scan_folder(Path(folder)), batch_size=batch_size, workers=workers, progress=progress)
+        images, unstorable = _split_unindexable(scan_folder(Path(folder)))
+        report = self._add_images(images, batch_size=batch_size, workers=workers, progress=progress)
+        report.scanned += len(unstorable)
+        report.skipped[:0] = unstorable
+        return report
 
+    @_locked_write
     def add(self, images: ImageLike | Sequence[ImageLike], label: str | Sequence[str]) -> int | np.ndarray:
         """Add image(s) under `label` (one label for all, or one per image). Returns the new id(s).
 
@@ -438,6 +674,7 @@ class SiameseDB:
         ids = self._commit([str(x) for x in labels], paths, hashes, vectors)
         return int(ids[0]) if single else ids
 
+    @_locked_write
     def add_vectors(
         self,
         vectors: np.ndarray,
@@ -526,12 +763,14 @@ class SiameseDB:
 
         return export_vectors(self, to)
 
+    @_locked_write
     def import_vectors(self, path: str | os.PathLike, force: bool = False, renumber: bool = False) -> dict[str, Any]:
         """Add the items of an export (see `export_vectors`); refuses another encoder's vectors unless `force`."""
         from siamesedb.export import import_vectors
 
         return import_vectors(self, path, force=force, renumber=renumber)
 
+    @_locked_write
     def remove(self, ids: int | Iterable[int] | None = None, label: str | None = None) -> int:
         """Remove items by id(s) or every item of a label. Returns how many were removed."""
         if (ids is None) == (label is None):
@@ -555,12 +794,14 @@ class SiameseDB:
         self._save_index_and_manifest()
         return int(len(removed))
 
+    @_locked_write
     def set_search_defaults(self, nprobe: int | None = None, ef_search: int | None = None) -> dict[str, int]:
         """Store the nprobe (IVF) / efSearch (HNSW) searches use unless they pass their own; returns them all."""
         self.index.set_search_defaults(nprobe=nprobe, ef_search=ef_search)
         self._save_index_and_manifest()
         return self.index.search_defaults
 
+    @_locked_write
     def reindex(self, factory: str | None = None, memory_budget: int | None = None) -> str:
         """Rebuild the FAISS index from the store: retrain it on every stored vector, drop tombstones, and
         optionally switch its type (`factory`, or "auto" to choose again for today's size). Returns the type."""
@@ -637,6 +878,11 @@ class SiameseDB:
         version = self.store.version
         if self._prototype_cache is not None and self._prototype_cache.version == version:
             return self._prototype_cache
+        with self.store.snapshot():  # version, labels and vectors of one committed state, whoever writes meanwhile
+            return self._read_class_table()
+
+    def _read_class_table(self) -> _ClassTable:
+        version = self.store.version
         dim = self.dimension
         names = sorted(self.store.label_counts())  # one GROUP BY: the (C, D) sums are allocated once, exactly
         if not names:
@@ -715,7 +961,7 @@ class SiameseDB:
         top: int | None = None,
     ) -> list[query.Prediction]:
         """Array-level classify of (nq, D) vectors; `top` as in `classify`."""
-        vectors = np.atleast_2d(vectors)
+        vectors = _finite_queries(vectors)
         if top is not None and (int(top) != top or top < 1):
             raise InvalidInputError(f"top must be an integer of at least 1, got {top}")
         if method == "prototype" and classes is None and top is not None:
@@ -765,8 +1011,9 @@ class SiameseDB:
 
     def _knn_within(self, vectors: np.ndarray, classes: Sequence[str], k: int) -> tuple[np.ndarray, list[list]]:
         """Exact top-k among the items of `classes` only (an episode's support set is small: brute force)."""
-        ids, corpus = self.store.vectors()
-        labels = np.asarray(self.store.labels_of(ids), dtype=object)
+        with self.store.snapshot():
+            ids, corpus = self.store.vectors()
+            labels = np.asarray(self.store.labels_of(ids), dtype=object)
         keep = np.isin(labels, np.asarray(list(classes), dtype=object))
         D, I = query.brute_force_search(vectors, corpus[keep], k)
         kept_labels = labels[keep]
@@ -788,6 +1035,7 @@ class SiameseDB:
     def verify_vector(
         self, vector: np.ndarray, label: str, threshold: float | None = None, rule: str | None = None
     ) -> query.Verification:
+        vector = _finite_queries(vector)[0]
         calibration = self.manifest.get("calibration") or {}
         rule = rule or calibration.get("rule", "prototype")
         if rule not in query.VERIFY_RULES:
@@ -801,6 +1049,7 @@ class SiameseDB:
         score = query.verification_score(vector, self.support(label), rule=rule)
         return query.Verification(label=label, accepted=bool(score >= threshold), score=float(score), threshold=threshold)
 
+    @_locked_write
     def calibrate(self, target_far: float | None = None, rule: str = "prototype") -> dict[str, Any]:
         """Choose the verification threshold from the support set's own genuine / impostor pairs.
 
@@ -839,7 +1088,10 @@ class SiameseDB:
             "items": int(len(ids)),
         }
         self.manifest["calibration"] = calibration
-        _write_json_atomic(self.path / MANIFEST_FILE, self.manifest)
+        try:
+            _write_json_atomic(self.path / MANIFEST_FILE, self.manifest)
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot save the manifest ({exc.strerror or exc})") from None
         return calibration
 
     def info(self) -> dict[str, Any]:
@@ -872,10 +1124,7 @@ class SiameseDB:
         store's current version, else rebuilt in memory from the store (never written here, so a reader can never
         race the writer for the files).
         """
-        try:
-            manifest = json.loads((self.path / MANIFEST_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CorruptIndexError(f"{self.path / MANIFEST_FILE}: unreadable manifest ({exc})") from None
+        manifest = _read_manifest(self.path)
         version = self.store.version
         if manifest == self.manifest and self.manifest.get("vectors_store_version") == version:
             return False  # nothing changed (this object's own writes keep the two in step)
@@ -892,6 +1141,8 @@ class SiameseDB:
                     index = None
             except CorruptIndexError:
                 index = None
+        if index is not None:
+            self._index_version = version
         self.index = index if index is not None else self._index_from_store()
         self._prototype_cache = None
         return True
@@ -913,6 +1164,14 @@ def verify_pair(
     vectors = np.atleast_2d(enc.encode([image_a, image_b]))
     score = float(vectors[0] @ vectors[1])
     return query.Verification(label=str(image_b), accepted=bool(score >= threshold), score=score, threshold=float(threshold))
+
+
+def _finite_queries(vectors: np.ndarray) -> np.ndarray:
+    """(nq, D) query vectors, refused when any value is NaN or infinite (every score would be NaN, silently)."""
+    array = np.atleast_2d(np.asarray(vectors))
+    if np.issubdtype(array.dtype, np.number) and not np.isfinite(array).all():
+        raise InvalidInputError("query vectors contain NaN or infinity")
+    return array
 
 
 def _array_sha256(obj: Any) -> str:

@@ -64,6 +64,14 @@ class EmptyIndexError(SiameseDBError):
     """The operation needs items and the index (or the chosen classes) holds none."""
 
 
+class IndexLockedError(SiameseDBError):
+    """Another process holds an index's write lock and did not release it within the timeout."""
+
+
+class StorageError(SiameseDBError):
+    """The disk refused a read or write of an index file (full, read-only, I/O error)."""
+
+
 class UploadError(InvalidInputError):
     """An uploaded image (HTTP API) is missing, too large, of the wrong type or not decodable."""
 

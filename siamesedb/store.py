@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from siamesedb.errors import CorruptIndexError, DimensionMismatchError, IndexNotFoundError, InvalidInputError
+from siamesedb.errors import (
+    CorruptIndexError,
+    DimensionMismatchError,
+    IndexLockedError,
+    IndexNotFoundError,
+    InvalidInputError,
+    StorageError,
+)
 
 SCHEMA_VERSION = 1
 _MAX_PARAMS = 900  # stay under SQLite's historical limit of 999 host parameters per statement
@@ -28,6 +36,39 @@ CREATE INDEX IF NOT EXISTS items_label ON items(label);
 CREATE INDEX IF NOT EXISTS items_sha256 ON items(sha256);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+def _named_sqlite_errors(method: Callable) -> Callable:
+    """SQLite failures inside a store method -> one named error: busy (IndexLockedError), the disk refusing
+    (StorageError), or damage such as malformed pages and undecodable text (CorruptIndexError)."""
+
+    @functools.wraps(method)
+    def checked(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise _named_error(self.path, exc) from None
+
+    return checked
+
+
+def _is_utf8(text: str) -> bool:
+    """False for str holding lone surrogates: how Python spells file names whose bytes are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _named_error(path: Path, exc: sqlite3.Error) -> Exception:
+    reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+    lowered = reason.lower()
+    if "locked" in lowered or "busy" in lowered:
+        return IndexLockedError(f"{path}: the store stayed busy ({reason})")
+    if any(word in lowered for word in ("full", "i/o", "readonly", "read-only", "unable to open")):
+        return StorageError(f"{path}: {reason}")
+    return CorruptIndexError(f"{path}: damaged item store ({reason[:120]})")
 
 
 @dataclass(frozen=True)
@@ -63,6 +104,10 @@ class ItemStore:
             if existed and tables and not {"items", "meta"} <= tables:
                 # Some other SQLite database: do not write our tables into it.
                 raise CorruptIndexError(f"{self.path}: a SQLite file, but not a siamesedb item store")
+            if existed and not tables and dim is None:
+                # Opening (not creating) a file with no tables: an emptied or truncated-to-nothing store. Creating
+                # fresh tables here would silently turn a damaged index into an empty one.
+                raise CorruptIndexError(f"{self.path}: holds no item tables (an empty file, not an item store)")
             self._conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
             # NORMAL in WAL mode: a committed transaction survives a process crash (kill -9); only a power loss may
             # drop the last commits, never corrupt the file. FULL would fsync every commit for little more safety.
@@ -70,9 +115,14 @@ class ItemStore:
             self._conn.executescript(_SCHEMA)
             stored_dim = self._meta("dim")
             schema = self._meta("schema_version")
+            stored_dim = None if stored_dim is None else int(stored_dim)
+            schema = None if schema is None else int(schema)
         except sqlite3.DatabaseError as exc:
             self.close()
             raise CorruptIndexError(f"{self.path}: not a readable SQLite store ({exc})") from None
+        except ValueError as exc:
+            self.close()
+            raise CorruptIndexError(f"{self.path}: damaged item store (meta value: {exc})") from None
         except CorruptIndexError:
             self.close()
             raise
@@ -129,13 +179,41 @@ class ItemStore:
                 conn.execute("ROLLBACK")
             raise
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside one read transaction see one committed state (WAL), whatever writers commit meanwhile.
+
+        A no-op inside a write transaction, which already sees only itself.
+        """
+        conn = self._db
+        if conn.in_transaction:
+            yield
+            return
+        try:
+            conn.execute("BEGIN")  # deferred: the snapshot starts at the first read and holds until COMMIT
+        except sqlite3.Error as exc:
+            raise _named_error(self.path, exc) from None
+        try:
+            yield
+        finally:
+            if conn.in_transaction:
+                try:
+                    conn.execute("COMMIT")  # ends a read: nothing to lose, but a damaged file may still complain
+                except sqlite3.Error as exc:
+                    raise _named_error(self.path, exc) from None
+
     def _bump(self) -> None:
         self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'version'")
 
     @property
+    @_named_sqlite_errors
     def version(self) -> int:
         """Incremented by every write that changes items: the FAISS file records which version it mirrors."""
-        return int(self._meta("version") or 0)
+        value = self._meta("version") or 0
+        try:
+            return int(value)
+        except ValueError:
+            raise CorruptIndexError(f"{self.path}: damaged item store (version {value!r} is not a number)") from None
 
     def close(self) -> None:
         if self._conn is not None:
@@ -150,6 +228,7 @@ class ItemStore:
 
     # -------------------------------------------------------------------------------------------- writes
 
+    @_named_sqlite_errors
     def add(
         self, labels: Sequence[str], paths: Sequence[str | os.PathLike], hashes: Sequence[str], vectors: np.ndarray
     ) -> np.ndarray:
@@ -180,6 +259,11 @@ class ItemStore:
         if n == 0:
             return np.empty(0, dtype=np.int64)
         rows = [(labels[i], os.fspath(paths[i]), hashes[i], vectors[i].tobytes()) for i in range(n)]
+        for row in rows:
+            for text in row[:3]:
+                if isinstance(text, bytes) or not _is_utf8(text):  # SQLite TEXT is UTF-8: refuse before the batch
+                    shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+                    raise InvalidInputError(f"{shown}: not valid UTF-8 text (a file or folder name in another encoding?)")
         with self._transaction() as conn:
             # AUTOINCREMENT hands out ids above every id ever used (sqlite_sequence), and we hold the write lock:
             # the rows above that mark after one executemany are exactly this batch, in insertion order.
@@ -194,6 +278,7 @@ class ItemStore:
             self._bump()
         return ids
 
+    @_named_sqlite_errors
     def remove_ids(self, ids: Sequence[int] | np.ndarray) -> int:
         """Remove these ids in one transaction (unknown ones are ignored); returns how many rows went."""
         array = np.atleast_1d(np.asarray(ids))
@@ -212,6 +297,7 @@ class ItemStore:
                 self._bump()
         return removed
 
+    @_named_sqlite_errors
     def remove_label(self, label: str) -> np.ndarray:
         """Remove every item of `label` in one transaction; returns their ids (n,) int64 in id order."""
         with self._transaction() as conn:
@@ -226,9 +312,11 @@ class ItemStore:
 
     # -------------------------------------------------------------------------------------------- reads
 
+    @_named_sqlite_errors
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
 
+    @_named_sqlite_errors
     def label_counts(self) -> dict[str, int]:
         """{label: number of items}, labels sorted."""
         rows = self._db.execute("SELECT label, COUNT(*) FROM items GROUP BY label ORDER BY label")
@@ -249,17 +337,20 @@ class ItemStore:
                 found[row[0]] = row
         return wanted, found
 
+    @_named_sqlite_errors
     def items(self, ids: Sequence[int] | np.ndarray) -> list[Item | None]:
         """Items in the order of `ids`; None for an id the store does not hold."""
         wanted, found = self._by_id(ids, "label, path, sha256")
         items = {i: Item(*row) for i, row in found.items()}
         return [items.get(i) for i in wanted]
 
+    @_named_sqlite_errors
     def labels_of(self, ids: Sequence[int] | np.ndarray) -> list[str | None]:
         """Labels in the order of `ids`; None for an id the store does not hold."""
         wanted, found = self._by_id(ids, "label")
         return [found[i][1] if i in found else None for i in wanted]
 
+    @_named_sqlite_errors
     def vectors(self, label: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids (n,) int64, vectors (n, dim) float32) in id order, optionally of one label only."""
         if label is None:
@@ -272,16 +363,22 @@ class ItemStore:
         if len(blob) != len(rows) * self.dim * 4:
             raise CorruptIndexError(f"{self.path}: a stored vector does not hold {self.dim} float32 values")
         # astype copies into a writable, native-endian array (frombuffer over bytes is read-only).
-        return ids, np.frombuffer(blob, dtype="<f4").reshape(len(rows), self.dim).astype(np.float32)
+        vectors = np.frombuffer(blob, dtype="<f4").reshape(len(rows), self.dim).astype(np.float32)
+        if not np.isfinite(vectors).all():  # add() refuses NaN / inf, so these are damaged bytes
+            raise CorruptIndexError(f"{self.path}: a stored vector holds NaN or infinity (damaged store)")
+        return ids, vectors
 
+    @_named_sqlite_errors
     def all_labels(self) -> tuple[np.ndarray, list[str]]:
         """(ids, labels) of every item in id order."""
         rows = self._db.execute("SELECT id, label FROM items ORDER BY id").fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)), [r[1] for r in rows]
 
+    @_named_sqlite_errors
     def known_hashes(self) -> set[str]:
         return {r[0] for r in self._db.execute("SELECT DISTINCT sha256 FROM items")}
 
+    @_named_sqlite_errors
     def insert_with_ids(
         self, ids: np.ndarray, labels: Sequence[str], paths: Sequence[str], hashes: Sequence[str], vectors: np.ndarray
     ) -> None:
@@ -337,10 +434,12 @@ class ItemStore:
                 return
             yield np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)), [r[1:] for r in rows]
 
+    @_named_sqlite_errors
     def label_path_hashes(self) -> dict[tuple[str, str], str]:
         """{(label, path): sha256} of every item: a resumed build re-hashes such a file but does not decode it again."""
         return {(r[0], r[1]): r[2] for r in self._db.execute("SELECT label, path, sha256 FROM items ORDER BY id")}
 
+    @_named_sqlite_errors
     def known_label_hashes(self) -> set[tuple[str, str]]:
         """(label, sha256) of every item: what a resumed build skips."""
         return {(r[0], r[1]) for r in self._db.execute("SELECT label, sha256 FROM items")}

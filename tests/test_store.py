@@ -134,7 +134,7 @@ def test_a_batch_that_fails_midway_leaves_nothing(store):
         "CREATE TRIGGER refuse BEFORE INSERT ON items WHEN NEW.label = 'bad' "
         "BEGIN SELECT RAISE(ABORT, 'refused'); END"
     )
-    with pytest.raises(sqlite3.IntegrityError, match="refused"):
+    with pytest.raises(CorruptIndexError, match="refused"):  # named: an unexpected constraint is damage
         store.add(["a", "a", "bad", "a"], ["p"] * 4, ["h"] * 4, vectors(4))
     assert store.count() == 1 and store.version == version
     assert store.label_counts() == {"keep": 1}

@@ -1,0 +1,376 @@
+"""Crash-safety torture: randomized kill -9 trials against build / add / remove / calibrate on real Omniglot images.
+
+Each trial starts a child that works on a small index (a few dozen images, a small batch size, so there are many
+commit points) and logs, after every store commit, exactly what it committed (one JSON line per event, written with
+a single O_APPEND write, which survives the child's death). At a random moment the parent kills the child with
+SIGKILL, then checks, in a fresh process:
+
+  unopenable   the index does not open (only counted once the child had finished creating it)
+  lost         an item the child logged as committed is missing (or an item logged as removed is back)
+  duplicated   an item is stored more than once
+  half         a batch that was in flight is partly stored (a batch is one transaction: all of it or none)
+  stray        an item is stored that no batch ever held
+  inconsistent the FAISS index that open() gives does not hold exactly the store's ids
+  unresumable  (build trials) re-running the same build does not end with every image stored exactly once
+  failed checks the checking process itself raised on what the kill left
+
+and prints `N trials, L lost, D duplicated, U unopenable` plus the other counts and where the kills landed.
+Exit status 1 when any count is not zero.
+
+Run:  python tools/torture.py [--trials 200] [--classes 6] [--per-class 6] [--batch-size 3] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+OPERATIONS = ("build", "add", "remove", "calibrate")
+
+
+# ---------------------------------------------------------------------------------------------- in the children
+
+
+def _quiet_child() -> None:
+    import threading
+
+    import torch
+    from tqdm import tqdm
+
+    torch.set_num_threads(1)  # trials are tiny; one thread keeps them from fighting over the shared cores
+    tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock, which a killed child would leak
+
+
+def _log_commits(log_path: str) -> None:
+    """Make every store write report itself: 'begin' before the transaction, 'commit' after it returned."""
+    from siamesedb.store import ItemStore
+
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def log(event: dict) -> None:
+        os.write(fd, (json.dumps(event) + "\n").encode())  # one write(2): whole lines only, kept after a kill
+
+    original_add, original_remove_ids, original_remove_label = ItemStore.add, ItemStore.remove_ids, ItemStore.remove_label
+
+    def add(self, labels, paths, hashes, vectors):
+        log({"event": "begin_add", "items": [[str(lab), str(p)] for lab, p in zip(labels, paths)]})
+        ids = original_add(self, labels, paths, hashes, vectors)
+        log({"event": "commit_add", "ids": [int(i) for i in ids]})
+        return ids
+
+    def remove_ids(self, ids):
+        log({"event": "begin_remove", "ids": [int(i) for i in ids]})
+        n = original_remove_ids(self, ids)
+        log({"event": "commit_remove", "ids": [int(i) for i in ids]})
+        return n
+
+    def remove_label(self, label):
+        held, _ = self.vectors(label=label)
+        log({"event": "begin_remove", "ids": [int(i) for i in held]})
+        removed = original_remove_label(self, label)
+        log({"event": "commit_remove", "ids": [int(i) for i in removed]})
+        return removed
+
+    ItemStore.add, ItemStore.remove_ids, ItemStore.remove_label = add, remove_ids, remove_label
+    _log_commits.log = log  # type: ignore[attr-defined]
+
+
+def run_operation(operation: str, index: str, source: str, extra: str, log_path: str, batch_size: int, seed: int) -> None:
+    """The child that gets killed: one operation on `index`, every commit logged to `log_path`."""
+    _quiet_child()
+    _log_commits(log_path)
+    log = _log_commits.log  # type: ignore[attr-defined]
+    from siamesedb.data import scan_folder
+    from siamesedb.db import SiameseDB
+
+    rng = random.Random(seed)
+    if operation == "build":
+        from siamesedb import db as db_module
+
+        original_create = db_module.SiameseDB._create_locked.__func__
+
+        def create(cls, *args, **kwargs):  # report when the index exists (manifest written): from then on it must open
+            made = original_create(cls, *args, **kwargs)
+            log({"event": "created"})
+            return made
+
+        db_module.SiameseDB._create_locked = classmethod(create)
+        SiameseDB.build(source, path=index, batch_size=batch_size, workers=0)
+    elif operation == "add":
+        with SiameseDB.open(index) as db:
+            images = scan_folder(extra)
+            rng.shuffle(images)
+            while images:  # batches of 1..batch_size images: db.add is all or nothing per call
+                batch, images = images[:rng.randint(1, batch_size)], images[batch_size:]
+                db.add([im.path for im in batch], [im.label for im in batch])
+    elif operation == "remove":
+        with SiameseDB.open(index) as db:
+            labels = db.labels()
+            rng.shuffle(labels)
+            for label in labels[: len(labels) // 2]:
+                db.remove(label=label)
+            ids, _ = db.store.vectors()
+            for chunk in range(0, len(ids), batch_size):
+                db.remove(ids=[int(i) for i in ids[chunk : chunk + batch_size]])
+    elif operation == "calibrate":
+        with SiameseDB.open(index) as db:
+            for far in (None, 0.1, 0.01, None, 0.05, 0.2):
+                db.calibrate(target_far=far)
+                log({"event": "commit_calibration"})  # the manifest was renamed into place
+    log({"event": "done"})
+
+
+def check_index(operation: str, index: str, source: str, log_path: str, before: list, resume: bool,
+                batch_size: int) -> dict:
+    """In a fresh process: open the index the killed child left and compare it with what the child logged."""
+    _quiet_child()
+    import numpy as np
+
+    from siamesedb.data import scan_folder
+    from siamesedb.db import MANIFEST_FILE, SiameseDB
+    from siamesedb.errors import IndexNotFoundError
+
+    events = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    counts = collections.Counter()
+    counts["commits"] = sum(e["event"].startswith("commit") for e in events)
+    counts["done"] = int(any(e["event"] == "done" for e in events))
+    created = operation != "build" or any(e["event"] == "created" for e in events)
+
+    try:
+        db = SiameseDB.open(index, lock_timeout=5)
+    except IndexNotFoundError:
+        if created or (Path(index) / MANIFEST_FILE).exists():
+            counts["unopenable"] += 1
+            return dict(counts)
+        db = None  # killed before the build's index existed: nothing was promised yet
+        counts["not_created"] += 1
+    except Exception as exc:  # noqa: BLE001 - any failure to open is what this tool counts
+        counts["unopenable"] += 1
+        counts["error: " + f"{type(exc).__name__}: {exc}"[:160]] += 1
+        return dict(counts)
+
+    if db is not None:
+        with sqlite3.connect(Path(index) / "items.sqlite") as raw:  # every row, duplicates included
+            rows = raw.execute("SELECT id, label, path FROM items").fetchall()
+        present = collections.Counter((label, path) for _, label, path in rows)
+        ids_present = {i for i, _, _ in rows}
+        counts["duplicated"] += sum(n - 1 for n in present.values() if n > 1)
+        counts["inconsistent"] += int(sorted(db.index.ids().tolist()) != sorted(ids_present)
+                                      or db.index.ntotal != len(rows))
+
+        # Replay the log: what must be there, what must be gone, what may be either (the one batch in flight).
+        expected = collections.Counter((label, path) for _, label, path in before)
+        key_of = {int(i): (label, path) for i, label, path in before}
+        pending_add: list | None = None
+        pending_remove: list | None = None
+        for e in events:
+            if e["event"] == "begin_add":
+                pending_add = [tuple(x) for x in e["items"]]
+            elif e["event"] == "commit_add":
+                for key, new_id in zip(pending_add, e["ids"]):
+                    expected[key] += 1
+                    key_of[new_id] = key
+                pending_add = None
+            elif e["event"] == "begin_remove":
+                pending_remove = list(e["ids"])
+            elif e["event"] == "commit_remove":
+                for i in e["ids"]:
+                    expected[key_of[i]] -= 1
+                pending_remove = None
+        calibration = db.manifest.get("calibration")
+        committed_calibration = any(e["event"] == "commit_calibration" for e in events)
+        if committed_calibration and not (isinstance(calibration, dict) and np.isfinite(calibration.get("threshold", np.nan))):
+            counts["lost"] += 1  # a calibration reported written is gone or damaged
+        if pending_add:  # the add in flight: all of it stored, or none of it
+            arrived = collections.Counter(pending_add) & (present - expected)
+            counts["half"] += int(0 < sum(arrived.values()) < len(pending_add))
+            expected += arrived
+        if pending_remove:  # the removal in flight: all of its ids gone, or all still there
+            gone = [i for i in pending_remove if i not in ids_present]
+            counts["half"] += int(0 < len(gone) < len(pending_remove))
+            for i in gone:
+                expected[key_of[i]] -= 1
+        counts["lost"] += sum((expected - present).values())
+        # Items from nowhere, or removed (committed) yet back; duplicates are counted above.
+        counts["stray"] += sum(n for key, n in (present - expected).items() if expected[key] <= 0)
+        db.close()
+
+    if resume and operation == "build":
+        again = SiameseDB.build(source, path=index, batch_size=batch_size, workers=0)
+        with sqlite3.connect(Path(index) / "items.sqlite") as raw:
+            final = collections.Counter(raw.execute("SELECT label, path FROM items").fetchall())
+        wanted = collections.Counter((im.label, str(im.path)) for im in scan_folder(source))
+        counts["unresumable"] += int(final != wanted or again.index.ntotal != sum(wanted.values()))
+        again.close()
+    return dict(counts)
+
+
+def snapshot_items(index: str) -> list:
+    """(id, label, path) of every item of an index at rest, read with plain sqlite3 (no torch in the parent)."""
+    with sqlite3.connect(Path(index) / "items.sqlite") as raw:
+        return [list(r) for r in raw.execute("SELECT id, label, path FROM items ORDER BY id")]
+
+
+def build_base(index: str, source: str, batch_size: int) -> None:
+    _quiet_child()
+    from siamesedb.db import SiameseDB
+
+    SiameseDB.build(source, path=index, batch_size=batch_size, workers=0).close()
+
+
+# ---------------------------------------------------------------------------------------------- the parent
+
+
+def pick_images(omniglot_root: Path, target: Path, classes: int, per_class: int, rng: random.Random,
+                skip: set[str]) -> set[str]:
+    """Copy `per_class` drawings of `classes` random characters into a labelled folder; returns the labels used."""
+    characters = sorted(p for p in omniglot_root.glob("*/*") if p.is_dir() and str(p) not in skip)
+    chosen = rng.sample(characters, classes)
+    for character in chosen:
+        label = target / character.parent.name / character.name
+        label.mkdir(parents=True)
+        for image in sorted(character.glob("*.png"))[:per_class]:
+            shutil.copy(image, label / image.name)
+    return {str(c) for c in chosen}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=200)
+    parser.add_argument("--classes", type=int, default=6, help="Omniglot characters in the build folder.")
+    parser.add_argument("--per-class", type=int, default=6, help="Drawings per character.")
+    parser.add_argument("--batch-size", type=int, default=3, help="Images per commit (small: many commit points).")
+    parser.add_argument("--operations", default=",".join(OPERATIONS), help="Comma-separated subset of " + ", ".join(OPERATIONS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", default=None, help="Scratch folder (default: a temporary one, removed after).")
+    parser.add_argument("--data", default=None, help="Folder holding omniglot/images_evaluation.zip (or the zip).")
+    parser.add_argument("--no-resume", action="store_true", help="Skip re-running interrupted builds.")
+    args = parser.parse_args()
+    operations = [op.strip() for op in args.operations.split(",") if op.strip()]
+    if any(op not in OPERATIONS for op in operations):
+        parser.error(f"--operations: choose from {', '.join(OPERATIONS)}")
+
+    from siamesedb.datasets import omniglot
+
+    omniglot_root = Path(omniglot("evaluation", source=args.data))
+    rng = random.Random(args.seed)
+    work = Path(args.work or tempfile.mkdtemp(prefix="siamesedb-torture-"))
+    work.mkdir(parents=True, exist_ok=True)
+    source, extra = work / "source", work / "extra"
+    for folder in (source, extra):
+        shutil.rmtree(folder, ignore_errors=True)
+    used = pick_images(omniglot_root, source, args.classes, args.per_class, rng, set())
+    pick_images(omniglot_root, extra, max(2, args.classes // 2), args.per_class, rng, used)
+
+    # Children fork from a server that has imported torch and siamesedb once: a trial costs a fork, not an import.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "siamesedb.db", "siamesedb.encoder", "faiss"])
+    from concurrent.futures import ProcessPoolExecutor
+
+    checker = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+    base = work / "base"
+    shutil.rmtree(base, ignore_errors=True)
+    checker.submit(build_base, str(base), str(source), args.batch_size).result()
+    base_items = snapshot_items(str(base))
+
+    def run_child(operation: str, index: Path, log_path: Path, seed: int, kill_after: float | None) -> tuple[float, bool]:
+        child = ctx.Process(target=run_operation,
+                            args=(operation, str(index), str(source), str(extra), str(log_path), args.batch_size, seed))
+        started = time.perf_counter()
+        child.start()
+        child.join(kill_after)
+        killed = child.is_alive()
+        if killed:
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it finished between the check and the kill
+                killed = False
+            child.join()
+        return time.perf_counter() - started, killed
+
+    def prepare(operation: str, index: Path) -> list:
+        shutil.rmtree(index, ignore_errors=True)
+        if operation == "build":
+            return []
+        shutil.copytree(base, index)
+        return [list(r) for r in base_items]
+
+    # Uninterrupted runs of each operation set the window the kills are drawn from: the slowest of three, so that
+    # a lucky fast first run does not crowd every kill into the start-up.
+    durations = {}
+    for operation in operations:
+        index, log_path = work / "trial", work / "trial.log"
+        runs = []
+        for _ in range(3):
+            prepare(operation, index)
+            log_path.unlink(missing_ok=True)
+            runs.append(run_child(operation, index, log_path, 0, None)[0])
+        durations[operation] = max(runs)
+    print("uninterrupted run, slowest of 3 (s): " + ", ".join(f"{op} {d:.2f}" for op, d in durations.items()),
+          flush=True)
+
+    totals: collections.Counter = collections.Counter()
+    phases: collections.Counter = collections.Counter()
+    errors: collections.Counter = collections.Counter()
+    started = time.perf_counter()
+    for trial in range(args.trials):
+        operation = operations[trial % len(operations)]
+        index, log_path = work / "trial", work / "trial.log"
+        before = prepare(operation, index)
+        log_path.unlink(missing_ok=True)
+        log_path.touch()
+        kill_after = rng.uniform(0.0, 1.1 * durations[operation])
+        _, killed = run_child(operation, index, log_path, trial, kill_after)
+        try:
+            result = checker.submit(check_index, operation, str(index), str(source), str(log_path), before,
+                                    not args.no_resume, args.batch_size).result()
+        except Exception as exc:  # noqa: BLE001 - the check itself failed on what the kill left: count it, go on
+            result = {"check_failed": 1, f"error: {type(exc).__name__}: {exc}"[:160]: 1}
+        for key, value in result.items():
+            if key.startswith("error: "):
+                errors[key] += value
+            elif key not in ("commits", "done"):
+                totals[key] += value
+        if not killed or result.get("done"):
+            phases[operation, "after it finished"] += 1
+        elif result.get("commits", 0) == 0:
+            phases[operation, "before its first commit"] += 1
+        else:
+            phases[operation, "between commits"] += 1
+        totals["killed"] += int(killed)
+    checker.shutdown()
+    seconds = time.perf_counter() - started
+
+    n = args.trials
+    print(f"{n} trials, {totals['lost']} lost, {totals['duplicated']} duplicated, {totals['unopenable']} unopenable")
+    print(f"  half batches {totals['half']}, stray items {totals['stray']}, FAISS/store mismatches "
+          f"{totals['inconsistent']}, unresumable builds {totals['unresumable']}, failed checks {totals['check_failed']}")
+    print(f"  {totals['killed']} killed; {totals['not_created']} build kills landed before the index existed")
+    for operation in operations:
+        where = ", ".join(f"{phases[operation, phase]} {phase}"
+                          for phase in ("before its first commit", "between commits", "after it finished"))
+        print(f"  {operation}: {where}")
+    print(f"  operations: {', '.join(operations)}; {args.classes} x {args.per_class} images, batch size "
+          f"{args.batch_size}; {seconds:.0f} s ({seconds / max(n, 1):.2f} s per trial)")
+    for message, count in errors.items():
+        print(f"  {count} x {message[7:]}")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    bad = sum(totals[k] for k in ("lost", "duplicated", "unopenable", "half", "stray", "inconsistent", "unresumable",
+                                  "check_failed"))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
