@@ -9,6 +9,7 @@ import os
 import re
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -525,7 +526,8 @@ class VectorIndex:
             buffer = io.BytesIO()
             np.save(buffer, self._removed)
             _write_atomic(sidecar, buffer.getvalue())
-        _write_atomic(path, faiss.serialize_index(self._index).tobytes())
+        # faiss.write_index streams into the file: no second in-memory copy of the index (serialize_index made one).
+        _write_atomic_with(path, lambda tmp: faiss.write_index(self._index, tmp))
         if not len(self._removed):
             sidecar.unlink(missing_ok=True)
         _fsync_dir(path.parent)
@@ -538,12 +540,10 @@ class VectorIndex:
         path = Path(path)
         if not path.exists():
             raise CorruptIndexError(f"{path}: missing")
+        if not os.access(path, os.R_OK) or not path.is_file():
+            raise CorruptIndexError(f"{path}: cannot read (not a readable file)")
         try:
-            data = np.fromfile(path, dtype=np.uint8)
-        except OSError as exc:
-            raise CorruptIndexError(f"{path}: cannot read ({exc.strerror or exc})") from None
-        try:
-            index = faiss.deserialize_index(data)
+            index = faiss.read_index(str(path))  # reads straight into the index: no whole-file buffer beside it
         except RuntimeError:
             raise CorruptIndexError(f"{path}: not a readable FAISS index") from None
         if not isinstance(index, faiss.IndexIDMap2):
@@ -688,6 +688,20 @@ def _write_atomic(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_atomic_with(path: Path, write: Callable[[str], None]) -> None:
+    """`write(tmp)` fills a temporary file beside `path`; it is then fsynced and renamed over `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
