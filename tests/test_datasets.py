@@ -207,3 +207,24 @@ def test_default_data_root_and_cache_honour_the_environment(monkeypatch, tmp_pat
     assert cache_root() == tmp_path / "c"
     monkeypatch.delenv("SIAMESEDB_CACHE")
     assert cache_root() == Path.home() / ".cache" / "siamesedb"
+
+
+@needs_data
+def test_the_default_encoder_never_trained_on_an_evaluation_character(tmp_path):
+    """Lake's protocol: train on images_background only; no character (or alphabet) of images_evaluation in it."""
+    from siamesedb.encoder import Encoder
+
+    notes = Encoder.load("default").config.notes
+    assert Path(notes["trained_on"]).name == "images_background"
+    assert notes["train_config"]["groups"] is None  # the whole background split, nothing else
+    background = omniglot("background", source=DATA, cache_dir=tmp_path)
+    evaluation = omniglot("evaluation", source=DATA, cache_dir=tmp_path)
+    alphabets = {split: {p.name for p in root.iterdir() if p.is_dir()} for split, root in
+                 (("background", background), ("evaluation", evaluation))}
+    assert len(alphabets["background"]) == 30 and len(alphabets["evaluation"]) == 20
+    assert not alphabets["background"] & alphabets["evaluation"]
+    # and no drawing file is shared either (character ids are global in Omniglot: NNNN_MM.png)
+    files = {split: {p.name for p in root.rglob("*.png")} for split, root in
+             (("background", background), ("evaluation", evaluation))}
+    assert len(files["background"]) == 19_280 and len(files["evaluation"]) == 13_180
+    assert not files["background"] & files["evaluation"]
