@@ -46,7 +46,7 @@ from siamesedb.errors import (
     StorageError,
     UnknownLabelError,
 )
-from siamesedb.index import AUTO, VectorIndex, auto_search_defaults, choose_factory
+from siamesedb.index import AUTO, VectorIndex, _fsync_dir, _write_atomic, auto_search_defaults, choose_factory
 from siamesedb.locking import IndexWriteLock
 from siamesedb.store import ItemStore
 
@@ -168,28 +168,8 @@ def _is_single(images: Any) -> bool:
 
 def _write_json_atomic(path: Path, document: dict[str, Any]) -> None:
     """Write, fsync, rename, fsync the folder: a crash leaves the old document or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(document, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_folder(path.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename in `folder` durable (POSIX); skipped where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    _write_atomic(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    _fsync_dir(path.parent)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

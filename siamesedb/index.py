@@ -683,16 +683,8 @@ def _removed_path(path: Path) -> Path:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`data` into a temporary file beside `path`, fsynced, then renamed over `path`."""
+    _write_atomic_with(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _write_atomic_with(path: Path, write: Callable[[str], None]) -> None:
