@@ -16,6 +16,7 @@ _LAZY = {
     "Encoder": "siamesedb.encoder",
     "VectorIndex": "siamesedb.index",
     "Hit": "siamesedb.query",
+    "SearchResults": "siamesedb.query",
     "Prediction": "siamesedb.query",
     "Verification": "siamesedb.query",
     "SiameseDBError": "siamesedb.errors",

@@ -22,6 +22,7 @@ import os
 import sqlite3
 import stat
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -223,6 +224,9 @@ class SiameseDB:
         self._index_version: int | None = None
         # Class prototypes are derived from the store; cached per store version so repeated classify calls are cheap.
         self._prototype_cache: _ClassTable | None = None
+        # Search results whose labels and paths are not read yet: read before this handle writes or closes, so
+        # they describe the index as it was when searched and stay usable after close().
+        self._unread_results: list[weakref.ref[query.SearchResults]] = []
 
     # ------------------------------------------------------------------ creation and opening
 
@@ -461,6 +465,7 @@ class SiameseDB:
     @contextmanager
     def _writing(self) -> Iterator[None]:
         """Hold the write lock for one public write; on first taking it, catch up with other processes' writes."""
+        self._read_pending_results()
         self._lock.acquire()
         outermost = self._lock.depth == 1  # read under the lock: another thread's write has finished by now
         started_at = None
@@ -506,7 +511,16 @@ class SiameseDB:
                 "the FAISS file is rebuilt from it on the next open"
             ) from None
 
+    def _read_pending_results(self) -> None:
+        for ref in self._unread_results:
+            results = ref()
+            if results is not None:
+                results.fetch()
+        self._unread_results.clear()
+
     def close(self) -> None:
+        if not self.store.closed:
+            self._read_pending_results()
         self.store.close()
 
     def __enter__(self) -> SiameseDB:
@@ -831,22 +845,19 @@ class SiameseDB:
 
     def search_vectors(
         self, vectors: np.ndarray, k: int = 5, nprobe: int | None = None, ef_search: int | None = None
-    ) -> list[list[query.Hit]]:
-        """Array-level search: (nq, D) vectors -> one list of Hits per query (fewer than k if the index is small)."""
+    ) -> query.SearchResults:
+        """Array-level search: (nq, D) vectors -> one list of Hits per query (fewer than k if the index is small).
+
+        The result also holds the raw `scores` / `ids` arrays (FAISS's (D, I), -1 for none); labels and paths are
+        read from the store in one query when a Hit is first asked for, or before this handle next writes or
+        closes, whichever comes first (an item another process removes before then is left out).
+        """
         if k < 1:
             raise InvalidInputError(f"k must be at least 1, got {k}")
         D, I = self._search_index(np.atleast_2d(vectors), k, nprobe, ef_search)
-        found = I[I >= 0]
-        items = {item.id: item for item in self.store.items(np.unique(found)) if item is not None}
-        results = []
-        for scores, ids in zip(D, I):
-            results.append(
-                [
-                    query.Hit(id=int(i), label=items[i].label, path=items[i].path, score=float(s))
-                    for s, i in zip(scores, ids)
-                    if i >= 0 and i in items
-                ]
-            )
+        results = query.SearchResults(D, I, self.store.labels_and_paths)
+        self._unread_results = [r for r in self._unread_results if r() is not None and not r().fetched]
+        self._unread_results.append(weakref.ref(results))
         return results
 
     def _class_table(self) -> _ClassTable:

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,69 @@ class Hit:
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": int(self.id), "label": str(self.label), "path": str(self.path), "score": float(self.score)}
+
+
+class SearchResults(Sequence[list[Hit]]):
+    """Batched search results: one list of Hits per query, built when first read.
+
+    Columnar underneath, as FAISS returns them: `scores` (nq, k) float32 and `ids` (nq, k) int64, -1 for "no
+    result". The labels and paths of every hit are read with one store query (`lookup`) the first time any Hit
+    is asked for, so a caller that only needs the arrays pays for the FAISS search alone. A hit whose item is
+    gone by then (removed by another writer) is left out, as it would have been at search time.
+    """
+
+    def __init__(self, scores: np.ndarray, ids: np.ndarray, lookup: Callable[[np.ndarray], dict[int, tuple[str, str]]]):
+        if scores.shape != ids.shape or scores.ndim != 2:
+            raise InvalidInputError(f"scores {scores.shape} and ids {ids.shape} must be the same (nq, k) shape")
+        self.scores = scores
+        self.ids = ids
+        self._lookup = lookup
+        self._found: dict[int, tuple[str, str]] | None = None  # id -> (label, path), read once
+        self._hits: dict[int, list[Hit]] = {}
+
+    def fetch(self) -> SearchResults:
+        """Read every hit's label and path now (one store query); later reads need no store."""
+        self._items()
+        return self
+
+    @property
+    def fetched(self) -> bool:
+        return self._found is not None
+
+    def _items(self) -> dict[int, tuple[str, str]]:
+        if self._found is None:
+            self._found = self._lookup(np.unique(self.ids[self.ids >= 0]))
+            self._lookup = None  # type: ignore[assignment]  # drop the store reference
+        return self._found
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _row(self, q: int) -> list[Hit]:
+        if q not in self._hits:
+            found = self._items()
+            self._hits[q] = [
+                Hit(id=i, label=found[i][0], path=found[i][1], score=s)
+                for s, i in zip(self.scores[q].tolist(), self.ids[q].tolist())
+                if i >= 0 and i in found
+            ]
+        return self._hits[q]
+
+    def __getitem__(self, q):  # type: ignore[override]
+        if isinstance(q, slice):
+            return [self._row(r) for r in range(len(self))[q]]
+        q = int(q)
+        if not -len(self) <= q < len(self):
+            raise IndexError(f"query {q} out of range for {len(self)} queries")
+        return self._row(q % len(self))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (SearchResults, list)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"SearchResults({len(self)} queries, k={self.ids.shape[1]})"
 
 
 @dataclass

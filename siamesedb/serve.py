@@ -341,8 +341,11 @@ def create_app(
     async def search(request: Request, k: int = Query(5, ge=1, le=1000, description="Neighbours to return.")):
         """The k most similar indexed items (highest cosine similarity first)."""
         vector, name = await encode_upload(request)
-        hits = await run_in_threadpool(locked, db.search_vectors, vector, k)
-        return {"query": name, "hits": [h.to_dict() for h in hits[0]]}
+
+        def hits() -> list[dict[str, Any]]:  # labels and paths are read lazily: inside the lock, like the search
+            return [h.to_dict() for h in db.search_vectors(vector, k)[0]]
+
+        return {"query": name, "hits": await run_in_threadpool(locked, hits)}
 
     @app.post("/classify", response_model=ClassifyAnswer, responses=ERRORS, openapi_extra=IMAGE_BODY, tags=["query"])
     async def classify(

@@ -215,6 +215,10 @@ class ItemStore:
         except ValueError:
             raise CorruptIndexError(f"{self.path}: damaged item store (version {value!r} is not a number)") from None
 
+    @property
+    def closed(self) -> bool:
+        return self._conn is None
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -343,6 +347,12 @@ class ItemStore:
         wanted, found = self._by_id(ids, "label, path, sha256")
         items = {i: Item(*row) for i, row in found.items()}
         return [items.get(i) for i in wanted]
+
+    @_named_sqlite_errors
+    def labels_and_paths(self, ids: Sequence[int] | np.ndarray) -> dict[int, tuple[str, str]]:
+        """{id: (label, path)} for the ids the store holds (search results' lazy lookup: no Item objects)."""
+        _, found = self._by_id(ids, "label, path")
+        return {i: (row[1], row[2]) for i, row in found.items()}
 
     @_named_sqlite_errors
     def labels_of(self, ids: Sequence[int] | np.ndarray) -> list[str | None]:

@@ -300,3 +300,17 @@ def test_removing_the_same_id_twice_in_one_call_counts_it_once(db):
     ids, _ = db.store.vectors()
     assert db.remove(ids=[int(ids[0]), int(ids[0])]) == 1
     assert len(db) == 15
+
+
+def test_search_results_outlive_the_handle_and_its_own_writes(folder, encoder, tmp_path):
+    """Hits read lazily still describe the index as searched: after this handle removes an item, and after close."""
+    db = SiameseDB.build(folder, tmp_path / "lazy", encoder=encoder)
+    query_image = folder / "line" / "00.png"
+    before = db.search(query_image, k=3)
+    unread = db.search([query_image], k=3)  # a list in: Hits are built when read, not yet
+    kept_after_close = db.search([query_image], k=3)
+    db.remove(before[0].id)
+    assert [h.id for h in unread[0]] == [h.id for h in before]  # the removed item is still among what was found
+    db.close()
+    assert [h.path for h in kept_after_close[0]] == [h.path for h in before]
+    assert kept_after_close.ids[0].tolist() == [h.id for h in before]

@@ -251,3 +251,25 @@ def test_index_store_query_never_import_torch():
     code = "import sys, siamesedb.index, siamesedb.store, siamesedb.query; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_search_results_build_hits_lazily_with_one_lookup():
+    scores = np.array([[0.9, 0.5, -1.0], [0.8, 0.7, 0.6]], dtype=np.float32)
+    ids = np.array([[4, 2, -1], [2, 9, 4]], dtype=np.int64)  # -1: fewer than k found; 9: removed meanwhile
+    calls = []
+
+    def lookup(wanted):
+        calls.append(wanted.tolist())
+        return {i: (f"L{i}", f"p{i}.png") for i in wanted.tolist() if i != 9}
+
+    results = query.SearchResults(scores, ids, lookup)
+    assert calls == [] and len(results) == 2  # nothing read until a Hit is asked for
+    assert results[0] == [query.Hit(4, "L4", "p4.png", pytest.approx(0.9)), query.Hit(2, "L2", "p2.png", pytest.approx(0.5))]
+    assert [h.id for h in results[-1]] == [2, 4]  # the removed item is left out, the order kept
+    assert results[1][1].score == pytest.approx(0.6)
+    assert results[:] == [results[0], results[1]] and results == list(results)
+    assert calls == [[2, 4, 9]]  # one lookup of the unique ids, however many hits are read
+    with pytest.raises(IndexError):
+        results[2]
+    with pytest.raises(InvalidInputError):
+        query.SearchResults(scores, ids[:, :2], lookup)
