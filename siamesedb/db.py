@@ -863,8 +863,8 @@ class SiameseDB:
     def _class_table(self) -> _ClassTable:
         """Per-class prototypes and each item's class code, computed in one streamed pass over the store.
 
-        Bounded memory at any size: vectors are read 64k rows at a time and summed per class code (np.add.at into a
-        (C, D) float64 array); no per-item Python objects are kept. Cached until the store changes.
+        Bounded memory at any size: vectors are read 16k rows at a time and summed per class code (grouped, then
+        added into a (C, D) float64 array); no per-item Python objects are kept. Cached until the store changes.
         """
         version = self.store.version
         if self._prototype_cache is not None and self._prototype_cache.version == version:
@@ -881,19 +881,27 @@ class SiameseDB:
         code_of = {name: code for code, name in enumerate(names)}
         sums = np.zeros((len(names), dim), dtype=np.float64)
         id_chunks, code_chunks = [], []
-        for ids, rows in self.store.iter_rows("label, vector"):
+        for ids, rows in self.store.iter_rows("label, vector", chunk=16384):
             try:
                 codes = np.fromiter((code_of[r[0]] for r in rows), dtype=np.int32, count=len(rows))
             except KeyError:  # a label appeared between the two reads: another process wrote meanwhile
                 raise CorruptIndexError(f"{self.path / STORE_FILE}: changed while being read; try again") from None
             blob = b"".join(r[1] for r in rows)
-            if len(blob) != len(rows) * dim * 4:
+            del rows
+            if len(blob) != len(codes) * dim * 4:
                 raise CorruptIndexError(f"{self.path / STORE_FILE}: a stored vector does not hold {dim} float32 values")
-            np.add.at(sums, codes, np.frombuffer(blob, dtype="<f4").reshape(len(rows), dim))
+            vectors = np.frombuffer(blob, dtype="<f4").reshape(len(codes), dim)
+            # Per-class sums of this chunk: rows grouped by code, then one reduceat in float64 (a (rows, D) float32
+            # gather and a (classes in chunk, D) float64 result; np.add.at would cast every row to float64 and is slow).
+            order = np.argsort(codes, kind="stable")
+            present, starts = np.unique(codes[order], return_index=True)
+            sums[present] += np.add.reduceat(vectors[order], starts, axis=0, dtype=np.float64)
+            del blob, vectors, order
             id_chunks.append(ids)
             code_chunks.append(codes)
-        # Normalise in place, then one float32 copy (no further (C, D) float64 temporaries).
-        sums /= np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+        # Normalise in place, then one float32 copy. Row norms by einsum: np.linalg.norm(axis=1) would square
+        # into a second (C, D) float64 array first (51 MB at 100k classes).
+        sums /= np.maximum(np.sqrt(np.einsum("ij,ij->i", sums, sums)), 1e-12)[:, None]
         table = _ClassTable(
             version=version,
             names=names,
