@@ -13,7 +13,9 @@ import numpy as np
 
 from siamesedb.errors import DimensionMismatchError, InvalidInputError
 
-VERIFY_RULES = ("prototype", "max", "mean_top3")  # the scoring rules of verification_score
+VERIFY_RULES = ("prototype", "max", "mean_top3", "relative")  # the scoring rules of verification_score
+_CONSISTENCY_ROWS = 1024  # left-out items per block in _consistencies
+_MIN_CONSISTENCY = 0.1  # floor of the reference consistency "relative" divides by (near-orthogonal references)
 _BLOCK = 1 << 24  # most similarities held at once by the blocked loops below (~64 MB of float32)
 
 
@@ -247,7 +249,9 @@ def verification_score(query: np.ndarray, support: np.ndarray, rule: str = "prot
     """Similarity of one (D,) query to an (M, D) support set under a scoring rule.
 
     prototype: cosine to the normalised mean; max: the best single reference; mean_top3: mean of the best
-    min(3, M) references (less sensitive to one outlier reference than max).
+    min(3, M) references (less sensitive to one outlier reference than max); relative: the prototype cosine divided
+    by the references' own consistency (`reference_consistency`), so a writer whose genuine references vary a lot
+    is held to a lower bar than one who signs the same way every time (with one reference: the prototype cosine).
     """
     support = np.asarray(support)
     if support.size == 0:
@@ -257,14 +261,63 @@ def verification_score(query: np.ndarray, support: np.ndarray, rule: str = "prot
     if len(query) != 1:
         raise InvalidInputError(f"verification_score takes one query vector, got {len(query)}")
     query = query[0]
-    if rule == "prototype":
-        return float(normalize(support.sum(axis=0)) @ query)
+    if rule in ("prototype", "relative"):
+        score = float(normalize(support.sum(axis=0)) @ query)
+        return score / reference_consistency(support) if rule == "relative" else score
     scores = support @ query
     if rule == "max":
         return float(scores.max())
     if rule == "mean_top3":
         return float(np.sort(scores)[::-1][: min(3, len(scores))].mean())
     raise InvalidInputError(f"unknown rule {rule!r}; choose from {', '.join(VERIFY_RULES)}")
+
+
+def reference_consistency(support: np.ndarray) -> float:
+    """How alike an (M, D) reference set is: the mean cosine of each reference to the prototype of the others.
+
+    1.0 for a single reference (nothing to compare), floored at 0.1 so near-orthogonal references cannot blow a
+    relative score up.
+    """
+    support = _as_vectors(support, what="support").astype(np.float64)
+    if len(support) < 2:
+        return 1.0
+    others = normalize(support.sum(axis=0) - support)  # (M, D): row j is the prototype without reference j
+    return max(float(np.einsum("md,md->m", others, support).mean()), _MIN_CONSISTENCY)
+
+
+def _consistencies(vectors: np.ndarray, inverse: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(whole (C,), without_item (N,)): `reference_consistency` of every class's full support set, and of each
+    item's own class with that item left out (the genuine trials of calibration), in float64.
+
+    Both from dot products only. With S a class sum, G = M Mᵀ its Gram matrix and s = M S, leaving item i out, the
+    cosine of member j to the prototype of the rest is (s_j - G_ij - G_jj) / |S - v_i - v_j|, where
+    |S - v_i - v_j|² = |S|² + G_ii + G_jj - 2 s_i - 2 s_j + 2 G_ij: an (m, m) array per class, never (m, m, D).
+    """
+    v = vectors.astype(np.float64)
+    sums = np.zeros((len(sizes), v.shape[1]))
+    np.add.at(sums, inverse, v)
+    own = sums[inverse]  # (N, D)
+    dot_sum = np.einsum("nd,nd->n", v, own)  # s_j
+    sq = np.einsum("nd,nd->n", v, v)  # G_jj
+    sum_sq = np.einsum("cd,cd->c", sums, sums)  # |S|²
+    to_rest = (dot_sum - sq) / np.sqrt(np.maximum(sum_sq[inverse] - 2 * dot_sum + sq, 1e-24))
+    whole = np.bincount(inverse, weights=to_rest, minlength=len(sizes)) / np.maximum(sizes, 1)
+    whole = np.where(sizes >= 2, np.maximum(whole, _MIN_CONSISTENCY), 1.0)
+    without = np.ones(len(v))
+    for c in np.flatnonzero(sizes >= 3):
+        members = np.flatnonzero(inverse == c)
+        m = len(members)
+        s, g_diag = dot_sum[members], sq[members]
+        for start in range(0, m, _CONSISTENCY_ROWS):  # rows i (left out) in blocks: an (rows, m) array at a time
+            rows = members[start : start + _CONSISTENCY_ROWS]
+            gram = v[rows] @ v[members].T  # (rows, m): G_ij
+            i_s, i_sq = dot_sum[rows][:, None], sq[rows][:, None]
+            num = s[None, :] - gram - g_diag[None, :]
+            den = np.sqrt(np.maximum(sum_sq[c] + i_sq + g_diag[None, :] - 2 * i_s - 2 * s[None, :] + 2 * gram, 1e-24))
+            cos = num / den
+            cos[np.arange(len(rows)), np.arange(start, start + len(rows))] = 0.0  # j = i is not a reference
+            without[rows] = np.maximum(cos.sum(axis=1) / (m - 1), _MIN_CONSISTENCY)
+    return whole, without
 
 
 def genuine_impostor_scores(
@@ -289,12 +342,16 @@ def genuine_impostor_scores(
     n = len(vectors)
     # scores[i, c] = rule(vector i, support set of class c, leaving item i out of its own class): (N, C)
     rows = np.arange(n)
-    if rule == "prototype":
+    if rule in ("prototype", "relative"):
         sums = np.zeros((len(classes), vectors.shape[1]), dtype=np.float64)  # (C, D) class sums
         np.add.at(sums, inverse, vectors)
         scores = (vectors @ normalize(sums).T).astype(np.float64)
         own = normalize(sums[inverse] - vectors)  # (N, D) own-class prototype without the item itself
         scores[rows, inverse] = np.einsum("nd,nd->n", own, vectors)
+        if rule == "relative":
+            whole, without = _consistencies(vectors, inverse, sizes)
+            scores /= whole[None, :]
+            scores[rows, inverse] *= whole[inverse] / without  # own class: its consistency without the item
     else:
         scores = _reference_scores(vectors, inverse, sizes, rule)
     genuine = scores[rows, inverse][sizes[inverse] >= 2]

@@ -111,14 +111,27 @@ def test_rank_by_knn_against_an_explicit_loop():
             assert [v for _, v in ranking] == pytest.approx([votes[c] for c in expected])
 
 
-@pytest.mark.parametrize("rule", ["prototype", "max", "mean_top3"])
+def slow_consistency(support):
+    """Mean over references of the cosine to the normalised mean of the other references, by hand."""
+    if len(support) < 2:
+        return 1.0
+    cosines = []
+    for j in range(len(support)):
+        rest = np.mean([support[i] for i in range(len(support)) if i != j], axis=0)
+        cosines.append(float(support[j] @ rest) / float(np.linalg.norm(rest)))
+    return max(float(np.mean(cosines)), 0.1)
+
+
+@pytest.mark.parametrize("rule", ["prototype", "max", "mean_top3", "relative"])
 def test_verification_score_rules(rule):
     rng = np.random.default_rng(5)
     q, support = unit(rng, 1)[0], unit(rng, 5)
     sims = sorted((float(q @ s) for s in support), reverse=True)
+    mean = support.mean(axis=0)
     if rule == "prototype":
-        mean = support.mean(axis=0)
         expected = float(q @ (mean / np.linalg.norm(mean)))
+    elif rule == "relative":
+        expected = float(q @ (mean / np.linalg.norm(mean))) / slow_consistency(support)
     elif rule == "max":
         expected = sims[0]
     else:
@@ -126,9 +139,14 @@ def test_verification_score_rules(rule):
     assert query.verification_score(q, support, rule) == pytest.approx(expected, abs=1e-6)
     # Fewer references than 3: mean_top3 averages all of them; one reference: every rule is plain cosine.
     two = support[:2]
-    small = {"prototype": None, "max": max(float(q @ s) for s in two), "mean_top3": float(np.mean(two @ q))}
+    small = {"prototype": None, "relative": None, "max": max(float(q @ s) for s in two),
+             "mean_top3": float(np.mean(two @ q))}
     if small[rule] is not None:
         assert query.verification_score(q, two, rule) == pytest.approx(small[rule], abs=1e-6)
+    if rule == "relative":  # a consistent reference set raises the bar, a scattered one lowers it
+        tight = query.normalize(support[:1] + 0.05 * support)
+        assert query.reference_consistency(tight) == pytest.approx(slow_consistency(tight), abs=1e-6)
+        assert query.reference_consistency(tight) > 0.9
     assert query.verification_score(q, support[:1], rule) == pytest.approx(float(q @ support[0]), abs=1e-6)
     with pytest.raises(InvalidInputError):
         query.verification_score(q, support, "median")
@@ -152,18 +170,23 @@ def slow_genuine_impostor(vectors, labels, rule):
     return np.array(genuine), np.array(impostor)
 
 
-@pytest.mark.parametrize("rule", ["prototype", "max", "mean_top3"])
-def test_genuine_impostor_scores_against_a_double_loop(rule, monkeypatch):
+@pytest.mark.parametrize("clustered", [False, True])
+@pytest.mark.parametrize("rule", ["prototype", "max", "mean_top3", "relative"])
+def test_genuine_impostor_scores_against_a_double_loop(rule, clustered, monkeypatch):
     rng = np.random.default_rng(6)
     # Classes of 1 to 5 members, shuffled: singletons, classes smaller than 3 and larger ones.
     labels = [c for c, size in zip("abcdefg", [1, 2, 3, 4, 5, 2, 1]) for _ in range(size)]
     labels = [labels[i] for i in rng.permutation(len(labels))]
     vectors = unit(rng, len(labels))
+    if clustered:  # members near their class centre: consistencies well above relative's 0.1 floor
+        centres = {c: unit(rng, 1)[0] for c in set(labels)}
+        vectors = query.normalize(np.array([centres[c] for c in labels]) + 0.3 * vectors)
     genuine, impostor = slow_genuine_impostor(vectors, labels, rule)
     g, imp = query.genuine_impostor_scores(vectors, labels, rule)
     assert g.dtype == np.float64 and imp.dtype == np.float64
     assert np.allclose(g, genuine, atol=1e-5) and np.allclose(imp, impostor, atol=1e-5)  # same order too
     monkeypatch.setattr(query, "_BLOCK", 4)  # one row per block: the blocked path agrees
+    monkeypatch.setattr(query, "_CONSISTENCY_ROWS", 2)
     g2, imp2 = query.genuine_impostor_scores(vectors, labels, rule)
     assert np.allclose(g2, g, atol=1e-6) and np.allclose(imp2, imp, atol=1e-6)
     with pytest.raises(InvalidInputError, match="two or more"):
