@@ -103,6 +103,21 @@ def resnet(in_channels: int, embedding_dim: int, image_size: tuple[int, int], wi
     return nn.Sequential(stem, *stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, embedding_dim))
 
 
+def shifted_views(batch: torch.Tensor, shift: int) -> torch.Tensor:
+    """(n, C, H, W) -> (5n, C, H, W): the batch, then copies moved `shift` pixels right, left, down and up, the
+    uncovered border filled by replicating the edge (not wrapped around)."""
+    height, width = batch.shape[-2:]
+    s = shift
+    padded = F.pad(batch, (s, s, s, s), mode="replicate")
+    return torch.cat([
+        batch,
+        padded[..., s : s + height, 0:width],  # content moved right
+        padded[..., s : s + height, 2 * s : 2 * s + width],  # left
+        padded[..., 0:height, s : s + width],  # down
+        padded[..., 2 * s : 2 * s + height, s : s + width],  # up
+    ])
+
+
 @dataclass
 class EncoderConfig:
     """Everything needed to rebuild an encoder besides its weights; saved as config.json beside them."""
@@ -113,9 +128,18 @@ class EncoderConfig:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     name: str = ""
     notes: dict[str, Any] = field(default_factory=dict)  # provenance: training command, data, pair threshold...
+    # Test-time views: > 0 embeds each image also shifted by this many pixels right, left, down and up (edges
+    # replicated) and returns the normalised mean of the five embeddings: 5x the encoding work, in exchange for
+    # vectors that shake off the small misplacements training's affine augmentation taught the net to ignore.
+    test_time_shift: int = 0
+
+    def __post_init__(self) -> None:
+        if int(self.test_time_shift) != self.test_time_shift or self.test_time_shift < 0:
+            raise EncoderError(f"test_time_shift must be a whole number of pixels >= 0, got {self.test_time_shift!r}")
+        self.test_time_shift = int(self.test_time_shift)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "backbone": self.backbone,
             "embedding_dim": self.embedding_dim,
             "width": self.width,
@@ -123,6 +147,9 @@ class EncoderConfig:
             "name": self.name,
             "notes": self.notes,
         }
+        if self.test_time_shift:  # only when set: encoders saved before the field keep their fingerprints
+            d["test_time_shift"] = self.test_time_shift
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
@@ -133,6 +160,7 @@ class EncoderConfig:
             preprocessing=Preprocessing.from_dict(d.get("preprocessing", {})),
             name=d.get("name", ""),
             notes=dict(d.get("notes", {})),
+            test_time_shift=d.get("test_time_shift", 0),
         )
 
 
@@ -191,12 +219,18 @@ class Encoder:
         """(n, C, H, W) -> (n, D) L2-normalised on the CPU, in inference mode (thread-local: entered here)."""
         with torch.inference_mode():
             chunk = chunk.to(self.device, non_blocking=True)
+            shift = self.config.test_time_shift
+            if shift:
+                chunk = shifted_views(chunk, shift)  # (5n, C, H, W): the image, then four shifted copies
             if self.device.type == "cuda":
                 with torch.autocast("cuda", dtype=torch.float16):
                     out = self.net(chunk)
             else:
                 out = self.net(chunk)
-            return F.normalize(out.float(), dim=1).cpu()
+            out = F.normalize(out.float(), dim=1)
+            if shift:
+                out = F.normalize(out.view(5, -1, out.shape[1]).mean(dim=0), dim=1)  # (5, n, D) -> (n, D)
+            return out.cpu()
 
     def _cpu_lanes(self) -> ThreadPoolExecutor | None:
         """A pool of one Python thread per CPU thread, each running torch single-threaded, or None (1 thread).

@@ -144,3 +144,39 @@ def test_cpu_lanes_give_the_one_thread_vectors(backbone, size, channels):
         torch.set_num_threads(threads)
     assert laned.shape == (100, 16)
     np.testing.assert_allclose(laned, alone, rtol=0, atol=1e-6)
+
+
+def test_shifted_views_move_the_image_and_replicate_the_edge():
+    from siamesedb.encoder import shifted_views
+
+    x = torch.arange(2 * 1 * 4 * 5, dtype=torch.float32).reshape(2, 1, 4, 5)
+    views = shifted_views(x, 1).view(5, 2, 1, 4, 5)
+    assert torch.equal(views[0], x)
+    for k, (dy, dx) in enumerate([(0, 1), (0, -1), (1, 0), (-1, 0)], start=1):
+        for r in range(4):
+            for c in range(5):
+                src_r, src_c = min(max(r - dy, 0), 3), min(max(c - dx, 0), 4)  # clamped: the edge repeats
+                assert torch.equal(views[k][:, :, r, c], x[:, :, src_r, src_c])
+
+
+def test_test_time_shift_is_the_mean_of_five_shifted_encodings(tmp_path):
+    torch.manual_seed(0)
+    plain = Encoder(config())
+    tta = Encoder(EncoderConfig(**{**config().__dict__, "test_time_shift": 2}), net=plain.net)
+    batch = torch.stack([plain.preprocess(im) for im in images(4)])
+    by_hand = []
+    for dy, dx in [(0, 0), (0, 2), (0, -2), (2, 0), (-2, 0)]:
+        moved = torch.nn.functional.pad(batch, (2, 2, 2, 2), mode="replicate")[..., 2 - dy : 2 - dy + 28, 2 - dx : 2 - dx + 28]
+        by_hand.append(plain.encode_tensors(moved))
+    mean = np.mean(by_hand, axis=0)
+    expected = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+    assert np.allclose(tta.encode_tensors(batch), expected, atol=1e-5)
+    assert not np.allclose(tta.encode_tensors(batch), plain.encode_tensors(batch), atol=1e-3)
+    # Saved and loaded with the setting; an encoder without it keeps the key out of its config (same fingerprint
+    # as before the option existed), one with it has a fingerprint of its own.
+    tta.save(tmp_path / "tta")
+    assert json.loads((tmp_path / "tta" / "config.json").read_text())["test_time_shift"] == 2
+    assert np.allclose(Encoder.load(tmp_path / "tta").encode_tensors(batch), expected, atol=1e-5)
+    assert "test_time_shift" not in plain.config.to_dict() and tta.fingerprint != plain.fingerprint
+    with pytest.raises(EncoderError, match="test_time_shift"):
+        EncoderConfig(test_time_shift=-1)
