@@ -1,0 +1,55 @@
+"""Choose an encoder's test-time shift on held-out *background* characters, never on the evaluation alphabets.
+
+The background classes an encoder's training held out for validation (the same seeded split as `siamesedb train`:
+--val-fraction of the classes) are scored with 20-way 1-shot episodes (unstructured: the held-out classes are too
+few per alphabet for within-alphabet episodes) for each candidate shift; one printed line per shift. The shift
+with the best accuracy is the one to write into the encoder's config.json as "test_time_shift".
+
+Run:  python tools/select_tta.py ENCODER_DIR BACKGROUND_FOLDER [--shifts 0 1 2 3 4] [--episodes 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import numpy as np
+
+from siamesedb.data import scan_folder
+from siamesedb.encoder import Encoder
+from siamesedb.evaluation import encode_folder, episode_accuracies
+from siamesedb.training import _split_classes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("encoder")
+    parser.add_argument("background")
+    parser.add_argument("--shifts", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--episodes", type=int, default=1000)
+    parser.add_argument("--way", type=int, default=20)
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0, help="The training run's seed (it fixes the held-out split).")
+    args = parser.parse_args()
+    base = Encoder.load(args.encoder)
+    names = sorted({image.label for image in scan_folder(args.background)})
+    _, held = _split_classes(names, args.val_fraction, args.seed)
+    held_names = {names[i] for i in held}
+    print(f"# {args.encoder}: {len(held_names)} held-out background classes, {args.way}-way 1-shot, "
+          f"{args.episodes} episodes", flush=True)
+    for shift in args.shifts:
+        encoder = Encoder(dataclasses.replace(base.config, test_time_shift=shift), net=base.net)
+        vectors, images, _ = encode_folder(args.background, encoder)
+        keep = np.asarray([image.label in held_names for image in images])
+        accuracies = episode_accuracies(
+            vectors[keep],
+            [image.label for image, k in zip(images, keep) if k],
+            [str(image.path) for image, k in zip(images, keep) if k],
+            way=args.way, shot=1, episodes=args.episodes, seed=args.seed,
+        )
+        ci = 1.96 * accuracies.std(ddof=1) / np.sqrt(len(accuracies))
+        print(f"shift {shift}: held-out background {args.way}-way 1-shot {accuracies.mean():.2%} ± {ci:.2%}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
