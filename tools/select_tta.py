@@ -2,10 +2,12 @@
 
 The background classes an encoder's training held out for validation (the same seeded split as `siamesedb train`:
 --val-fraction of the classes) are scored with 20-way 1-shot episodes (unstructured: the held-out classes are too
-few per alphabet for within-alphabet episodes) for each candidate shift; one printed line per shift. The shift
-with the best accuracy is the one to write into the encoder's config.json as "test_time_shift".
+few per alphabet for within-alphabet episodes) for each candidate shift; one printed line per shift. With
+--write DIR, the encoder is saved to DIR with the best shift in its config.json ("test_time_shift") and its
+`verify A B` pair threshold recomputed on the same held-out classes with those vectors (the one training stored was
+for single-view vectors).
 
-Run:  python tools/select_tta.py ENCODER_DIR BACKGROUND_FOLDER [--shifts 0 1 2 3 4] [--episodes 1000]
+Run:  python tools/select_tta.py ENCODER_DIR BACKGROUND_FOLDER [--shifts 0 1 2 3 4] [--episodes 1000] [--write DIR]
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import argparse
 import dataclasses
 
 import numpy as np
+import torch
 
-from siamesedb.data import scan_folder
+from siamesedb.data import iter_batches, scan_folder
 from siamesedb.encoder import Encoder
 from siamesedb.evaluation import encode_folder, episode_accuracies
-from siamesedb.training import _split_classes
+from siamesedb.training import _split_classes, pair_threshold
 
 
 def main() -> None:
@@ -30,6 +33,7 @@ def main() -> None:
     parser.add_argument("--way", type=int, default=20)
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0, help="The training run's seed (it fixes the held-out split).")
+    parser.add_argument("--write", default=None, metavar="DIR", help="Save the encoder with the best shift here.")
     args = parser.parse_args()
     base = Encoder.load(args.encoder)
     names = sorted({image.label for image in scan_folder(args.background)})
@@ -37,6 +41,7 @@ def main() -> None:
     held_names = {names[i] for i in held}
     print(f"# {args.encoder}: {len(held_names)} held-out background classes, {args.way}-way 1-shot, "
           f"{args.episodes} episodes", flush=True)
+    scores = {}
     for shift in args.shifts:
         encoder = Encoder(dataclasses.replace(base.config, test_time_shift=shift), net=base.net)
         vectors, images, _ = encode_folder(args.background, encoder)
@@ -49,6 +54,23 @@ def main() -> None:
         )
         ci = 1.96 * accuracies.std(ddof=1) / np.sqrt(len(accuracies))
         print(f"shift {shift}: held-out background {args.way}-way 1-shot {accuracies.mean():.2%} ± {ci:.2%}", flush=True)
+        scores[shift] = accuracies.mean()
+    if args.write:
+        best = max(scores, key=lambda shift: (scores[shift], -shift))  # ties: the cheaper, smaller shift
+        config = dataclasses.replace(base.config, test_time_shift=best, notes=dict(base.config.notes))
+        chosen = Encoder(config, net=base.net)
+        held_images = [image for image in scan_folder(args.background) if image.label in held_names]
+        tensor = torch.cat([t for _, t, _ in iter_batches(held_images, config.preprocessing, batch_size=1024)])
+        classes = sorted(held_names)
+        labels = np.asarray([classes.index(image.label) for image in held_images])
+        config.notes.update(pair_threshold(chosen, tensor, labels, seed=args.seed))
+        config.notes["test_time_shift_chosen_by"] = (
+            f"tools/select_tta.py: {args.way}-way 1-shot on the {len(held_names)} held-out background classes, "
+            + ", ".join(f"shift {k} {v:.2%}" for k, v in scores.items()))
+        chosen._fingerprint = None
+        chosen.save(args.write)
+        print(f"saved {chosen.fingerprint} with test_time_shift {best}, pair threshold "
+              f"{config.notes['pair_threshold']:.4f} (EER {config.notes['pair_eer']:.2%}) to {args.write}")
 
 
 if __name__ == "__main__":
