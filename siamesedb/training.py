@@ -74,6 +74,7 @@ class TrainConfig:
     groups: str | None = None  # train only on these groups (first label component): "U01-U30", "Latin,Greek"
     hard_negative_fraction: float = 0.5  # of impostor pairs drawn as (genuine, its skilled forgery) where forgeries exist
     forgery_episodes: bool = False  # proto: an episode with a genuine class also holds its forgeries (measured worse on SVC2004)
+    init: str | None = None  # start from this encoder's weights (name or folder): fine-tuning, e.g. after pretraining
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -180,6 +181,19 @@ def validation_accuracy(encoder: Encoder, images: torch.Tensor, labels: np.ndarr
         scores = vectors[queried] @ vectors[support].T  # (way, way): support is class-major with shot 1
         correct += int((scores.argmax(axis=1) == answer).sum())
     return correct / (episodes * sampler.way)
+
+
+def _load_initial_weights(encoder: Encoder, source: str) -> None:
+    """Copy the weights of encoder `source` into `encoder`: the same backbone, width, dimension and input size."""
+    start = Encoder.load(source, device=encoder.device)
+    ours, theirs = encoder.config, start.config
+    mine = (ours.backbone, ours.width, ours.embedding_dim, ours.preprocessing.size, ours.preprocessing.channels)
+    given = (theirs.backbone, theirs.width, theirs.embedding_dim, theirs.preprocessing.size, theirs.preprocessing.channels)
+    if mine != given:
+        raise InvalidInputError(
+            f"--init {source}: its (backbone, width, dim, input size, channels) {given} differ from this run's {mine}"
+        )
+    encoder.net.load_state_dict(start.net.state_dict())
 
 
 def pair_threshold(encoder: Encoder, images: torch.Tensor, labels: np.ndarray, seed: int, pairs: int = 4000,
@@ -290,6 +304,9 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
     enc_config = EncoderConfig(backbone=config.backbone, embedding_dim=config.embedding_dim, width=config.width,
                                preprocessing=config.preprocessing())
     encoder = Encoder(enc_config, device=device)
+    if config.init:
+        _load_initial_weights(encoder, config.init)
+        log(f"starting from the weights of {config.init}")
     margin = config.effective_margin
     loss_module: torch.nn.Module = {
         "contrastive": lambda: ContrastiveLoss(margin),

@@ -92,6 +92,24 @@ def test_resume_from_a_checkpoint_skips_finished_epochs(folder, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2, 3]
 
 
+def test_init_starts_from_another_encoders_weights(folder, tmp_path):
+    from siamesedb.errors import InvalidInputError
+
+    first = train(folder, tmp_path / "first", tiny(epochs=1, seed=1), progress=False)
+    lines = []
+    # With a learning rate of zero nothing moves: the weights that come out are the ones that went in.
+    tuned = train(folder, tmp_path / "tuned", tiny(epochs=1, lr=0.0, init=str(tmp_path / "first")), progress=False,
+                  log=lines.append)
+    assert any("starting from the weights of" in line for line in lines)
+    fresh = train(folder, tmp_path / "fresh", tiny(epochs=1, lr=0.0), progress=False)
+    for (name, x), (_, y), (_, z) in zip(first.net.named_parameters(), tuned.net.named_parameters(),
+                                         fresh.net.named_parameters()):
+        assert torch.equal(x, y), name
+    assert not all(torch.equal(x, z) for (_, x), (_, z) in zip(first.net.named_parameters(), fresh.net.named_parameters()))
+    with pytest.raises(InvalidInputError, match="--init"):
+        train(folder, tmp_path / "wider", tiny(epochs=1, width=16, init=str(tmp_path / "first")), progress=False)
+
+
 def test_augmentation_keeps_shapes_and_is_the_identity_at_zero_strength():
     g = torch.Generator().manual_seed(0)
     batch = torch.rand(5, 1, 16, 16)
