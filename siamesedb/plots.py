@@ -49,6 +49,18 @@ def _thumbnail(source: Any, size: int = 128) -> np.ndarray | None:
     return np.asarray(image)
 
 
+def _save(fig: Any, out: str | os.PathLike) -> Path:
+    """Lay out, write (creating the folder) and close a figure; returns the PNG's path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def _short(text: str, width: int = 22) -> str:
     """Long labels (Alphabet/characterNN) are cut from the left: the end tells classes apart."""
     return text if len(text) <= width else "…" + text[-(width - 1):]
@@ -83,12 +95,7 @@ def contact_sheet(rows: Sequence[tuple[Tile, Sequence[Tile]]], out: str | os.Pat
                     spine.set_linewidth(3)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def _query_tile(source: Any, name: str) -> Tile:
@@ -183,12 +190,7 @@ def embedding_map(vectors: np.ndarray, labels: Sequence[str], out: str | os.Path
     if len(chosen) <= 30:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, markerscale=1.2)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def index_map(db: Any, out: str | os.PathLike, classes: Sequence[str] | None = None, max_classes: int = 20) -> Path:
@@ -224,12 +226,7 @@ def oneshot_accuracy(accuracies: np.ndarray, way: int, shot: int, out: str | os.
     right.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{way}-way {shot}-shot: {running[-1]:.2%} ± {half[-1]:.2%} over {len(accuracies)} episodes",
                  fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 __all__ = ["Tile", "contact_sheet", "search_sheet", "classify_sheet", "pca_2d", "choose_classes", "embedding_map", "index_map",
