@@ -285,17 +285,18 @@ def reference_consistency(support: np.ndarray) -> float:
     return max(float(np.einsum("md,md->m", others, support).mean()), _MIN_CONSISTENCY)
 
 
-def _consistencies(vectors: np.ndarray, inverse: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _consistencies(
+    vectors: np.ndarray, inverse: np.ndarray, sizes: np.ndarray, sums: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(whole (C,), without_item (N,)): `reference_consistency` of every class's full support set, and of each
-    item's own class with that item left out (the genuine trials of calibration), in float64.
+    item's own class with that item left out (the genuine trials of calibration), in float64. `sums`: the (C, D)
+    float64 class sums the caller already has.
 
     Both from dot products only. With S a class sum, G = M Mᵀ its Gram matrix and s = M S, leaving item i out, the
     cosine of member j to the prototype of the rest is (s_j - G_ij - G_jj) / |S - v_i - v_j|, where
     |S - v_i - v_j|² = |S|² + G_ii + G_jj - 2 s_i - 2 s_j + 2 G_ij: an (m, m) array per class, never (m, m, D).
     """
     v = vectors.astype(np.float64)
-    sums = np.zeros((len(sizes), v.shape[1]))
-    np.add.at(sums, inverse, v)
     own = sums[inverse]  # (N, D)
     dot_sum = np.einsum("nd,nd->n", v, own)  # s_j
     sq = np.einsum("nd,nd->n", v, v)  # G_jj
@@ -349,7 +350,7 @@ def genuine_impostor_scores(
         own = normalize(sums[inverse] - vectors)  # (N, D) own-class prototype without the item itself
         scores[rows, inverse] = np.einsum("nd,nd->n", own, vectors)
         if rule == "relative":
-            whole, without = _consistencies(vectors, inverse, sizes)
+            whole, without = _consistencies(vectors, inverse, sizes, sums)
             scores /= whole[None, :]
             scores[rows, inverse] *= whole[inverse] / without  # own class: its consistency without the item
     else:
