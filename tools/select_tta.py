@@ -20,7 +20,7 @@ import torch
 
 from siamesedb.data import iter_batches, scan_folder
 from siamesedb.encoder import Encoder
-from siamesedb.evaluation import encode_folder, episode_accuracies
+from siamesedb.evaluation import episode_accuracies
 from siamesedb.training import _split_classes, pair_threshold
 
 
@@ -36,22 +36,25 @@ def main() -> None:
     parser.add_argument("--write", default=None, metavar="DIR", help="Save the encoder with the best shift here.")
     args = parser.parse_args()
     base = Encoder.load(args.encoder)
-    names = sorted({image.label for image in scan_folder(args.background)})
+    images = scan_folder(args.background)
+    names = sorted({image.label for image in images})
     _, held = _split_classes(names, args.val_fraction, args.seed)
     held_names = {names[i] for i in held}
+    # The held-out images are decoded once; each shift only re-encodes these tensors.
+    held_images = [image for image in images if image.label in held_names]
+    kept, chunks = [], []
+    for positions, batch, _ in iter_batches(held_images, base.config.preprocessing, batch_size=1024):
+        kept.extend(held_images[i] for i in positions)
+        chunks.append(batch)
+    tensor = torch.cat(chunks)
+    labels, paths = [image.label for image in kept], [str(image.path) for image in kept]
     print(f"# {args.encoder}: {len(held_names)} held-out background classes, {args.way}-way 1-shot, "
           f"{args.episodes} episodes", flush=True)
     scores = {}
     for shift in args.shifts:
         encoder = Encoder(dataclasses.replace(base.config, test_time_shift=shift), net=base.net)
-        vectors, images, _ = encode_folder(args.background, encoder)
-        keep = np.asarray([image.label in held_names for image in images])
-        accuracies = episode_accuracies(
-            vectors[keep],
-            [image.label for image, k in zip(images, keep) if k],
-            [str(image.path) for image, k in zip(images, keep) if k],
-            way=args.way, shot=1, episodes=args.episodes, seed=args.seed,
-        )
+        accuracies = episode_accuracies(encoder.encode_tensors(tensor), labels, paths, way=args.way, shot=1,
+                                        episodes=args.episodes, seed=args.seed)
         ci = 1.96 * accuracies.std(ddof=1) / np.sqrt(len(accuracies))
         print(f"shift {shift}: held-out background {args.way}-way 1-shot {accuracies.mean():.2%} ± {ci:.2%}", flush=True)
         scores[shift] = accuracies.mean()
@@ -59,11 +62,9 @@ def main() -> None:
         best = max(scores, key=lambda shift: (scores[shift], -shift))  # ties: the cheaper, smaller shift
         config = dataclasses.replace(base.config, test_time_shift=best, notes=dict(base.config.notes))
         chosen = Encoder(config, net=base.net)
-        held_images = [image for image in scan_folder(args.background) if image.label in held_names]
-        tensor = torch.cat([t for _, t, _ in iter_batches(held_images, config.preprocessing, batch_size=1024)])
         classes = sorted(held_names)
-        labels = np.asarray([classes.index(image.label) for image in held_images])
-        config.notes.update(pair_threshold(chosen, tensor, labels, seed=args.seed))
+        codes = np.asarray([classes.index(label) for label in labels])
+        config.notes.update(pair_threshold(chosen, tensor, codes, seed=args.seed))
         config.notes["test_time_shift_chosen_by"] = (
             f"tools/select_tta.py: {args.way}-way 1-shot on the {len(held_names)} held-out background classes, "
             + ", ".join(f"shift {k} {v:.2%}" for k, v in scores.items()))
