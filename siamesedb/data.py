@@ -686,9 +686,15 @@ class EpisodeSampler:
     """N-way K-shot episodes for prototypical training and evaluation: disjoint support and query items per class."""
 
     def __init__(self, labels: Sequence[int], way: int, shot: int, queries: int, seed: int = 0,
-                 forgery_of: dict[int, int] | None = None):
+                 forgery_of: dict[int, int] | None = None, group_of_class: dict[int, int] | None = None,
+                 within_group: float = 0.0):
         """`forgery_of` (forged class label -> genuine class label): an episode that draws a genuine class also draws
-        its skilled forgeries as another class, so the loss must tell each writer from their imitators."""
+        its skilled forgeries as another class, so the loss must tell each writer from their imitators.
+
+        `group_of_class` (class label -> group id, e.g. its alphabet) and `within_group` (a fraction): that share of
+        episodes draws all its classes from one group, picked uniformly, at most `way` of them (fewer when the group
+        is smaller, so those episodes are narrower): the look-alike rivals of Omniglot's within-alphabet test.
+        """
         if way < 1 or shot < 1 or queries < 0:
             raise InvalidInputError(f"need way >= 1, shot >= 1, queries >= 0; got {way}, {shot}, {queries}")
         self.labels, order, offsets, counts = _group_by_class(labels)
@@ -703,9 +709,25 @@ class EpisodeSampler:
         eligible = set(self.eligible.tolist())
         self.forged_position = {position[g]: position[f] for f, g in (forgery_of or {}).items()
                                 if f in position and g in position and position[f] in eligible}
+        if not 0.0 <= within_group <= 1.0:
+            raise InvalidInputError(f"within_group must be a fraction in [0, 1], got {within_group}")
+        self.within_group = within_group if group_of_class else 0.0
+        self.group_members: list[np.ndarray] = []  # per group: its eligible class positions (groups of >= 2 only)
+        if self.within_group:
+            by_group: dict[int, list[int]] = {}
+            for label, c in position.items():
+                if c in eligible and label in group_of_class:
+                    by_group.setdefault(int(group_of_class[label]), []).append(c)
+            self.group_members = [np.asarray(sorted(m), dtype=np.int64) for _, m in sorted(by_group.items()) if len(m) >= 2]
+            if not self.group_members:
+                raise InvalidInputError("within_group episodes need a group with at least two eligible classes")
 
     def _classes(self) -> np.ndarray:
         """`way` distinct class positions; with forgeries, each drawn genuine class brings its forged class along."""
+        # The coin is only tossed when within-group episodes are asked for, so other runs draw what they always did.
+        if self.within_group and self.rng.random() < self.within_group:
+            group = self.group_members[self.rng.integers(len(self.group_members))]
+            return self.rng.choice(group, size=min(self.way, len(group)), replace=False)
         if not self.forged_position:
             return self.rng.choice(self.eligible, size=self.way, replace=False)
         forged = set(self.forged_position.values())
@@ -724,14 +746,16 @@ class EpisodeSampler:
         return np.asarray(chosen, dtype=np.int64)
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(support (way*shot,), query (way*queries,), query episode labels (way*queries,) in 0..way-1).
+        """(support (w*shot,), query (w*queries,), query episode labels (w*queries,) in 0..w-1), w = `way` (or
+        fewer in a within-group episode of a small group: w = len(support) // shot).
 
-        Both index arrays are class-major; the support's episode labels are np.repeat(arange(way), shot).
+        Both index arrays are class-major; the support's episode labels are np.repeat(arange(w), shot).
         """
         support, query = [], []
-        for c in self._classes():
+        classes = self._classes()
+        for c in classes:
             picked = self.rng.choice(self.members[c], size=self.shot + self.queries, replace=False)
             support.append(picked[: self.shot])
             query.append(picked[self.shot :])
         return (np.concatenate(support).astype(np.int64), np.concatenate(query).astype(np.int64),
-                np.repeat(np.arange(self.way), self.queries))
+                np.repeat(np.arange(len(classes)), self.queries))

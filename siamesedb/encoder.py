@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -118,6 +119,40 @@ def shifted_views(batch: torch.Tensor, shift: int) -> torch.Tensor:
     ])
 
 
+class Ensemble(nn.Module):
+    """Several independently trained copies of one backbone: (N, C, H, W) -> (N, members * D).
+
+    Each member's vector is L2-normalised and scaled by 1/sqrt(members), so after the encoder's own normalisation
+    (a no-op here: the result already has unit length) the cosine of two images is the mean of the members' cosines.
+    """
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = len(self.members) ** -0.5
+        return torch.cat([F.normalize(m(x).float(), dim=1) * scale for m in self.members], dim=1)
+
+
+class Whitened(nn.Module):
+    """A backbone followed by a fixed linear map of its unit vectors: (N, C, H, W) -> (N, D).
+
+    The map (fitted by `training.fit_whitening`) whitens the spread of one class's items (within-class covariance),
+    so that cosine similarity stops rewarding the directions along which a class's own items already disagree.
+    """
+
+    def __init__(self, backbone: nn.Module, dimension: int):
+        super().__init__()
+        self.backbone = backbone
+        self.linear = nn.Linear(dimension, dimension, bias=False)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.eye(dimension))  # identity until fitted
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(F.normalize(self.backbone(x).float(), dim=1))
+
+
 @dataclass
 class EncoderConfig:
     """Everything needed to rebuild an encoder besides its weights; saved as config.json beside them."""
@@ -132,11 +167,24 @@ class EncoderConfig:
     # replicated) and returns the normalised mean of the five embeddings: 5x the encoding work, in exchange for
     # vectors that shake off the small misplacements training's affine augmentation taught the net to ignore.
     test_time_shift: int = 0
+    # > 1: the net holds this many copies of the backbone, trained apart (tools/ensemble.py): vectors are
+    # members * embedding_dim long and their cosine is the mean of the members' cosines.
+    members: int = 1
+    # A fitted within-class whitening map after the backbone (or ensemble), see `Whitened`.
+    whitening: bool = False
 
     def __post_init__(self) -> None:
         if int(self.test_time_shift) != self.test_time_shift or self.test_time_shift < 0:
             raise EncoderError(f"test_time_shift must be a whole number of pixels >= 0, got {self.test_time_shift!r}")
         self.test_time_shift = int(self.test_time_shift)
+        if int(self.members) != self.members or self.members < 1:
+            raise EncoderError(f"members must be a whole number >= 1, got {self.members!r}")
+        self.members, self.whitening = int(self.members), bool(self.whitening)
+
+    @property
+    def dimension(self) -> int:
+        """Length of the vectors: embedding_dim per ensemble member."""
+        return int(self.embedding_dim) * self.members
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -149,6 +197,10 @@ class EncoderConfig:
         }
         if self.test_time_shift:  # only when set: encoders saved before the field keep their fingerprints
             d["test_time_shift"] = self.test_time_shift
+        if self.members > 1:  # likewise: only when set
+            d["members"] = self.members
+        if self.whitening:
+            d["whitening"] = True
         return d
 
     @classmethod
@@ -161,7 +213,20 @@ class EncoderConfig:
             name=d.get("name", ""),
             notes=dict(d.get("notes", {})),
             test_time_shift=d.get("test_time_shift", 0),
+            members=d.get("members", 1),
+            whitening=d.get("whitening", False),
         )
+
+
+def build_net(config: EncoderConfig) -> nn.Module:
+    """The untrained network a config describes: backbone, or an ensemble of them, then whitening if set."""
+    def backbone() -> nn.Module:
+        return BACKBONES[config.backbone](
+            config.preprocessing.channels, config.embedding_dim, config.preprocessing.size, config.width
+        )
+
+    net = backbone() if config.members == 1 else Ensemble([backbone() for _ in range(config.members)])
+    return Whitened(net, config.dimension) if config.whitening else net
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -187,9 +252,7 @@ class Encoder:
         self.config = config
         self.device = resolve_device(device)
         if net is None:
-            net = BACKBONES[config.backbone](
-                config.preprocessing.channels, config.embedding_dim, config.preprocessing.size, config.width
-            )
+            net = build_net(config)
         self.net = net.to(self.device)
         self._fingerprint: str | None = None
         self._lanes: tuple[int, ThreadPoolExecutor | None] | None = None  # (torch threads, pool) for CPU encoding
@@ -197,7 +260,7 @@ class Encoder:
 
     @property
     def dimension(self) -> int:
-        return int(self.config.embedding_dim)
+        return self.config.dimension
 
     @property
     def fingerprint(self) -> str:
@@ -342,3 +405,23 @@ class Encoder:
         encoder.device = resolve_device(device)
         encoder.net.eval()
         return encoder
+
+
+def ensemble_of(encoders: list[Encoder], name: str = "") -> Encoder:
+    """One Encoder holding several trained ones of the same backbone and input (see `Ensemble`)."""
+    if len(encoders) < 2:
+        raise EncoderError("an ensemble needs at least two encoders")
+    first = encoders[0].config
+    shape = (first.backbone, first.width, first.embedding_dim, first.preprocessing.to_dict(), first.test_time_shift)
+    for other in encoders:
+        cfg = other.config
+        if cfg.members > 1 or cfg.whitening:
+            raise EncoderError(f"{cfg.name or other.fingerprint}: ensembles and whitened encoders cannot be members")
+        theirs = (cfg.backbone, cfg.width, cfg.embedding_dim, cfg.preprocessing.to_dict(), cfg.test_time_shift)
+        if theirs != shape:
+            raise EncoderError(f"{cfg.name or other.fingerprint}: its (backbone, width, dim, preprocessing, shift) "
+                               f"{theirs} differ from the first member's {shape}")
+    config = EncoderConfig.from_dict({**first.to_dict(), "members": len(encoders), "name": name or first.name,
+                                      "notes": {"members": [e.fingerprint for e in encoders]}})
+    net = Ensemble([copy.deepcopy(e.net).cpu() for e in encoders])
+    return Encoder(config, net=net, device=encoders[0].device)

@@ -466,6 +466,40 @@ def test_episode_sampler_brings_each_drawn_writer_with_their_forgeries():
     assert len(set(labels[support].tolist())) == 5
 
 
+def test_episode_sampler_within_group_episodes_stay_inside_one_group():
+    # 10 classes of 3 items in three groups: 0-4 (five classes), 5-7 (three), 8-9 (two).
+    labels = np.repeat(np.arange(10), 3)
+    group_of_class = {c: 0 if c < 5 else 1 if c < 8 else 2 for c in range(10)}
+    sampler = EpisodeSampler(labels, way=4, shot=1, queries=2, seed=0, group_of_class=group_of_class, within_group=1.0)
+    seen_groups = set()
+    for _ in range(60):
+        support, queried, answer = sampler.sample()
+        drawn = labels[support]
+        groups = {group_of_class[int(c)] for c in drawn}
+        assert len(groups) == 1  # every class of the episode from the same group
+        seen_groups |= groups
+        way = len(support)  # shot 1: one support item per class
+        assert way == min(4, [5, 3, 2][groups.pop()]) and len(set(drawn.tolist())) == way
+        assert np.array_equal(answer, np.repeat(np.arange(way), 2)) and len(queried) == 2 * way
+        assert np.array_equal(labels[queried], np.repeat(drawn, 2))  # queries class-major, in support order
+    assert seen_groups == {0, 1, 2}
+
+
+def test_episode_sampler_within_group_fraction_mixes_and_zero_changes_nothing():
+    labels = np.repeat(np.arange(40), 2)
+    group_of_class = {c: c // 10 for c in range(40)}  # four groups of ten
+    plain = EpisodeSampler(labels, way=5, shot=1, queries=1, seed=7)
+    off = EpisodeSampler(labels, way=5, shot=1, queries=1, seed=7, group_of_class=group_of_class, within_group=0.0)
+    for _ in range(20):  # fraction 0 draws exactly what a sampler without groups draws
+        assert all(np.array_equal(x, y) for x, y in zip(plain.sample(), off.sample()))
+    half = EpisodeSampler(labels, way=5, shot=1, queries=1, seed=7, group_of_class=group_of_class, within_group=0.5)
+    single = sum(len({group_of_class[int(c)] for c in labels[half.sample()[0]]}) == 1 for _ in range(400))
+    # ~200 within-group episodes; a mixed 5-of-40 draw lands in one group with chance 4*C(10,5)/C(40,5) < 0.2%
+    assert 160 < single < 250
+    with pytest.raises(InvalidInputError):
+        EpisodeSampler(labels, way=5, shot=1, queries=1, group_of_class=group_of_class, within_group=1.5)
+
+
 def test_group_selection_and_forgery_targets():
     from siamesedb.data import forgery_target, parse_groups, select_groups
 

@@ -180,3 +180,30 @@ def test_test_time_shift_is_the_mean_of_five_shifted_encodings(tmp_path):
     assert "test_time_shift" not in plain.config.to_dict() and tta.fingerprint != plain.fingerprint
     with pytest.raises(EncoderError, match="test_time_shift"):
         EncoderConfig(test_time_shift=-1)
+
+
+def test_an_ensemble_scores_the_mean_of_its_members_cosines(tmp_path):
+    from siamesedb.encoder import ensemble_of
+
+    torch.manual_seed(0)
+    members = [Encoder(config()) for _ in range(3)]
+    combined = ensemble_of(members, name="trio")
+    ims = images(4)
+    vectors = combined.encode(ims)
+    assert vectors.shape == (4, 48) and combined.dimension == 48
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    by_member = [m.encode(ims) for m in members]  # each (4, 16), unit rows
+    mean_cosine = np.mean([v @ v.T for v in by_member], axis=0)
+    assert np.allclose(vectors @ vectors.T, mean_cosine, atol=1e-5)
+    # Saved and loaded as one encoder; the key is absent from single encoders' configs (old fingerprints hold).
+    combined.save(tmp_path / "trio")
+    again = Encoder.load(tmp_path / "trio")
+    assert again.config.members == 3 and again.fingerprint == combined.fingerprint
+    assert np.allclose(again.encode(ims), vectors, atol=1e-6)
+    assert "members" not in members[0].config.to_dict()
+    with pytest.raises(EncoderError, match="differ"):
+        ensemble_of([members[0], Encoder(config(dim=8))])
+    with pytest.raises(EncoderError, match="cannot be members"):
+        ensemble_of([members[0], combined])
+    with pytest.raises(EncoderError, match="at least two"):
+        ensemble_of(members[:1])

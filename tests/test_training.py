@@ -143,3 +143,62 @@ def test_bad_config_is_refused():
         TrainConfig(loss="magic")
     with pytest.raises(InvalidInputError):
         TrainConfig(epochs=0)
+
+
+def test_within_group_episodes_train_with_groups_smaller_than_the_way(folder, tmp_path):
+    import shutil
+
+    grouped = tmp_path / "grouped"
+    for c in range(6):  # alphabets A (classes 0-2) and B (3-5), as Omniglot's Alphabet/character folders
+        shutil.copytree(folder / f"class{c}", grouped / ("A" if c < 3 else "B") / f"class{c}")
+    # way 3, but after holding out 2 classes a group may keep only 2: those episodes are 2-way
+    config = tiny("proto", within_group=1.0)
+    encoder = train(grouped, tmp_path / "wg", config, progress=False)
+    plain = train(grouped, tmp_path / "plain", tiny("proto"), progress=False)
+    assert json.loads((tmp_path / "wg" / "train_config.json").read_text())["within_group"] == 1.0
+    assert encoder.fingerprint != plain.fingerprint  # other episodes were drawn
+    with pytest.raises(Exception, match="within_group"):
+        TrainConfig(within_group=2.0)
+
+
+def test_within_class_whitening_matches_an_explicit_computation():
+    from siamesedb.training import within_class_whitening
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(30, 5)) * np.array([3.0, 1.0, 0.5, 0.2, 0.1])
+    labels = np.repeat(["a", "b", "c", "d", "e", "f"], 5).tolist()
+    labels[-1] = "lonely"  # a class of one item carries no spread and is skipped
+    matrix = within_class_whitening(vectors, labels, ridge=0.05)
+    covariances = []
+    for name in sorted(set(labels)):
+        rows = vectors[[i for i, lab in enumerate(labels) if lab == name]]
+        if len(rows) >= 2:
+            covariances.append(np.cov(rows, rowvar=False, bias=True))
+    within = np.mean(covariances, axis=0)
+    regularised = within + 0.05 * np.trace(within) / 5 * np.eye(5)
+    assert np.allclose(matrix, matrix.T)
+    assert np.allclose(matrix @ regularised @ matrix, np.eye(5), atol=1e-8)  # it whitens the regularised scatter
+    with pytest.raises(Exception, match="two or more"):
+        within_class_whitening(vectors[:3], ["x", "y", "z"])
+
+
+def test_a_whitened_encoder_applies_its_map_and_survives_save_and_load(tmp_path):
+    from siamesedb.encoder import EncoderConfig
+    from siamesedb.training import whitened_encoder, within_class_whitening
+
+    torch.manual_seed(0)
+    base = Encoder(EncoderConfig(embedding_dim=8, width=8))
+    batch = torch.rand(12, 1, 28, 28)
+    vectors = base.encode_tensors(batch)
+    labels = np.repeat(["a", "b", "c"], 4).tolist()
+    whitened = whitened_encoder(base, vectors, labels, ridge=0.1, notes={"groups": "test"})
+    mapped = vectors @ within_class_whitening(vectors, labels, ridge=0.1)
+    expected = mapped / np.linalg.norm(mapped, axis=1, keepdims=True)
+    assert np.allclose(whitened.encode_tensors(batch), expected, atol=1e-5)
+    whitened.save(tmp_path / "w")
+    again = Encoder.load(tmp_path / "w")
+    assert again.config.whitening and again.config.notes["whitening"]["groups"] == "test"
+    assert again.fingerprint == whitened.fingerprint
+    assert np.allclose(again.encode_tensors(batch), expected, atol=1e-5)
+    with pytest.raises(Exception, match="already whitened"):
+        whitened_encoder(again, vectors, labels)
