@@ -493,6 +493,8 @@ def info(index_dir: Path, as_json: bool) -> None:
               help="Proto: an episode that draws X/genuine also draws X/forged as a class (default: off).")
 @click.option("--within-group", "within_group", type=click.FloatRange(0, 1), default=None, metavar="FRACTION",
               help="Proto: this share of episodes draws all its classes from one group (alphabet) (default 0).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Share of the classes held out for per-epoch validation (default 0.1; 0: train on all).")
 @click.option("--seed", type=int, default=None, help="Random seed (runs are deterministic on CPU).")
 @click.option("--init", "init", default=None, metavar="NAME_OR_DIR",
               help="Start from this encoder's weights (same backbone and input size): fine-tune it.")
@@ -504,8 +506,8 @@ def train(folder: Path, out_dir: Path, loss: str, epochs: int | None, steps_per_
           embedding_dim: int | None, width: int | None, image_size: int | None, image_width: int | None,
           keep_aspect: bool | None, groups: str | None, way: int | None, shot: int | None,
           rotate_classes: bool | None, augment: bool | None, forgery_episodes: bool | None,
-          within_group: float | None, seed: int | None, init: str | None, resume: bool, device: str,
-          quiet: bool) -> None:
+          within_group: float | None, val_fraction: float | None, seed: int | None, init: str | None,
+          resume: bool, device: str, quiet: bool) -> None:
     """Train a Siamese encoder on a labelled FOLDER (twin networks, shared weights).
 
     Skilled forgeries: a class X/forged beside a class X/genuine holds forgeries of X.
@@ -526,6 +528,7 @@ def train(folder: Path, out_dir: Path, loss: str, epochs: int | None, steps_per_
         "device": device, "image_size": image_size, "image_width": image_width, "keep_aspect": keep_aspect,
         "groups": groups, "way": way, "shot": shot, "rotate_classes": rotate_classes, "augment": augment,
         "forgery_episodes": forgery_episodes, "init": init, "within_group": within_group,
+        "val_fraction": val_fraction,
     }
     config = TrainConfig(**{key: value for key, value in overrides.items() if value is not None})
     encoder = run_training(folder, out_dir, config, progress=not quiet, resume=resume,
