@@ -225,3 +225,32 @@ def test_signature_training_and_writer_independent_verification(tmp_path):
 
     result = run("eval", "verify", folder, "--encoder", model, "--test-groups", "W01-W02", "--calibration-groups", "W02-W04")
     assert result.exit_code != 0 and "overlap" in result.output
+
+
+def test_signature_recipe_with_seeds_joined_and_whitened(tmp_path, monkeypatch):
+    """The README recipe in small: seeds trained on every writer (--val-fraction 0), joined and whitened by
+    tools/ensemble.py, then used by eval verify like any encoder."""
+    import runpy
+    import sys
+
+    folder = squiggle_folder(tmp_path / "signatures", genuine=6, forged=6)  # proto episodes: 1 shot + 5 queries
+    members = []
+    for seed in ("1", "2"):
+        members.append(tmp_path / f"seed{seed}")
+        result = run("train", folder, "--out", members[-1], "--groups", "W01-W04", "--loss", "proto", "--way", "4",
+                     "--shot", "1", "--epochs", "1", "--steps-per-epoch", "2", "--val-fraction", "0", "--seed", seed,
+                     "--backbone", "signet", "--width", "4", "--embedding-dim", "8", "--image-size", "16",
+                     "--image-width", "32", "--keep-aspect", "--quiet")
+        assert result.exit_code == 0, result.output
+        assert json.loads((members[-1] / "train_config.json").read_text())["val_fraction"] == 0.0
+    joined = tmp_path / "joined"
+    monkeypatch.setattr(sys, "argv", ["ensemble.py", "--out", str(joined), *map(str, members),
+                                      "--whiten", str(folder), "--groups", "W01-W04"])
+    runpy.run_path(str(Path(__file__).resolve().parent.parent / "tools" / "ensemble.py"), run_name="__main__")
+    config = json.loads((joined / "config.json").read_text())
+    assert config["members"] == 2 and config["whitening"] is True
+    assert config["notes"]["whitening"]["classes"] == 4  # the four genuine writers W01-W04, forgeries left out
+    result = run("eval", "verify", folder, "--encoder", joined, "--references", "2", "--test-groups", "W05-W06",
+                 "--calibration-groups", "W01-W04", "--repeats", "2", "--rule", "relative", "--json")
+    assert result.exit_code == 0, result.output
+    assert 0 <= json.loads(result.stdout)["eer"] <= 1

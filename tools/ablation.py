@@ -31,6 +31,7 @@ SETTINGS: dict[str, dict] = {
     "proto-40": {"loss": "proto", "image_size": 40},
     "proto-28-rot4": {"loss": "proto", "rotate_classes": True},
     "proto-28-euclid": {"loss": "proto", "normalize_train": False, "proto_scale": 1.0},
+    "proto-28-w128": {"loss": "proto", "width": 128},
 }
 
 
