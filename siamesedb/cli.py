@@ -455,7 +455,11 @@ def info(index_dir: Path, as_json: bool) -> None:
     click.echo(f"vectors    {summary['dimension']}-d, {summary['metric']}, FAISS {summary['factory']}"
                + (f" ({defaults})" if defaults else ""))
     enc = summary["encoder"]
-    click.echo(f"encoder    {enc['backbone']} {enc['name']} (fingerprint {enc['fingerprint']}, input {enc['image_size']})")
+    extras = "".join([f", {enc['members']} members" if enc["members"] > 1 else "",
+                      ", whitened" if enc["whitening"] else "",
+                      f", test-time shift {enc['test_time_shift']}" if enc["test_time_shift"] else ""])
+    click.echo(f"encoder    {enc['backbone']} {enc['name']} (fingerprint {enc['fingerprint']}, input {enc['image_size']}"
+               f"{extras})")
     if calibration:
         click.echo(f"threshold  {calibration['threshold']:.4f} ({calibration['rule']}, {calibration['method']})")
     else:

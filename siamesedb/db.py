@@ -1110,6 +1110,9 @@ class SiameseDB:
                 "backbone": self.encoder.config.backbone,
                 "name": self.manifest.get("encoder", {}).get("name", ""),
                 "image_size": list(self.encoder.config.preprocessing.size),
+                "members": self.encoder.config.members,  # > 1: an ensemble (tools/ensemble.py)
+                "whitening": self.encoder.config.whitening,
+                "test_time_shift": self.encoder.config.test_time_shift,
             },
             "calibration": self.manifest.get("calibration"),
             "format_version": self.manifest.get("format_version"),

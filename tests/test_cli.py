@@ -172,7 +172,12 @@ def test_end_to_end_on_real_omniglot(omniglot_subset, tmp_path):
     assert result.exit_code == 0, result.output
     new_id = json.loads(result.stdout)["ids"][0]
     result = run("info", "--index", index, "--json")
-    assert json.loads(result.stdout)["items"] == 61
+    summary = json.loads(result.stdout)
+    assert summary["items"] == 61
+    assert summary["encoder"]["members"] == 1 and summary["encoder"]["whitening"] is False
+    assert summary["encoder"]["test_time_shift"] == 3  # the shipped default's five views
+    result = run("info", "--index", index)
+    assert "test-time shift 3" in result.output and "members" not in result.output
     result = run("remove", "--index", index, "--id", new_id)
     assert result.exit_code == 0, result.output
     result = run("remove", "--index", index, "--label", truth[1], "--json")
