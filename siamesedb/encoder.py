@@ -138,7 +138,7 @@ class Ensemble(nn.Module):
 class Whitened(nn.Module):
     """A backbone followed by a fixed linear map of its unit vectors: (N, C, H, W) -> (N, D).
 
-    The map (fitted by `training.fit_whitening`) whitens the spread of one class's items (within-class covariance),
+    The map (fitted by `training.whitened_encoder`) whitens the spread of one class's items (within-class covariance),
     so that cosine similarity stops rewarding the directions along which a class's own items already disagree.
     """
 

@@ -146,9 +146,15 @@ def encode_folder(
     folder: str | Path, encoder: Encoder, batch_size: int = 256, progress: bool = False
 ) -> tuple[np.ndarray, list[LabelledImage], int]:
     """Encode every readable image of a labelled folder once: ((N, D) vectors, their images, skipped count)."""
+    return encode_images(scan_folder(Path(folder)), encoder, batch_size, progress)
+
+
+def encode_images(
+    images: list[LabelledImage], encoder: Encoder, batch_size: int = 256, progress: bool = False
+) -> tuple[np.ndarray, list[LabelledImage], int]:
+    """Encode labelled images once: ((N, D) vectors of the readable ones, those images, skipped count)."""
     from tqdm import tqdm
 
-    images = scan_folder(Path(folder))
     kept_images: list[LabelledImage] = []
     chunks: list[np.ndarray] = []
     skipped = 0

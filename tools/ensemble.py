@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from siamesedb.data import FORGED, parse_groups, group_of  # noqa: E402
+from siamesedb.data import FORGED, scan_folder, select_groups  # noqa: E402
 from siamesedb.encoder import Encoder, ensemble_of  # noqa: E402
-from siamesedb.evaluation import encode_folder  # noqa: E402
+from siamesedb.evaluation import encode_images  # noqa: E402
 from siamesedb.training import whitened_encoder  # noqa: E402
 
 
@@ -37,16 +37,15 @@ def main() -> None:
         parser.error("nothing to do: give two or more members, or --whiten")
     if args.whiten is not None:
         # The map acts on each view's vector inside the net, so it is fitted on single-view vectors.
+        # Only the chosen groups' genuine classes are read and encoded: other groups may be test data.
+        chosen = [im for im in select_groups(scan_folder(args.whiten), args.groups) if not im.label.endswith(f"/{FORGED}")]
         shift, encoder.config.test_time_shift = encoder.config.test_time_shift, 0
-        vectors, images, _ = encode_folder(args.whiten, encoder)
+        vectors, images, _ = encode_images(chosen, encoder)
         encoder.config.test_time_shift = shift
-        wanted = parse_groups(args.groups)
-        keep = [i for i, im in enumerate(images)
-                if (wanted is None or group_of(im.label) in wanted) and not im.label.endswith(f"/{FORGED}")]
-        labels = [images[i].label for i in keep]
-        encoder = whitened_encoder(encoder, vectors[keep], labels, args.ridge,
+        labels = [im.label for im in images]
+        encoder = whitened_encoder(encoder, vectors, labels, args.ridge,
                                    notes={"folder": str(args.whiten), "groups": args.groups, "classes": len(set(labels))})
-        print(f"whitening fitted on {len(keep)} images of {len(set(labels))} classes (ridge {args.ridge})")
+        print(f"whitening fitted on {len(images)} images of {len(set(labels))} classes (ridge {args.ridge})")
     encoder.config.name = args.out.name
     encoder._fingerprint = None
     encoder.save(args.out)
