@@ -492,6 +492,8 @@ def info(index_dir: Path, as_json: bool) -> None:
 @click.option("--shot", type=int, default=None, help="Support items per class in a prototypical episode (default 5).")
 @click.option("--rotate-classes", is_flag=True, default=None,
               help="Add 90/180/270-degree copies of each training class as new classes (characters).")
+@click.option("--mirror-classes", is_flag=True, default=None,
+              help="Add a left-right mirror copy of each training class as a new class (with rotations: 8 copies).")
 @click.option("--augment/--no-augment", default=None, help="Random small affine distortions (default: on).")
 @click.option("--forgery-episodes/--no-forgery-episodes", default=None,
               help="Proto: an episode that draws X/genuine also draws X/forged as a class (default: off).")
@@ -509,7 +511,7 @@ def train(folder: Path, out_dir: Path, loss: str, epochs: int | None, steps_per_
           batch_size: int | None, lr: float | None, margin: float | None, backbone: str | None,
           embedding_dim: int | None, width: int | None, image_size: int | None, image_width: int | None,
           keep_aspect: bool | None, groups: str | None, way: int | None, shot: int | None,
-          rotate_classes: bool | None, augment: bool | None, forgery_episodes: bool | None,
+          rotate_classes: bool | None, mirror_classes: bool | None, augment: bool | None, forgery_episodes: bool | None,
           within_group: float | None, val_fraction: float | None, seed: int | None, init: str | None,
           resume: bool, device: str, quiet: bool) -> None:
     """Train a Siamese encoder on a labelled FOLDER (twin networks, shared weights).
@@ -530,7 +532,8 @@ def train(folder: Path, out_dir: Path, loss: str, epochs: int | None, steps_per_
         "loss": loss, "epochs": epochs, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "lr": lr,
         "margin": margin, "backbone": backbone, "embedding_dim": embedding_dim, "width": width, "seed": seed,
         "device": device, "image_size": image_size, "image_width": image_width, "keep_aspect": keep_aspect,
-        "groups": groups, "way": way, "shot": shot, "rotate_classes": rotate_classes, "augment": augment,
+        "groups": groups, "way": way, "shot": shot, "rotate_classes": rotate_classes,
+        "mirror_classes": mirror_classes, "augment": augment,
         "forgery_episodes": forgery_episodes, "init": init, "within_group": within_group,
         "val_fraction": val_fraction,
     }

@@ -66,6 +66,7 @@ class TrainConfig:
     keep_aspect: bool = False
     augment: bool = True
     rotate_classes: bool = False  # add 90/180/270-degree copies of every training class as new classes (Vinyals et al. 2016)
+    mirror_classes: bool = False  # add a left-right mirror copy of every training class (of every rotation) as a new class
     seed: int = 0
     device: str = "auto"
     val_fraction: float = 0.1  # of the classes, held out whole for validation
@@ -348,7 +349,14 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
         y_train = np.concatenate([y_train + k * n_names for k in range(4)])
         forgeries = {f + k * n_names: g + k * n_names for f, g in forgeries.items() for k in range(4)}
         log(f"rotated copies: {len(np.unique(y_train))} training classes, {len(y_train)} images")
-    # Group of every training class (its alphabet; a rotated copy sits in its alphabet's rotated group).
+    if config.mirror_classes:
+        # A mirrored character is another character too; with rotations this gives all eight symmetries of the square.
+        n_copies = 4 if config.rotate_classes else 1
+        x_train = torch.cat([x_train, torch.flip(x_train, dims=(3,))])
+        y_train = np.concatenate([y_train, y_train + n_copies * len(names)])
+        forgeries = {**forgeries, **{f + n_copies * len(names): g + n_copies * len(names) for f, g in forgeries.items()}}
+        log(f"mirrored copies: {len(np.unique(y_train))} training classes, {len(y_train)} images")
+    # Group of every training class (its alphabet; a rotated or mirrored copy sits in its alphabet's copy group).
     group_names = sorted({group_of(n) for n in names})
     group_index = {g: i for i, g in enumerate(group_names)}
     group_of_class = {int(c): group_index[group_of(names[c % len(names)])] + len(group_names) * (int(c) // len(names))

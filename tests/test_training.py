@@ -136,6 +136,17 @@ def test_rotated_copies_add_training_classes(folder, tmp_path):
         TrainConfig(rotate_classes=True, image_size=16, image_width=32)
 
 
+def test_mirrored_copies_add_training_classes(folder, tmp_path):
+    lines = []
+    train(folder, tmp_path / "mir", tiny("proto", mirror_classes=True), progress=False, log=lines.append)
+    assert "mirrored copies: 8 training classes, 48 images" in lines
+    lines.clear()
+    train(folder, tmp_path / "dih", tiny("proto", rotate_classes=True, mirror_classes=True), progress=False,
+          log=lines.append)
+    # the eight symmetries of the square: 4 training classes x 4 rotations x 2 mirror images
+    assert "mirrored copies: 32 training classes, 192 images" in lines
+
+
 def test_bad_config_is_refused():
     from siamesedb.errors import InvalidInputError
 
