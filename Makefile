@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench-build bench-search bench-scale serve torture bench-resume clean
+.PHONY: install demo test train-default bench-build bench-search bench-scale serve torture bench-resume clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Train the shipped default encoder again from scratch (five stages, ~2.5 h on 2 CPU cores) and install it.
+train-default: install
+	$(BIN)/python tools/train_default.py --install-to siamesedb/models/default
 
 # The web page and HTTP API over the demo's index (run `make demo` first).
 serve: install
