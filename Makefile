@@ -23,7 +23,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# Train the shipped default encoder again from scratch (five stages, ~2.5 h on 2 CPU cores) and install it.
+# Train the shipped default encoder again from scratch (five stages, about an hour on 2 quiet CPU cores) and install it.
 train-default: install
 	$(BIN)/python tools/train_default.py --install-to siamesedb/models/default
 

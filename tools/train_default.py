@@ -6,7 +6,8 @@ Each stage is a `siamesedb train` command, printed before it runs, that starts f
 encoder to RUNS/omni28-shot1b-tta. An interrupted run picks up where it stopped: a finished stage (its history.json
 is written last) is skipped, an unfinished one resumes from its checkpoint.
 
-On the project's 2-core CPU the five stages take about two and a half hours; with a GPU, minutes (`-- --device cuda`).
+On the project's 2-core CPU the five stages take about an hour when nothing else runs (their epochs' fastest times
+add up to 54 minutes; the original runs took 2 h 13 min beside other jobs); with a GPU, minutes (`-- --device cuda`).
 
 Run:  python tools/train_default.py [--background DIR] [--runs runs] [--install-to siamesedb/models/default]
       python tools/train_default.py --dry-run              # print the commands only
