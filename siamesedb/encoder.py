@@ -57,6 +57,20 @@ def conv4(in_channels: int, embedding_dim: int, image_size: tuple[int, int], wid
     return nn.Sequential(features, nn.Flatten(), nn.Linear(flat, embedding_dim))
 
 
+@register_backbone("conv4map")
+def conv4map(in_channels: int, embedding_dim: int, image_size: tuple[int, int], width: int = 64) -> nn.Module:
+    """Conv-4 without its last max-pool: the projection sees where on the page each feature fired.
+
+    (N, C, H, W) -> (N, width, H/8, W/8) -> flatten -> (N, embedding_dim). At 28x28 the map is 3x3 (576 values at
+    width 64), where plain Conv-4's last pool keeps one 2x2 corner of it as a single value per channel.
+    """
+    blocks = [_conv_block(in_channels if i == 0 else width, width) for i in range(4)]
+    features = nn.Sequential(*blocks[:3], blocks[3][:-1])  # the fourth block's conv-BN-ReLU, no pool
+    h, w = image_size
+    flat = width * max(1, h // 8) * max(1, w // 8)
+    return nn.Sequential(features, nn.Flatten(), nn.Linear(flat, embedding_dim))
+
+
 @register_backbone("signet")
 def signet(in_channels: int, embedding_dim: int, image_size: tuple[int, int], width: int = 32) -> nn.Module:
     """A small SigNet-style net for offline signatures (after Dey et al. 2017, scaled down for CPU).

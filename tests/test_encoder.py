@@ -24,7 +24,8 @@ def images(n=3):
     return [Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8)) for _ in range(n)]
 
 
-@pytest.mark.parametrize("backbone, size, channels", [("conv4", 28, 1), ("conv4", 64, 1), ("resnet", 32, 3), ("signet", 48, 1)])
+@pytest.mark.parametrize("backbone, size, channels",
+                         [("conv4", 28, 1), ("conv4", 64, 1), ("conv4map", 28, 1), ("resnet", 32, 3), ("signet", 48, 1)])
 def test_backbones_map_images_to_unit_vectors(backbone, size, channels):
     torch.manual_seed(0)
     encoder = Encoder(config(backbone, size, channels))
@@ -122,7 +123,7 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(EncoderError, match="CUDA"):
             resolve_device("cuda")
-    assert {"conv4", "resnet", "signet"} <= set(BACKBONES)
+    assert {"conv4", "conv4map", "resnet", "signet"} <= set(BACKBONES)
 
 
 @pytest.mark.parametrize("backbone, size, channels", [("conv4", 28, 1), ("resnet", 32, 3)])
