@@ -495,6 +495,8 @@ def info(index_dir: Path, as_json: bool) -> None:
 @click.option("--mirror-classes", is_flag=True, default=None,
               help="Add a left-right mirror copy of each training class as a new class (with rotations: 8 copies).")
 @click.option("--augment/--no-augment", default=None, help="Random small affine distortions (default: on).")
+@click.option("--augment-strength", type=click.FloatRange(0, 3), default=None, metavar="X",
+              help="Scale the distortions' ranges (default 1: up to 10 degrees, 10% scale, 0.15 shear, 2 px).")
 @click.option("--forgery-episodes/--no-forgery-episodes", default=None,
               help="Proto: an episode that draws X/genuine also draws X/forged as a class (default: off).")
 @click.option("--within-group", "within_group", type=click.FloatRange(0, 1), default=None, metavar="FRACTION",
@@ -511,7 +513,8 @@ def train(folder: Path, out_dir: Path, loss: str, epochs: int | None, steps_per_
           batch_size: int | None, lr: float | None, margin: float | None, backbone: str | None,
           embedding_dim: int | None, width: int | None, image_size: int | None, image_width: int | None,
           keep_aspect: bool | None, groups: str | None, way: int | None, shot: int | None,
-          rotate_classes: bool | None, mirror_classes: bool | None, augment: bool | None, forgery_episodes: bool | None,
+          rotate_classes: bool | None, mirror_classes: bool | None, augment: bool | None,
+          augment_strength: float | None, forgery_episodes: bool | None,
           within_group: float | None, val_fraction: float | None, seed: int | None, init: str | None,
           resume: bool, device: str, quiet: bool) -> None:
     """Train a Siamese encoder on a labelled FOLDER (twin networks, shared weights).
@@ -534,6 +537,7 @@ def train(folder: Path, out_dir: Path, loss: str, epochs: int | None, steps_per_
         "device": device, "image_size": image_size, "image_width": image_width, "keep_aspect": keep_aspect,
         "groups": groups, "way": way, "shot": shot, "rotate_classes": rotate_classes,
         "mirror_classes": mirror_classes, "augment": augment,
+        "augment_strength": augment_strength,
         "forgery_episodes": forgery_episodes, "init": init, "within_group": within_group,
         "val_fraction": val_fraction,
     }

@@ -65,6 +65,7 @@ class TrainConfig:
     invert: bool = True
     keep_aspect: bool = False
     augment: bool = True
+    augment_strength: float = 1.0  # scales every affine range of `augment` (1: rotation 10 deg, scale 0.9-1.1, ...)
     rotate_classes: bool = False  # add 90/180/270-degree copies of every training class as new classes (Vinyals et al. 2016)
     mirror_classes: bool = False  # add a left-right mirror copy of every training class (of every rotation) as a new class
     seed: int = 0
@@ -88,6 +89,8 @@ class TrainConfig:
             raise InvalidInputError("rotate_classes needs square inputs (image_width equal to image_size)")
         if not 0.0 <= self.within_group <= 1.0:
             raise InvalidInputError(f"within_group must be a fraction in [0, 1], got {self.within_group}")
+        if not 0.0 <= self.augment_strength <= 3.0:
+            raise InvalidInputError(f"augment_strength must lie in [0, 3], got {self.augment_strength}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise InvalidInputError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
 
@@ -421,7 +424,7 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
                 support, queried, answer = sampler.sample()
                 batch = torch.cat([x_train_dev[torch.from_numpy(support)], x_train_dev[torch.from_numpy(queried)]])
             if config.augment:
-                batch = augment(batch, generator, background_zero=config.invert)
+                batch = augment(batch, generator, strength=config.augment_strength, background_zero=config.invert)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 # The twin network: ONE encoder embeds both halves of every pair, so the weights are shared.
                 emb = encoder.embed(batch) if config.normalize_train else encoder.net(batch.to(device)).float()

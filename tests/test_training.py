@@ -154,6 +154,19 @@ def test_bad_config_is_refused():
         TrainConfig(loss="magic")
     with pytest.raises(InvalidInputError):
         TrainConfig(epochs=0)
+    with pytest.raises(InvalidInputError, match="augment_strength"):
+        TrainConfig(augment_strength=-1)
+
+
+def test_augment_strength_reaches_the_distortions(folder, tmp_path):
+    def losses(name, **overrides):
+        train(folder, tmp_path / name, tiny("proto", **overrides), progress=False)
+        return [h["loss"] for h in json.loads((tmp_path / name / "history.json").read_text())]
+
+    plain = losses("plain", augment=False)
+    # strength 0 is the identity warp: the same training as no augmentation, up to interpolation rounding
+    assert np.allclose(losses("zero", augment_strength=0.0), plain, atol=1e-4)
+    assert not np.allclose(losses("one"), losses("two", augment_strength=2.0), atol=1e-4)
 
 
 def test_within_group_episodes_train_with_groups_smaller_than_the_way(folder, tmp_path):
