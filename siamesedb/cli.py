@@ -536,8 +536,7 @@ def train(folder: Path, out_dir: Path, loss: str, epochs: int | None, steps_per_
         "margin": margin, "backbone": backbone, "embedding_dim": embedding_dim, "width": width, "seed": seed,
         "device": device, "image_size": image_size, "image_width": image_width, "keep_aspect": keep_aspect,
         "groups": groups, "way": way, "shot": shot, "rotate_classes": rotate_classes,
-        "mirror_classes": mirror_classes, "augment": augment,
-        "augment_strength": augment_strength,
+        "mirror_classes": mirror_classes, "augment": augment, "augment_strength": augment_strength,
         "forgery_episodes": forgery_episodes, "init": init, "within_group": within_group,
         "val_fraction": val_fraction,
     }

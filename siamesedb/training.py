@@ -354,10 +354,10 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
         log(f"rotated copies: {len(np.unique(y_train))} training classes, {len(y_train)} images")
     if config.mirror_classes:
         # A mirrored character is another character too; with rotations this gives all eight symmetries of the square.
-        n_copies = 4 if config.rotate_classes else 1
+        offset = (4 if config.rotate_classes else 1) * len(names)  # class ids of the mirror images start here
         x_train = torch.cat([x_train, torch.flip(x_train, dims=(3,))])
-        y_train = np.concatenate([y_train, y_train + n_copies * len(names)])
-        forgeries = {**forgeries, **{f + n_copies * len(names): g + n_copies * len(names) for f, g in forgeries.items()}}
+        y_train = np.concatenate([y_train, y_train + offset])
+        forgeries = {**forgeries, **{f + offset: g + offset for f, g in forgeries.items()}}
         log(f"mirrored copies: {len(np.unique(y_train))} training classes, {len(y_train)} images")
     # Group of every training class (its alphabet; a rotated or mirrored copy sits in its alphabet's copy group).
     group_names = sorted({group_of(n) for n in names})

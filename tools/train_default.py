@@ -17,8 +17,6 @@ Run:  python tools/train_default.py [--background DIR] [--runs runs] [--install-
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,17 +62,19 @@ def run(command: list[str]) -> None:
 
 
 def install(encoder_dir: Path, target: Path) -> None:
-    """Copy the final encoder into target (the package default: siamesedb/models/default) under its shipped name."""
-    target.mkdir(parents=True, exist_ok=True)
-    config = json.loads((encoder_dir / "config.json").read_text())
-    config["name"] = DEFAULT_NAME
-    shutil.copyfile(encoder_dir / "model.safetensors", target / "model.safetensors")
-    (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    """Save the final encoder into target (the package default: siamesedb/models/default) under its shipped name."""
+    from siamesedb.encoder import Encoder
+
+    encoder = Encoder.load(encoder_dir)
+    encoder.config.name = DEFAULT_NAME
+    encoder._fingerprint = None  # the name is part of the config, so of the fingerprint
+    encoder.save(target)
 
 
 def main() -> None:
     argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    split = argv.index("--") if "--" in argv else len(argv)  # after `--`: arguments for every `siamesedb train`
+    own, extra = argv[:split], argv[split + 1:]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--background", default=None,
                         help="Omniglot's images_background folder (default: unpacked from ../shared/data/omniglot).")
@@ -83,7 +83,7 @@ def main() -> None:
                         help="Copy the final encoder here, e.g. siamesedb/models/default.")
     parser.add_argument("--select-args", default="", help="Extra arguments for tools/select_tta.py, one string.")
     parser.add_argument("--dry-run", action="store_true", help="Print the commands and stop.")
-    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args = parser.parse_args(own)
     background = args.background
     if background is None:
         if args.dry_run:
