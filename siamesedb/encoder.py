@@ -1,4 +1,5 @@
-"""Backbone registry and Encoder (preprocessing config + weights): images in, L2-normalised float32 vectors out."""
+"""Backbone registry and Encoder (preprocessing config + weights): images in, float32 vectors out (L2-normalised
+for cosine encoders, the default; raw for Euclidean ones, `EncoderConfig.metric`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import copy
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from siamesedb.data import Preprocessing, load_image
 from siamesedb.errors import EncoderError, InvalidInputError
 
 DEFAULT_ENCODER = "default"
+METRICS = ("cosine", "euclidean")  # an encoder's vectors compare by cosine (unit length) or Euclidean distance
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -85,6 +87,30 @@ def signet(in_channels: int, embedding_dim: int, image_size: tuple[int, int], wi
     head = nn.Sequential(nn.AdaptiveAvgPool2d((2, 4)), nn.Flatten(), nn.Linear(width * 4 * 8, 256),
                          nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(256, embedding_dim))
     return nn.Sequential(stem, *blocks, head)
+
+
+MLP_HIDDEN = (128, 64, 32)  # the reference MLP twin: 784 -> 128 -> 64 -> 32 -> 16
+MLP_DROPOUT = 0.1
+
+
+@register_backbone("mlp")
+def mlp(in_channels: int, embedding_dim: int, image_size: tuple[int, int], width: int = 0,
+        hidden: Sequence[int] | None = None, dropout: float | None = None) -> nn.Module:
+    """The reference MLP twin (MNIST): flatten, then Dense-ReLU layers, dropout after all but the last two.
+
+    (N, C, H, W) -> flatten (N, C*H*W) -> 128 ReLU -> Dropout 0.1 -> 64 ReLU -> Dropout 0.1 -> 32 ReLU
+    -> embedding_dim ReLU (16 in the reference). `hidden` replaces (128, 64, 32) and `dropout` the 0.1; `width` is
+    not used (a fully connected net has no channels). The last ReLU is the reference's: outputs are >= 0.
+    """
+    sizes = [in_channels * image_size[0] * image_size[1], *(MLP_HIDDEN if hidden is None else hidden)]
+    p = MLP_DROPOUT if dropout is None else float(dropout)
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i, (cin, cout) in enumerate(zip(sizes, sizes[1:])):
+        layers += [nn.Linear(cin, cout), nn.ReLU(inplace=True)]
+        if i < len(sizes) - 2 and p > 0:  # the reference drops out after every hidden layer but the last one
+            layers.append(nn.Dropout(p))
+    layers += [nn.Linear(sizes[-1], embedding_dim), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
 
 
 class _BasicBlock(nn.Module):
@@ -186,8 +212,23 @@ class EncoderConfig:
     members: int = 1
     # A fitted within-class whitening map after the backbone (or ensemble), see `Whitened`.
     whitening: bool = False
+    # How vectors compare: "cosine" (L2-normalised output, inner product) or "euclidean" (raw output, L2 distance).
+    metric: str = "cosine"
+    # mlp backbone only: hidden layer sizes (None: 128, 64, 32) and dropout (None: 0.1).
+    hidden: tuple[int, ...] | None = None
+    dropout: float | None = None
 
     def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise EncoderError(f"unknown metric {self.metric!r}; choose from {', '.join(METRICS)}")
+        if self.hidden is not None:
+            self.hidden = tuple(int(h) for h in self.hidden)
+            if not self.hidden or min(self.hidden) < 1:
+                raise EncoderError(f"hidden layer sizes must be positive integers, got {self.hidden!r}")
+        if self.dropout is not None and not 0.0 <= float(self.dropout) < 1.0:
+            raise EncoderError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if (self.hidden is not None or self.dropout is not None) and self.backbone != "mlp":
+            raise EncoderError(f"hidden sizes and dropout apply to the mlp backbone, not {self.backbone!r}")
         if int(self.test_time_shift) != self.test_time_shift or self.test_time_shift < 0:
             raise EncoderError(f"test_time_shift must be a whole number of pixels >= 0, got {self.test_time_shift!r}")
         self.test_time_shift = int(self.test_time_shift)
@@ -215,6 +256,12 @@ class EncoderConfig:
             d["members"] = self.members
         if self.whitening:
             d["whitening"] = True
+        if self.metric != "cosine":  # only when not the default: cosine encoders keep their fingerprints
+            d["metric"] = self.metric
+        if self.hidden is not None:
+            d["hidden"] = list(self.hidden)
+        if self.dropout is not None:
+            d["dropout"] = float(self.dropout)
         return d
 
     @classmethod
@@ -229,14 +276,19 @@ class EncoderConfig:
             test_time_shift=d.get("test_time_shift", 0),
             members=d.get("members", 1),
             whitening=d.get("whitening", False),
+            metric=d.get("metric", "cosine"),
+            hidden=d.get("hidden"),
+            dropout=d.get("dropout"),
         )
 
 
 def build_net(config: EncoderConfig) -> nn.Module:
     """The untrained network a config describes: backbone, or an ensemble of them, then whitening if set."""
+    options = {key: value for key, value in (("hidden", config.hidden), ("dropout", config.dropout)) if value is not None}
+
     def backbone() -> nn.Module:
         return BACKBONES[config.backbone](
-            config.preprocessing.channels, config.embedding_dim, config.preprocessing.size, config.width
+            config.preprocessing.channels, config.embedding_dim, config.preprocessing.size, config.width, **options
         )
 
     net = backbone() if config.members == 1 else Ensemble([backbone() for _ in range(config.members)])
@@ -258,7 +310,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 class Encoder:
-    """A backbone plus its preprocessing: `encode(images)` -> L2-normalised float32 vectors."""
+    """A backbone plus its preprocessing: `encode(images)` -> float32 vectors (L2-normalised unless Euclidean)."""
 
     def __init__(self, config: EncoderConfig, net: nn.Module | None = None, device: str | torch.device = "cpu"):
         if config.backbone not in BACKBONES:
@@ -288,9 +340,15 @@ class Encoder:
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 
+    @property
+    def normalizes(self) -> bool:
+        """Whether vectors are L2-normalised: cosine encoders yes, Euclidean ones keep the net's raw output."""
+        return self.config.metric == "cosine"
+
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, D) L2-normalised; keeps gradients (training)."""
-        return F.normalize(self.net(batch.to(self.device)).float(), dim=1)
+        """(N, C, H, W) -> (N, D), L2-normalised for cosine encoders; keeps gradients (training)."""
+        out = self.net(batch.to(self.device)).float()
+        return F.normalize(out, dim=1) if self.normalizes else out
 
     def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
         """(n, C, H, W) -> (n, D) L2-normalised on the CPU, in inference mode (thread-local: entered here)."""
@@ -304,9 +362,10 @@ class Encoder:
                     out = self.net(chunk)
             else:
                 out = self.net(chunk)
-            out = F.normalize(out.float(), dim=1)
+            out = F.normalize(out.float(), dim=1) if self.normalizes else out.float()
             if shift:
-                out = F.normalize(out.view(5, -1, out.shape[1]).mean(dim=0), dim=1)  # (5, n, D) -> (n, D)
+                out = out.view(5, -1, out.shape[1]).mean(dim=0)  # (5, n, D) -> (n, D)
+                out = F.normalize(out, dim=1) if self.normalizes else out
             return out.cpu()
 
     def _cpu_lanes(self) -> ThreadPoolExecutor | None:
@@ -364,7 +423,8 @@ class Encoder:
         return self.config.preprocessing.to_tensor(load_image(image))
 
     def encode(self, images: Any, batch_size: int = 256) -> np.ndarray:
-        """One image (path, PIL image or array) -> (D,); a list or tuple of them -> (N, D). L2-normalised float32."""
+        """One image (path, PIL image or array) -> (D,); a list or tuple of them -> (N, D). float32,
+        L2-normalised for cosine encoders."""
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         vectors = np.empty((len(items), self.dimension), dtype=np.float32)
@@ -429,6 +489,8 @@ def ensemble_of(encoders: list[Encoder], name: str = "") -> Encoder:
     shape = (first.backbone, first.width, first.embedding_dim, first.preprocessing.to_dict(), first.test_time_shift)
     for other in encoders:
         cfg = other.config
+        if cfg.metric != "cosine":
+            raise EncoderError(f"{cfg.name or other.fingerprint}: ensembles average cosines; this encoder is {cfg.metric}")
         if cfg.members > 1 or cfg.whitening:
             raise EncoderError(f"{cfg.name or other.fingerprint}: ensembles and whitened encoders cannot be members")
         theirs = (cfg.backbone, cfg.width, cfg.embedding_dim, cfg.preprocessing.to_dict(), cfg.test_time_shift)
