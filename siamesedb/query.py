@@ -1,7 +1,10 @@
 """Array-level search, classification, verification and threshold calibration: numpy only."""
 
-# Every function works on L2-normalised float32 vectors, where the inner product is the cosine similarity and
-# higher is always more similar. A class prototype is the normalised mean of its support vectors.
+# Every function works under one of two metrics (`metric=`), and higher is always more similar:
+# - "cosine" (the default): L2-normalised float32 vectors, score = inner product = cosine similarity; a class
+#   prototype is the normalised mean of its support vectors;
+# - "euclidean": raw vectors, score = minus the Euclidean distance (0 for identical vectors); a class prototype is
+#   the plain mean of its support vectors (Snell et al. 2017).
 
 from __future__ import annotations
 
@@ -17,6 +20,33 @@ VERIFY_RULES = ("prototype", "max", "mean_top3", "relative")  # the scoring rule
 _CONSISTENCY_ROWS = 1024  # left-out items per block in _consistencies
 _MIN_CONSISTENCY = 0.1  # floor of the reference consistency "relative" divides by (near-orthogonal references)
 _BLOCK = 1 << 24  # most similarities held at once by the blocked loops below (~64 MB of float32)
+METRICS = ("cosine", "euclidean")  # encoder metrics; an index stores them as "inner_product" / "l2"
+_MIN_SPREAD = 1e-6  # floor of the reference spread "relative" divides by under the Euclidean metric
+
+
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise InvalidInputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    return metric
+
+
+def scores_for(metric: str, queries: np.ndarray, corpus: np.ndarray) -> np.ndarray:
+    """(nq, D) queries x (n, D) corpus -> (nq, n) scores, higher = more similar: the inner product (cosine on unit
+    vectors), or minus the Euclidean distance (from |q|^2 + |c|^2 - 2 q.c, clamped at 0 against rounding)."""
+    products = queries @ corpus.T
+    if check_metric(metric) == "cosine":
+        return products
+    q2 = np.einsum("nd,nd->n", queries, queries)
+    c2 = np.einsum("nd,nd->n", corpus, corpus)
+    squared = np.maximum(q2[:, None] + c2[None, :] - 2 * products, 0)
+    return -np.sqrt(squared, out=squared)
+
+
+def prototypes_from_sums(metric: str, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(C, D) class sums and (C,) member counts -> (C, D) float32 prototypes: normalised sums (cosine) or means."""
+    if check_metric(metric) == "cosine":
+        return normalize(sums)
+    return (np.asarray(sums, np.float64) / np.maximum(np.asarray(counts), 1)[:, None]).astype(np.float32)
 
 
 @dataclass
@@ -27,9 +57,13 @@ class Hit:
     label: str
     path: str
     score: float
+    distance: float | None = None  # Euclidean indexes: the distance (score = -distance); None under cosine
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": int(self.id), "label": str(self.label), "path": str(self.path), "score": float(self.score)}
+        document = {"id": int(self.id), "label": str(self.label), "path": str(self.path), "score": float(self.score)}
+        if self.distance is not None:
+            document["distance"] = float(self.distance)
+        return document
 
 
 class SearchResults(Sequence[list[Hit]]):
@@ -41,11 +75,13 @@ class SearchResults(Sequence[list[Hit]]):
     gone by then (removed by another writer) is left out, as it would have been at search time.
     """
 
-    def __init__(self, scores: np.ndarray, ids: np.ndarray, lookup: Callable[[np.ndarray], dict[int, tuple[str, str]]]):
+    def __init__(self, scores: np.ndarray, ids: np.ndarray, lookup: Callable[[np.ndarray], dict[int, tuple[str, str]]],
+                 metric: str = "cosine"):
         if scores.shape != ids.shape or scores.ndim != 2:
             raise InvalidInputError(f"scores {scores.shape} and ids {ids.shape} must be the same (nq, k) shape")
         self.scores = scores
         self.ids = ids
+        self.metric = check_metric(metric)
         self._lookup = lookup
         self._found: dict[int, tuple[str, str]] | None = None  # id -> (label, path), read once
         self._hits: dict[int, list[Hit]] = {}
@@ -71,8 +107,9 @@ class SearchResults(Sequence[list[Hit]]):
     def _row(self, q: int) -> list[Hit]:
         if q not in self._hits:
             found = self._items()
+            euclidean = self.metric == "euclidean"
             self._hits[q] = [
-                Hit(id=i, label=found[i][0], path=found[i][1], score=s)
+                Hit(id=i, label=found[i][0], path=found[i][1], score=s, distance=-s if euclidean else None)
                 for s, i in zip(self.scores[q].tolist(), self.ids[q].tolist())
                 if i >= 0 and i in found
             ]
@@ -113,20 +150,43 @@ class Prediction:
 
 @dataclass
 class Verification:
-    """A verification decision: accepted when score >= threshold."""
+    """A verification decision: accepted when score >= threshold.
+
+    `threshold_source` says where the threshold came from: `index:<rule>:<genuine>/<impostor> pairs` (the index's
+    own calibration for that rule), `encoder` (the pair threshold the encoder carries), or `given` (the caller's).
+    `query` names the verified image when the caller gave one (a path), else it is None.
+    """
 
     label: str
     accepted: bool
     score: float
     threshold: float
+    threshold_source: str = "given"
+    query: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "query": None if self.query is None else str(self.query),
             "label": str(self.label),
             "accepted": bool(self.accepted),
             "score": float(self.score),
             "threshold": float(self.threshold),
+            "threshold_source": str(self.threshold_source),
         }
+
+
+def json_default(obj: Any) -> Any:
+    """`json.dumps(results, default=json_default)`: Hits, Predictions, Verifications, SearchResults and numpy
+    scalars / arrays become plain JSON types."""
+    if isinstance(obj, (Hit, Prediction, Verification)):
+        return obj.to_dict()
+    if isinstance(obj, SearchResults):
+        return [[hit.to_dict() for hit in row] for row in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -150,8 +210,10 @@ def _as_vectors(x: np.ndarray, dim: int | None = None, what: str = "vectors") ->
     return array.astype(np.float32, copy=False)
 
 
-def brute_force_search(queries: np.ndarray, corpus: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product: (D (nq, k) float32, I (nq, k) int64), padded with -inf / -1 past the corpus.
+def brute_force_search(
+    queries: np.ndarray, corpus: np.ndarray, k: int, metric: str = "cosine"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by score (`scores_for`): (D (nq, k) float32, I (nq, k) int64), padded with -inf / -1 past the corpus.
 
     I holds row numbers of `corpus`; equal scores are ordered by row number.
     """
@@ -171,7 +233,7 @@ def brute_force_search(queries: np.ndarray, corpus: np.ndarray, k: int) -> tuple
     take = min(k, n)
     step = max(1, _BLOCK // n)  # queries per block: bounds the (block, n) score matrix
     for start in range(0, nq, step):
-        scores = queries[start : start + step] @ corpus.T  # (block, n)
+        scores = scores_for(metric, queries[start : start + step], corpus)  # (block, n)
         # argpartition then a sort of the k survivors: O(n + k log k) per query.
         if take < n:
             top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
@@ -184,8 +246,10 @@ def brute_force_search(queries: np.ndarray, corpus: np.ndarray, k: int) -> tuple
     return D, I
 
 
-def class_prototypes(vectors: np.ndarray, labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
-    """(classes sorted by label, (C, D) normalised class means)."""
+def class_prototypes(
+    vectors: np.ndarray, labels: Sequence[str], metric: str = "cosine"
+) -> tuple[list[str], np.ndarray]:
+    """(classes sorted by label, (C, D) prototypes: normalised class means (cosine) or plain means (euclidean))."""
     vectors = _as_vectors(vectors)
     if len(vectors) != len(labels):
         raise InvalidInputError(f"{len(vectors)} vectors but {len(labels)} labels")
@@ -194,7 +258,8 @@ def class_prototypes(vectors: np.ndarray, labels: Sequence[str]) -> tuple[list[s
     classes, inverse = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
     sums = np.zeros((len(classes), vectors.shape[1]), dtype=np.float64)  # (C, D), summed in float64
     np.add.at(sums, inverse.reshape(-1), vectors)
-    return [str(c) for c in classes], normalize(sums)
+    counts = np.bincount(inverse.reshape(-1), minlength=len(classes))
+    return [str(c) for c in classes], prototypes_from_sums(metric, sums, counts)
 
 
 def _rank(scores: np.ndarray, classes: Sequence[str]) -> list[list[tuple[str, float]]]:
@@ -203,27 +268,31 @@ def _rank(scores: np.ndarray, classes: Sequence[str]) -> list[list[tuple[str, fl
 
 
 def rank_by_prototype(
-    queries: np.ndarray, prototypes: np.ndarray, classes: Sequence[str]
+    queries: np.ndarray, prototypes: np.ndarray, classes: Sequence[str], metric: str = "cosine"
 ) -> list[list[tuple[str, float]]]:
-    """For each query, every class ranked by cosine similarity to its prototype, best first (ties: class order)."""
+    """For each query, every class ranked by its score against the class prototype, best first (ties: class order)."""
     prototypes = _as_vectors(prototypes, what="prototypes")
     if len(prototypes) == 0:
         raise InvalidInputError("no classes to rank")
     if len(classes) != len(prototypes):
         raise InvalidInputError(f"{len(prototypes)} prototypes but {len(classes)} class names")
     queries = _as_vectors(queries, prototypes.shape[1], "queries")
-    return _rank(queries @ prototypes.T, classes)  # (nq, C) cosine similarities
+    return _rank(scores_for(metric, queries, prototypes), classes)  # (nq, C) scores
 
 
 def rank_by_knn(
-    hit_labels: Sequence[Sequence[str | None]], hit_scores: np.ndarray, k: int
+    hit_labels: Sequence[Sequence[str | None]], hit_scores: np.ndarray, k: int, metric: str = "cosine"
 ) -> list[list[tuple[str, float]]]:
-    """Score-weighted vote of the top-k hits: a class's score is the sum of its hits' similarities.
+    """Score-weighted vote of the top-k hits: a class's score is the sum of its hits' similarities (cosine), or of
+    1 / (1 + distance) under the Euclidean metric (a vote must be positive and shrink with the distance; a sum of
+    negative distances would rank a class lower for every extra neighbour it has).
 
     `hit_labels` (nq, >=k) holds each hit's label (None for a missing hit, FAISS id -1); ties in the vote are broken
     by the class's best single similarity. Only classes with at least one hit appear in the ranking.
     """
     hit_scores = np.atleast_2d(np.asarray(hit_scores, dtype=np.float64))  # (nq, >=k)
+    if check_metric(metric) == "euclidean":
+        hit_scores = 1.0 / (1.0 - hit_scores)  # score = -distance -> 1 / (1 + distance) in (0, 1]; -inf -> 0
     if len(hit_labels) != len(hit_scores):
         raise InvalidInputError(f"{len(hit_labels)} rows of hit labels but {len(hit_scores)} rows of scores")
     if int(k) != k or k < 1:
@@ -245,7 +314,7 @@ def rank_by_knn(
     return rankings
 
 
-def verification_score(query: np.ndarray, support: np.ndarray, rule: str = "prototype") -> float:
+def verification_score(query: np.ndarray, support: np.ndarray, rule: str = "prototype", metric: str = "cosine") -> float:
     """Similarity of one (D,) query to an (M, D) support set under a scoring rule.
 
     prototype: cosine to the normalised mean; max: the best single reference; mean_top3: mean of the best
@@ -261,10 +330,18 @@ def verification_score(query: np.ndarray, support: np.ndarray, rule: str = "prot
     if len(query) != 1:
         raise InvalidInputError(f"verification_score takes one query vector, got {len(query)}")
     query = query[0]
-    if rule in ("prototype", "relative"):
+    if check_metric(metric) == "euclidean":
+        # Euclidean: minus the distance to the plain mean; "relative" divides it by the references' own spread
+        # (`reference_spread`), the distance counted in units of how far apart the writer's references lie.
+        if rule in ("prototype", "relative"):
+            score = -float(np.linalg.norm(query.astype(np.float64) - support.mean(axis=0, dtype=np.float64)))
+            return score / reference_spread(support) if rule == "relative" else score
+        scores = scores_for(metric, query[None, :], support)[0]
+    elif rule in ("prototype", "relative"):
         score = float(normalize(support.sum(axis=0)) @ query)
         return score / reference_consistency(support) if rule == "relative" else score
-    scores = support @ query
+    else:
+        scores = support @ query
     if rule == "max":
         return float(scores.max())
     if rule == "mean_top3":
@@ -283,6 +360,52 @@ def reference_consistency(support: np.ndarray) -> float:
         return 1.0
     others = normalize(support.sum(axis=0) - support)  # (M, D): row j is the prototype without reference j
     return max(float(np.einsum("md,md->m", others, support).mean()), _MIN_CONSISTENCY)
+
+
+def reference_spread(support: np.ndarray) -> float:
+    """The Euclidean counterpart of `reference_consistency`: the mean distance of each of an (M, D) reference set
+    to the mean of the others; 1.0 for a single reference, floored at _MIN_SPREAD (identical references)."""
+    support = _as_vectors(support, what="support").astype(np.float64)
+    m = len(support)
+    if m < 2:
+        return 1.0
+    others = (support.sum(axis=0) - support) / (m - 1)  # (M, D): row j is the mean without reference j
+    return max(float(np.linalg.norm(support - others, axis=1).mean()), _MIN_SPREAD)
+
+
+def _spreads(
+    vectors: np.ndarray, inverse: np.ndarray, sizes: np.ndarray, sums: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(whole (C,), without_item (N,)): `reference_spread` of every class's support set, and of each item's own
+    class with that item left out, from dot products as in `_consistencies`. Leaving item i out, the distance of
+    member j to the mean of the other m - 2 is |v_j - u / (m - 2)| with u = S - v_i - v_j, where
+    v_j.u = s_j - G_ij - G_jj and |u|^2 = |S|^2 + G_ii + G_jj - 2 s_i - 2 s_j + 2 G_ij."""
+    v = vectors.astype(np.float64)
+    own = sums[inverse]  # (N, D)
+    dot_sum = np.einsum("nd,nd->n", v, own)  # s_j
+    sq = np.einsum("nd,nd->n", v, v)  # G_jj
+    sum_sq = np.einsum("cd,cd->c", sums, sums)  # |S|^2
+    m_of = sizes[inverse].astype(np.float64)
+    rest = np.maximum(m_of - 1, 1)  # members left beside j
+    rest_sq = sum_sq[inverse] - 2 * dot_sum + sq  # |S - v_j|^2
+    to_rest = np.sqrt(np.maximum(sq - 2 * (dot_sum - sq) / rest + rest_sq / rest**2, 0))
+    whole = np.bincount(inverse, weights=to_rest, minlength=len(sizes)) / np.maximum(sizes, 1)
+    whole = np.where(sizes >= 2, np.maximum(whole, _MIN_SPREAD), 1.0)
+    without = np.ones(len(v))
+    for c in np.flatnonzero(sizes >= 3):
+        members = np.flatnonzero(inverse == c)
+        m = len(members)
+        s, g_diag = dot_sum[members], sq[members]
+        for start in range(0, m, _CONSISTENCY_ROWS):
+            rows = members[start : start + _CONSISTENCY_ROWS]
+            gram = v[rows] @ v[members].T  # (rows, m): G_ij
+            i_s, i_sq = dot_sum[rows][:, None], sq[rows][:, None]
+            dot_u = s[None, :] - gram - g_diag[None, :]
+            u_sq = sum_sq[c] + i_sq + g_diag[None, :] - 2 * i_s - 2 * s[None, :] + 2 * gram
+            dist = np.sqrt(np.maximum(g_diag[None, :] - 2 * dot_u / (m - 2) + u_sq / (m - 2) ** 2, 0))
+            dist[np.arange(len(rows)), np.arange(start, start + len(rows))] = 0.0  # j = i is not a reference
+            without[rows] = np.maximum(dist.sum(axis=1) / (m - 1), _MIN_SPREAD)
+    return whole, without
 
 
 def _consistencies(
@@ -322,13 +445,15 @@ def _consistencies(
 
 
 def genuine_impostor_scores(
-    vectors: np.ndarray, labels: Sequence[str], rule: str = "prototype"
+    vectors: np.ndarray, labels: Sequence[str], rule: str = "prototype", metric: str = "cosine",
+    require_genuine: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Leave-one-out scores inside a support set: (genuine (G,), impostor (I,)) float64.
 
     Each item of a class with at least two members is scored against its own class without itself (genuine), and
     every item is scored against every other class's full support set (impostor). Order: item by item, and within an
     item, classes sorted by label. Vectorised: seconds, not hours, for ten thousand items in hundreds of classes.
+    With `require_genuine=False` a support set of one item per class gives an empty genuine array instead of an error.
     """
     if rule not in VERIFY_RULES:
         raise InvalidInputError(f"unknown rule {rule!r}; choose from {', '.join(VERIFY_RULES)}")
@@ -338,7 +463,7 @@ def genuine_impostor_scores(
     classes, inverse = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
     inverse = inverse.reshape(-1)
     sizes = np.bincount(inverse, minlength=len(classes))
-    if not (sizes >= 2).any():
+    if require_genuine and not (sizes >= 2).any():  # a one-shot support set has impostor pairs only
         raise InvalidInputError("calibration needs at least one class with two or more items (genuine pairs)")
     n = len(vectors)
     # scores[i, c] = rule(vector i, support set of class c, leaving item i out of its own class): (N, C)
@@ -346,22 +471,31 @@ def genuine_impostor_scores(
     if rule in ("prototype", "relative"):
         sums = np.zeros((len(classes), vectors.shape[1]), dtype=np.float64)  # (C, D) class sums
         np.add.at(sums, inverse, vectors)
-        scores = (vectors @ normalize(sums).T).astype(np.float64)
-        own = normalize(sums[inverse] - vectors)  # (N, D) own-class prototype without the item itself
-        scores[rows, inverse] = np.einsum("nd,nd->n", own, vectors)
+        if check_metric(metric) == "euclidean":
+            # Plain means; the item's own class without it: (S - v) / (m - 1) (only used where m >= 2).
+            scores = scores_for(metric, vectors.astype(np.float64), sums / sizes[:, None])
+            own = (sums[inverse] - vectors) / np.maximum(sizes[inverse] - 1, 1)[:, None]
+            scores[rows, inverse] = -np.linalg.norm(vectors - own, axis=1)
+        else:
+            scores = (vectors @ normalize(sums).T).astype(np.float64)
+            own = normalize(sums[inverse] - vectors)  # (N, D) own-class prototype without the item itself
+            scores[rows, inverse] = np.einsum("nd,nd->n", own, vectors)
         if rule == "relative":
-            whole, without = _consistencies(vectors, inverse, sizes, sums)
+            spread = _spreads if metric == "euclidean" else _consistencies
+            whole, without = spread(vectors, inverse, sizes, sums)
             scores /= whole[None, :]
             scores[rows, inverse] *= whole[inverse] / without  # own class: its consistency without the item
     else:
-        scores = _reference_scores(vectors, inverse, sizes, rule)
+        scores = _reference_scores(vectors, inverse, sizes, rule, check_metric(metric))
     genuine = scores[rows, inverse][sizes[inverse] >= 2]
     other = np.ones_like(scores, dtype=bool)
     other[rows, inverse] = False
     return genuine, scores[other]  # boolean indexing walks row-major: item by item, classes in label order
 
 
-def _reference_scores(vectors: np.ndarray, inverse: np.ndarray, sizes: np.ndarray, rule: str) -> np.ndarray:
+def _reference_scores(
+    vectors: np.ndarray, inverse: np.ndarray, sizes: np.ndarray, rule: str, metric: str = "cosine"
+) -> np.ndarray:
     """(N, C) scores of every item against every class's references ("max" / "mean_top3"), the item left out.
 
     All N x N similarities are computed in row blocks of one large matrix product (far faster than one thin product
@@ -387,9 +521,12 @@ def _reference_scores(vectors: np.ndarray, inverse: np.ndarray, sizes: np.ndarra
         slot[members] = np.arange(len(members))
     scores = np.empty((n, n_classes), dtype=np.float64)
     step = max(1, _BLOCK // n)  # rows per block: bounds the (rows, N) similarity matrix
+    norms = np.einsum("nd,nd->n", vectors, vectors) if metric == "euclidean" else None  # (N,) |v|^2
     for start in range(0, n, step):
         stop = min(n, start + step)
         sims = vectors[start:stop] @ grouped_t  # (rows, N) float32
+        if metric == "euclidean":  # -|a - b| from the same product: |a|^2 + |b|^2 - 2 a.b
+            sims = -np.sqrt(np.maximum(norms[start:stop, None] + norms[order][None, :] - 2 * sims, 0))
         local = np.arange(stop - start)
         sims[local, column[start:stop]] = -np.inf  # leave each item itself out of its own class
         own_size = sizes[inverse[start:stop]]
@@ -450,9 +587,15 @@ def far_threshold(impostor: np.ndarray, target_far: float) -> float:
     if np.isnan(impostor).any():
         raise InvalidInputError("scores contain NaN")
     candidates = np.unique(impostor)
-    far = 1.0 - np.searchsorted(impostor, candidates, side="left") / len(impostor)
+    far = 1.0 - np.searchsorted(impostor, candidates, side="left") / len(impostor)  # FAR when t = candidates[j]
     ok = np.flatnonzero(far <= target_far + 1e-12)
-    if len(ok):
-        return float(candidates[ok[0]])
-    # Even the highest impostor score lets too many through: sit just above it (FAR 0).
-    return float(np.nextafter(impostor[-1], np.inf))
+    if len(ok) and ok[0] == 0:
+        return float(candidates[0])  # every impostor may pass: the lowest score itself
+    # FAR is constant on (candidates[j - 1], candidates[j]]: the lowest threshold meeting the target sits just above
+    # the highest impostor score that must be refused, not at the next impostor score (which would reject every
+    # genuine score in between for nothing). Just above = the next float32, the precision scores are computed in.
+    below = candidates[ok[0] - 1] if len(ok) else impostor[-1]  # none meets it but "above them all" (FAR 0)
+    above = float(np.nextafter(np.float32(below), np.float32(np.inf)))
+    if above <= below:  # float32 rounding of a float64 score: step once more
+        above = float(np.nextafter(np.float32(above), np.float32(np.inf)))
+    return min(above, float(candidates[ok[0]])) if len(ok) else above
