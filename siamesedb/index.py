@@ -75,6 +75,17 @@ def _as_k(k: int) -> int:
     return k
 
 
+# Index metrics as the manifest names them, and the FAISS metric each one searches with.
+INDEX_METRICS = {"inner_product": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+METRIC_OF_ENCODER = {"cosine": "inner_product", "euclidean": "l2"}  # encoder metric -> index metric
+
+
+def l2_scores(distances: np.ndarray) -> np.ndarray:
+    """FAISS's squared L2 distances -> scores, higher = more similar: minus the distance (FAISS pads with FLT_MAX,
+    which the caller turns into -inf by the id -1 beside it)."""
+    return -np.sqrt(np.maximum(distances, 0), dtype=np.float32)
+
+
 AUTO = "auto"  # factory value resolved by choose_factory from the collection size and a memory budget
 FLAT_BELOW = 10_000  # below this many vectors exact search is < 1 ms a query at 64-d: no approximation needed
 IVF_FLAT_BELOW = 1_000_000  # autofaiss's ivf_flat_threshold: above it, IVF,Flat scans too many full vectors
@@ -180,10 +191,12 @@ def _positive_int(value: Any, name: str) -> int | None:
 
 
 class VectorIndex:
-    """FAISS IndexIDMap2 over `faiss.index_factory(dim, factory, METRIC_INNER_PRODUCT)`.
+    """FAISS IndexIDMap2 over `faiss.index_factory(dim, factory, metric)`.
 
-    Scores are inner products of L2-normalised vectors (cosine similarity): higher is more similar. Where fewer
-    than k results exist, I holds -1 and D holds -inf, so callers never mistake padding for a hit.
+    metric "inner_product" (the default): scores are inner products of L2-normalised vectors (cosine similarity).
+    metric "l2": FAISS's METRIC_L2 natively (every factory), and scores are minus the Euclidean distance. Either
+    way higher is more similar. Where fewer than k results exist, I holds -1 and D holds -inf, so callers never
+    mistake padding for a hit.
 
     Removal works for every factory: where FAISS cannot remove correctly (HNSW graphs; IVF, whose positions
     IndexIDMap2 would mismatch after a removal), removed ids become tombstones that every search filters out with an
@@ -202,10 +215,16 @@ class VectorIndex:
         _index: faiss.Index | None = None,
         device: str = "cpu",
         backend: str = "auto",
+        metric: str = "inner_product",
     ):
         if int(dim) < 1:
             raise InvalidInputError(f"dimension must be positive, got {dim}")
+        if metric not in INDEX_METRICS:
+            raise InvalidInputError(f"unknown index metric {metric!r}; choose from {', '.join(INDEX_METRICS)}")
+        if _index is not None:  # a loaded file: its own metric decides
+            metric = next(name for name, code in INDEX_METRICS.items() if code == _index.metric_type)
         self.dim = int(dim)
+        self.metric = metric
         if factory == AUTO:
             raise InvalidInputError(
                 "factory 'auto' depends on the collection size: use VectorIndex.from_vectors(..., factory='auto') "
@@ -214,7 +233,7 @@ class VectorIndex:
         self.factory = factory
         if _index is None:
             try:
-                inner = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+                inner = faiss.index_factory(self.dim, factory, INDEX_METRICS[metric])
             except RuntimeError as exc:
                 raise InvalidInputError(f"bad FAISS factory string {factory!r}: {_faiss_reason(exc)}") from None
             _skip_polysemous_training(inner)
@@ -451,7 +470,7 @@ class VectorIndex:
             D, I = self._accelerated_search(queries, k, nprobe)
         else:
             D, I = self._faiss_search(queries, k, nprobe, ef_search)
-        # FAISS pads with I = -1 and D = -FLT_MAX for inner product; -inf cannot be mistaken for a score.
+        # FAISS pads with I = -1 and D = -FLT_MAX (inner product) / FLT_MAX (L2); -inf cannot be mistaken for a score.
         D = np.where(I < 0, np.float32(-np.inf), D).astype(np.float32, copy=False)
         return D, I.astype(np.int64, copy=False)
 
@@ -470,7 +489,7 @@ class VectorIndex:
         params, keep = self._search_params(nprobe, ef_search, sel)
         D, I = self._index.search(queries, k, params=params)
         del batch, sel, params, keep  # these had to outlive the search call
-        return D, I
+        return (l2_scores(D) if self.metric == "l2" else D), I
 
     def _accelerated_search(self, queries: np.ndarray, k: int, nprobe: int | None):
         if self._accelerated is None:
@@ -487,7 +506,7 @@ class VectorIndex:
                 pass
         from siamesedb.torch_search import TorchExactSearch
 
-        exact = TorchExactSearch(self.live_vectors(), self.ids(), device=self.device)
+        exact = TorchExactSearch(self.live_vectors(), self.ids(), device=self.device, metric=self.metric)
         return lambda queries, k, nprobe: exact.search(queries, k)  # exact: nprobe has nothing to do
 
     def live_vectors(self) -> np.ndarray:
@@ -548,8 +567,8 @@ class VectorIndex:
             raise CorruptIndexError(f"{path}: not a readable FAISS index") from None
         if not isinstance(index, faiss.IndexIDMap2):
             raise CorruptIndexError(f"{path}: not a siamesedb FAISS index (no id map)")
-        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
-            raise CorruptIndexError(f"{path}: not a siamesedb FAISS index (metric is not inner product)")
+        if index.metric_type not in INDEX_METRICS.values():
+            raise CorruptIndexError(f"{path}: not a siamesedb FAISS index (metric is neither inner product nor L2)")
         loaded = cls(index.d, factory=factory, _index=index, device=device, backend=backend)
         sidecar = _removed_path(path)
         if sidecar.exists():
@@ -571,6 +590,7 @@ class VectorIndex:
         memory_budget: int | None = None,
         device: str = "cpu",
         backend: str = "auto",
+        metric: str = "inner_product",
     ) -> VectorIndex:
         """A new index trained (when the factory needs it) and filled with (n, d) vectors under (n,) ids.
 
@@ -580,7 +600,7 @@ class VectorIndex:
         if array.ndim != 2:
             raise InvalidInputError(f"vectors must be a 2-D array (n, d), got shape {array.shape}")
         chosen = choose_factory(len(array), array.shape[1], memory_budget) if factory == AUTO else factory
-        index = cls(array.shape[1], factory=chosen, device=device, backend=backend)
+        index = cls(array.shape[1], factory=chosen, device=device, backend=backend, metric=metric)
         index.train(array)
         index.add(array, ids)
         if factory == AUTO:
@@ -598,6 +618,7 @@ class _GpuFaiss:  # pragma: no cover - needs a GPU build of faiss
         self.position_ids = held
         self.removed = index._removed
         self.k_extra = len(index._removed)  # tombstones: fetch that many more, then drop them
+        self.metric = index.metric
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None):
         default = getattr(self.gpu, "nprobe", None)
@@ -609,6 +630,8 @@ class _GpuFaiss:  # pragma: no cover - needs a GPU build of faiss
             if default is not None:
                 self.gpu.nprobe = default
         I = np.where(P >= 0, self.position_ids[np.maximum(P, 0)], -1)
+        if self.metric == "l2":
+            D = l2_scores(D)
         if self.k_extra:
             dead = np.isin(I, self.removed)
             order = np.argsort(dead, axis=1, kind="stable")  # live results first, their order kept

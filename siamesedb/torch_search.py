@@ -1,4 +1,4 @@
-"""Exact top-k inner-product search in torch: a chunked matrix product + top-k, on a GPU or (for tests) the CPU.
+"""Exact top-k search in torch (inner product, or L2 as minus the distance): a chunked matrix product + top-k, on a GPU or (for tests) the CPU.
 
 The same (D, I) contract as VectorIndex.search: D (nq, k) float32 scores best first, I (nq, k) int64 ids, padded
 with -inf / -1 when the collection holds fewer than k vectors. Used where FAISS has no GPU support but torch sees a
@@ -20,7 +20,8 @@ BLOCK_ENTRIES = 1 << 26
 class TorchExactSearch:
     """(n, d) vectors with (n,) int64 ids held as one tensor on `device`; search is exact."""
 
-    def __init__(self, vectors: np.ndarray, ids: np.ndarray, device: str = "cpu", block_entries: int = BLOCK_ENTRIES):
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray, device: str = "cpu", block_entries: int = BLOCK_ENTRIES,
+                 metric: str = "inner_product"):
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2:
             raise InvalidInputError(f"vectors must be a 2-D array (n, d), got shape {vectors.shape}")
@@ -32,6 +33,11 @@ class TorchExactSearch:
         self.corpus = torch.from_numpy(np.ascontiguousarray(vectors)).to(self.device)  # (n, d)
         self.ids = torch.from_numpy(ids).to(self.device)  # (n,)
         self.block_entries = int(block_entries)
+        if metric not in ("inner_product", "l2"):
+            raise InvalidInputError(f"unknown metric {metric!r}; choose from inner_product, l2")
+        self.metric = metric
+        # L2: rank by 2 q.c - |c|^2 (= |q|^2 - |q - c|^2, the same order per query), then score = -|q - c|.
+        self.corpus_sq = (self.corpus * self.corpus).sum(dim=1) if metric == "l2" else None  # (n,)
 
     def __len__(self) -> int:
         return int(self.corpus.shape[0])
@@ -58,6 +64,8 @@ class TorchExactSearch:
             best_scores = best_pos = None
             for first in range(0, n, chunk):
                 scores = block @ self.corpus[first : first + chunk].T  # (r, c)
+                if self.corpus_sq is not None:
+                    scores = 2 * scores - self.corpus_sq[first : first + chunk]
                 s, p = torch.topk(scores, min(take, scores.shape[1]), dim=1)
                 p = p + first
                 if best_scores is not None:
@@ -65,6 +73,9 @@ class TorchExactSearch:
                     s, where = torch.topk(torch.cat([best_scores, s], 1), take, dim=1)
                     p = torch.gather(torch.cat([best_pos, p], 1), 1, where)
                 best_scores, best_pos = s, p
+            if self.corpus_sq is not None:  # back from 2 q.c - |c|^2 to minus the distance
+                q_sq = (block * block).sum(dim=1, keepdim=True)
+                best_scores = -torch.sqrt(torch.clamp(q_sq - best_scores, min=0))
             D[start : start + rows, :take] = best_scores.float().cpu().numpy()
             I[start : start + rows, :take] = self.ids[best_pos].cpu().numpy()
         return D, I
