@@ -32,7 +32,14 @@ from typing import Any
 import numpy as np
 
 from siamesedb import __version__, query
-from siamesedb.data import LabelledImage, file_sha256, iter_hashed_batches, scan_folder
+from siamesedb.data import (
+    EncodedFile,
+    LabelledImage,
+    _read_file_like,
+    file_sha256,
+    iter_hashed_batches,
+    scan_folder,
+)
 from siamesedb.encoder import DEFAULT_ENCODER, Encoder
 from siamesedb.errors import (
     CorruptIndexError,
@@ -47,7 +54,15 @@ from siamesedb.errors import (
     StorageError,
     UnknownLabelError,
 )
-from siamesedb.index import AUTO, VectorIndex, _fsync_dir, _write_atomic, auto_search_defaults, choose_factory
+from siamesedb.index import (
+    AUTO,
+    METRIC_OF_ENCODER,
+    VectorIndex,
+    _fsync_dir,
+    _write_atomic,
+    auto_search_defaults,
+    choose_factory,
+)
 from siamesedb.locking import IndexWriteLock
 from siamesedb.store import ItemStore
 
@@ -60,6 +75,10 @@ DEFAULT_HOME = Path("indexes")
 CLASSIFY_METHODS = ("prototype", "knn")
 _VECTOR_CHUNK = 16384  # rows per transaction when adding vectors (bounds the per-chunk temporaries)
 _TRAIN_SAMPLE = 131072  # rows an untrained index (IVF...) is trained on, from the start of add_vectors
+# Fewer pairs than these and a calibration says how thin it is: with 2 genuine pairs an "equal-error" threshold is
+# whatever the two scores happen to be (issue 16 saw 1.0000 from two copies of one file).
+MIN_GENUINE_PAIRS = 20
+MIN_IMPOSTOR_PAIRS = 100
 
 ImageLike = Any  # a path (str / Path), a PIL image or a numpy array
 
@@ -96,7 +115,7 @@ class _ClassTable:
 
     version: int
     names: list[str]
-    prototypes: np.ndarray  # (C, D) float32, L2-normalised class means, row c = names[c]
+    prototypes: np.ndarray  # (C, D) float32 class means (L2-normalised for a cosine index), row c = names[c]
     ids: np.ndarray  # (N,) int64, ascending
     codes: np.ndarray  # (N,) int32, codes[i] = class of item ids[i]
     prototype_index: VectorIndex | None = None  # built on first use by a top-k prototype search
@@ -259,8 +278,9 @@ class SiameseDB:
         requested = factory
         if factory == AUTO:
             factory = choose_factory(expected_items or 0, enc.dimension, memory_budget)
-        # Validates the factory before anything is written.
-        index = VectorIndex(enc.dimension, factory=factory, device=device, backend=search_backend)
+        # Validates the factory before anything is written. The index's metric is its encoder's.
+        index = VectorIndex(enc.dimension, factory=factory, device=device, backend=search_backend,
+                            metric=METRIC_OF_ENCODER[enc.config.metric])
         if requested == AUTO:
             index.set_search_defaults(**auto_search_defaults(factory, expected_items or 0))
         path.mkdir(parents=True, exist_ok=True)
@@ -290,7 +310,7 @@ class SiameseDB:
             "format_version": FORMAT_VERSION,
             "siamesedb_version": __version__,
             "dimension": enc.dimension,
-            "metric": "inner_product",
+            "metric": index.metric,  # "inner_product" (cosine encoders) or "l2" (Euclidean ones)
             "factory": factory,
             "factory_requested": requested,
             "encoder": {
@@ -394,6 +414,11 @@ class SiameseDB:
             )
         if encoder.dimension != dim:
             raise DimensionMismatchError(f"{path}: encoder makes {encoder.dimension}-d vectors, manifest says {dim}")
+        metric = manifest.get("metric", "inner_product")
+        if METRIC_OF_ENCODER[encoder.config.metric] != metric:
+            raise EncoderMismatchError(
+                f"{path / ENCODER_DIR}: a {encoder.config.metric} encoder, but the manifest's metric is {metric}"
+            )
         if not (path / STORE_FILE).exists():
             raise CorruptIndexError(f"{path / STORE_FILE}: missing (the store is the index's truth)")
         store = ItemStore(path / STORE_FILE)  # reads its own dimension; compared with the manifest's below
@@ -401,7 +426,8 @@ class SiameseDB:
             store.close()
             raise DimensionMismatchError(f"{path / STORE_FILE}: store holds {store.dim}-d vectors, manifest says {dim}")
         factory = manifest.get("factory", "Flat")
-        db = cls(path, store, VectorIndex(dim, factory=factory, device=device, backend=search_backend), encoder, manifest)
+        db = cls(path, store, VectorIndex(dim, factory=factory, device=device, backend=search_backend, metric=metric),
+                 encoder, manifest)
         db._search_device = (device, search_backend)
         db._lock = _lock or IndexWriteLock(path, timeout=lock_timeout)
         db.index = db._load_or_rebuild_vectors()
@@ -416,7 +442,7 @@ class SiameseDB:
             try:
                 factory = self.manifest.get("factory", "Flat")
                 index = VectorIndex.load(vectors_path, factory=factory, **self._device_args())
-                if index.dim == self.store.dim and index.ntotal == count:
+                if index.dim == self.store.dim and index.ntotal == count and index.metric == self.index_metric:
                     self._index_version = version
                     return index
             except CorruptIndexError:
@@ -449,7 +475,7 @@ class SiameseDB:
             version = self.store.version
             ids, vectors = self.store.vectors()
         factory = factory or self.manifest.get("factory", "Flat")
-        index = VectorIndex(self.dimension, factory=factory, **self._device_args())
+        index = VectorIndex(self.dimension, factory=factory, metric=self.index_metric, **self._device_args())
         if len(ids):
             if not index.is_trained:
                 try:
@@ -535,6 +561,16 @@ class SiameseDB:
     def dimension(self) -> int:
         return int(self.manifest["dimension"])
 
+    @property
+    def index_metric(self) -> str:
+        """The FAISS metric: "inner_product" (cosine encoders) or "l2" (Euclidean ones), as the manifest names it."""
+        return self.manifest.get("metric", "inner_product")
+
+    @property
+    def metric(self) -> str:
+        """How scores are made: "cosine" (inner product of unit vectors) or "euclidean" (score = -distance)."""
+        return "euclidean" if self.index_metric == "l2" else "cosine"
+
     def __len__(self) -> int:
         return self.store.count()
 
@@ -560,6 +596,9 @@ class SiameseDB:
 
         started = time.perf_counter()
         report = BuildReport(scanned=len(images))
+        # Paths are stored absolute: the index then answers the same from any working folder (a server started
+        # elsewhere can still show each item's image). One resolve of the root, not one per file.
+        images = _absolute(images)
         held = self.store.known_label_hashes()
         by_path = self.store.label_path_hashes()
         expected = [by_path.get((image.label, str(image.path))) for image in images]
@@ -649,9 +688,11 @@ class SiameseDB:
 
     @_locked_write
     def add(self, images: ImageLike | Sequence[ImageLike], label: str | Sequence[str]) -> int | np.ndarray:
-        """Add image(s) under `label` (one label for all, or one per image). Returns the new id(s).
+        """Add image(s) under `label` (one label for all, or one per image). Returns the id(s).
 
-        A bad image raises ImageLoadError before anything is stored: the whole call is all or nothing.
+        A bad image raises ImageLoadError before anything is stored: the whole call is all or nothing. An image the
+        index already holds under the same label (same content) is not stored again: its existing id is returned,
+        and `last_add_duplicates` counts such images. Paths are stored absolute, so the index works from any folder.
         """
         single = _is_single(images)
         batch = [images] if single else list(images)
@@ -662,10 +703,32 @@ class SiameseDB:
             return np.empty(0, dtype=np.int64)
         if any(not str(lab).strip() for lab in labels):
             raise InvalidInputError("labels must be non-empty text")
-        vectors = self._encode(batch)
-        paths = [str(src) if isinstance(src, (str, os.PathLike)) else "" for src in batch]
-        hashes = [file_sha256(src) if isinstance(src, (str, os.PathLike)) else _array_sha256(src) for src in batch]
-        ids = self._commit([str(x) for x in labels], paths, hashes, vectors)
+        labels = [str(x) for x in labels]
+        batch = _read_file_objects(batch)
+        vectors = self._encode(batch)  # every image decoded before anything is stored: all or nothing
+        paths = [_stored_path(src) for src in batch]
+        hashes = [_content_sha256(src) for src in batch]
+        # An image already stored under the same label (same content hash) is not stored twice, as `build` skips it:
+        # its existing id is returned. Twins would double-count in kNN votes and make calibration see "genuine"
+        # pairs that are one image against itself (a threshold of 1.0).
+        held = self.store.ids_by_label_hash(list(zip(labels, hashes)))
+        ids = np.empty(len(batch), dtype=np.int64)
+        new_rows: list[int] = []
+        first_of: dict[tuple[str, str], int] = {}
+        for row, key in enumerate(zip(labels, hashes)):
+            if key in held:
+                ids[row] = held[key]
+            elif key in first_of:  # the same image twice in this call
+                ids[row] = -1 - first_of[key]
+            else:
+                first_of[key] = row
+                new_rows.append(row)
+        if new_rows:
+            ids[new_rows] = self._commit([labels[r] for r in new_rows], [paths[r] for r in new_rows],
+                                         [hashes[r] for r in new_rows], vectors[new_rows])
+        repeats = ids < 0
+        ids[repeats] = ids[-1 - ids[repeats]]
+        self.last_add_duplicates = len(batch) - len(new_rows)
         return int(ids[0]) if single else ids
 
     @_locked_write
@@ -676,15 +739,22 @@ class SiameseDB:
         paths: Sequence[str] | None = None,
         hashes: Sequence[str] | None = None,
         ids: Sequence[int] | np.ndarray | None = None,
+        metric: str | None = None,
     ) -> np.ndarray:
         """Add precomputed (n, D) vectors (made by this index's encoder) with their labels. Returns the new ids.
 
+        `metric` ("cosine" / "euclidean"), when given, names the space the vectors were made in: another metric
+        than the index's is refused (a Euclidean encoder's raw vectors mean nothing to a cosine index, and back).
+
         Bring your own vectors: `paths` (the source of each vector) and `hashes` (its content hash) are optional;
         without a hash an item is identified by the sha256 of its vector. `ids` keeps given ids (an import): they
-        must be positive and unused. Vectors are L2-normalised here; NaN, infinity and all-zero rows are refused
-        before anything is stored. Written in transactions of 16k rows, normalised chunk by chunk, so adding a
+        must be positive and unused. For a cosine index vectors are L2-normalised here and all-zero rows refused (a
+        Euclidean index stores them as given); NaN and infinity are refused before anything is stored. Written in transactions of 16k rows, normalised chunk by chunk, so adding a
         million vectors holds no second full copy of them; the FAISS file and manifest are saved once at the end.
         """
+        if metric is not None and metric != self.metric:
+            raise EncoderMismatchError(f"{self.path}: a {self.metric} index cannot hold {metric} vectors")
+        cosine = self.metric == "cosine"
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[1] != self.dimension:
             raise DimensionMismatchError(f"vectors have shape {vectors.shape}, index needs (n, {self.dimension})")
@@ -702,7 +772,7 @@ class SiameseDB:
             bad = ~np.isfinite(chunk).all(axis=1)
             if bad.any():
                 raise InvalidInputError(f"vector {start + int(np.argmax(bad))} contains NaN or infinity")
-            zero = ~chunk.any(axis=1)
+            zero = ~chunk.any(axis=1) if cosine else np.zeros(len(chunk), dtype=bool)
             if zero.any():
                 raise InvalidInputError(f"vector {start + int(np.argmax(zero))} is all zeros (it has no direction)")
         if ids is not None:
@@ -720,7 +790,8 @@ class SiameseDB:
             # Train on up to _TRAIN_SAMPLE rows, not just the first transaction's worth. Too few rows to train
             # (fewer than IVF lists / PQ centroids): stay untrained; _commit trains once the store holds enough.
             try:
-                self.index.train(query.normalize(vectors[:_TRAIN_SAMPLE]))
+                sample = vectors[:_TRAIN_SAMPLE]
+                self.index.train(query.normalize(sample) if cosine else np.asarray(sample, dtype=np.float32))
             except InvalidInputError:
                 pass
         try:
@@ -729,8 +800,11 @@ class SiameseDB:
                 chunk = np.asarray(vectors[start:stop], dtype=np.float32)
                 # Rows already of unit length (float32 rounding) are kept bit for bit: an exported index imports
                 # unchanged; others are scaled to unit length.
-                norms = np.linalg.norm(chunk, axis=1, keepdims=True)
-                chunk = np.ascontiguousarray(chunk / np.where(np.abs(norms - 1) < 1e-5, np.float32(1), norms))
+                if cosine:
+                    norms = np.linalg.norm(chunk, axis=1, keepdims=True)
+                    chunk = np.ascontiguousarray(chunk / np.where(np.abs(norms - 1) < 1e-5, np.float32(1), norms))
+                else:
+                    chunk = np.ascontiguousarray(chunk)
                 chunk_labels = [str(x) for x in labels[start:stop]]
                 chunk_paths = [str(x) for x in paths[start:stop]] if paths is not None else [""] * (stop - start)
                 chunk_hashes = (
@@ -767,8 +841,10 @@ class SiameseDB:
     @_locked_write
     def remove(self, ids: int | Iterable[int] | None = None, label: str | None = None) -> int:
         """Remove items by id(s) or every item of a label. Returns how many were removed."""
-        if (ids is None) == (label is None):
-            raise InvalidInputError("remove needs either ids or a label, not both")
+        if ids is None and label is None:
+            raise InvalidInputError("remove needs ids (ids=...) or a label (label=...)")
+        if ids is not None and label is not None:
+            raise InvalidInputError("remove takes ids or a label, not both")
         if label is not None:
             removed = self.store.remove_label(label)
             if len(removed) == 0:
@@ -813,6 +889,22 @@ class SiameseDB:
 
     # ------------------------------------------------------------------ reading
 
+    def _queries(self, vectors: np.ndarray) -> np.ndarray:
+        """(nq, D) float32 query vectors for the array-level calls: NaN / infinity refused, and for a cosine index
+        scaled to unit length, so every score is a cosine in [-1, 1] whatever the caller passed (a zero row stays
+        zero and scores 0). Euclidean indexes take vectors as they are."""
+        array = _finite_queries(vectors)
+        if array.ndim != 2 or array.shape[1] != self.dimension:
+            raise DimensionMismatchError(f"query vectors have shape {array.shape}, index needs (n, {self.dimension})")
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if getattr(self.encoder.config, "metric", "cosine") == "cosine":
+            norms = np.linalg.norm(array, axis=1)
+            off = np.abs(norms - 1) >= 1e-5  # the encoder's own vectors are unit already: kept bit for bit
+            if off.any():
+                array = array.copy()
+                array[off] = query.normalize(array[off])
+        return array
+
     def _encode(self, images: Sequence[ImageLike]) -> np.ndarray:
         """(N, D) float32 vectors of `images` with this index's encoder; ImageLoadError names the first bad one."""
         return np.atleast_2d(self.encoder.encode(list(images)))
@@ -840,7 +932,7 @@ class SiameseDB:
             return self.index.search(vectors, k, nprobe=nprobe, ef_search=ef_search)
         self.index.search(np.empty((0, self.dimension), np.float32), k, nprobe=nprobe, ef_search=ef_search)  # checks
         ids, corpus = self.store.vectors()
-        D, rows = query.brute_force_search(vectors, corpus, k)
+        D, rows = query.brute_force_search(vectors, corpus, k, metric=self.metric)
         return D, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
 
     def search_vectors(
@@ -854,8 +946,8 @@ class SiameseDB:
         """
         if k < 1:
             raise InvalidInputError(f"k must be at least 1, got {k}")
-        D, I = self._search_index(np.atleast_2d(vectors), k, nprobe, ef_search)
-        results = query.SearchResults(D, I, self.store.labels_and_paths)
+        D, I = self._search_index(self._queries(vectors), k, nprobe, ef_search)
+        results = query.SearchResults(D, I, self.store.labels_and_paths, metric=self.metric)
         self._unread_results = [r for r in self._unread_results if r() is not None and not r().fetched]
         self._unread_results.append(weakref.ref(results))
         return results
@@ -899,9 +991,12 @@ class SiameseDB:
             del blob, vectors, order
             id_chunks.append(ids)
             code_chunks.append(codes)
-        # Normalise in place, then one float32 copy. Row norms by einsum: np.linalg.norm(axis=1) would square
-        # into a second (C, D) float64 array first (51 MB at 100k classes).
-        sums /= np.maximum(np.sqrt(np.einsum("ij,ij->i", sums, sums)), 1e-12)[:, None]
+        # Normalise in place (cosine; Euclidean: divide by the class sizes, a plain mean), then one float32 copy.
+        # Row norms by einsum: np.linalg.norm(axis=1) would square into a second (C, D) float64 array first.
+        if self.metric == "cosine":
+            sums /= np.maximum(np.sqrt(np.einsum("ij,ij->i", sums, sums)), 1e-12)[:, None]
+        else:
+            sums /= np.bincount(np.concatenate(code_chunks), minlength=len(names))[:, None]
         table = _ClassTable(
             version=version,
             names=names,
@@ -959,15 +1054,17 @@ class SiameseDB:
         ef_search: int | None = None,
         top: int | None = None,
     ) -> list[query.Prediction]:
-        """Array-level classify of (nq, D) vectors; `top` as in `classify`."""
-        vectors = _finite_queries(vectors)
+        """Array-level classify of (nq, D) vectors (normalised here for a cosine index); `top` as in `classify`."""
+        vectors = self._queries(vectors)
+        if isinstance(classes, str):  # one class name, not a sequence of one-letter names
+            classes = [classes]
         if top is not None and (int(top) != top or top < 1):
             raise InvalidInputError(f"top must be an integer of at least 1, got {top}")
         if method == "prototype" and classes is None and top is not None:
             rankings = self._rank_prototypes_top(vectors, int(top))
         elif method == "prototype":
             names, protos = self._prototypes(classes)
-            rankings = query.rank_by_prototype(vectors, protos, names)
+            rankings = query.rank_by_prototype(vectors, protos, names, metric=self.metric)
         elif method == "knn":
             if k < 1:
                 raise InvalidInputError(f"k must be at least 1, got {k}")
@@ -984,7 +1081,7 @@ class SiameseDB:
             else:
                 self._prototypes(classes)  # raises UnknownLabelError for a class the index lacks
                 D, hit_labels = self._knn_within(vectors, classes, k)
-            rankings = query.rank_by_knn(hit_labels, D, k)
+            rankings = query.rank_by_knn(hit_labels, D, k, metric=self.metric)
         else:
             raise InvalidInputError(f"unknown method {method!r}; choose from {', '.join(CLASSIFY_METHODS)}")
         if top is not None:
@@ -996,7 +1093,7 @@ class SiameseDB:
         in query blocks: never a (queries, classes) score matrix. Ties: FAISS order, not class order."""
         table = self._class_table()
         if table.prototype_index is None:
-            index = VectorIndex(self.dimension, factory="Flat")
+            index = VectorIndex(self.dimension, factory="Flat", metric=self.index_metric)
             index.add(table.prototypes, np.arange(len(table.names), dtype=np.int64))
             table.prototype_index = index
         rankings: list[list[tuple[str, float]]] = []
@@ -1014,7 +1111,7 @@ class SiameseDB:
             ids, corpus = self.store.vectors()
             labels = np.asarray(self.store.labels_of(ids), dtype=object)
         keep = np.isin(labels, np.asarray(list(classes), dtype=object))
-        D, I = query.brute_force_search(vectors, corpus[keep], k)
+        D, I = query.brute_force_search(vectors, corpus[keep], k, metric=self.metric)
         kept_labels = labels[keep]
         return D, [[kept_labels[i] if i >= 0 else None for i in row] for row in I]
 
@@ -1026,34 +1123,86 @@ class SiameseDB:
         return vectors
 
     def verify(
-        self, image: ImageLike, label: str, threshold: float | None = None, rule: str | None = None
-    ) -> query.Verification:
-        """Is `image` of class `label`? Compares its score against the support set with the calibrated threshold."""
-        return self.verify_vector(self._encode([image])[0], label, threshold=threshold, rule=rule)
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        label: str,
+        threshold: float | None = None,
+        rule: str | None = None,
+    ) -> query.Verification | list[query.Verification]:
+        """Is each image of class `label`? Scores it against the class's support set and compares with a threshold.
+
+        The threshold: `threshold` if given; else the index's calibration for the rule (`calibrate`); else the
+        pair threshold the encoder carries, so a fresh index of one reference per class verifies out of the box.
+        `rule` defaults to the rule calibrated last (else "prototype"). Each answer's `threshold_source` says which.
+        One image in -> one Verification out; a list in -> a list out.
+        """
+        single = _is_single(images)
+        batch = [images] if single else list(images)
+        vectors = self._encode(batch)
+        results = [self.verify_vector(v, label, threshold=threshold, rule=rule) for v in vectors]
+        for source, result in zip(batch, results):
+            if isinstance(source, (str, os.PathLike)):
+                result.query = str(source)
+        return results[0] if single else results
+
+    @property
+    def calibrations(self) -> dict[str, dict[str, Any]]:
+        """The index's verification thresholds, one per rule it was calibrated for (manifest "calibrations"; an
+        index calibrated before there was one per rule holds its single one under "calibration")."""
+        found = dict(self.manifest.get("calibrations") or {})
+        legacy = self.manifest.get("calibration")
+        if legacy and legacy.get("rule") not in found:
+            found[legacy["rule"]] = legacy
+        return found
+
+    def threshold_for(self, rule: str | None = None) -> tuple[str, float, str]:
+        """(rule, threshold, source) that `verify` uses when no threshold is passed (see `verify`)."""
+        calibrations = self.calibrations
+        if rule is None:
+            latest = self.manifest.get("calibration") or {}
+            rule = latest.get("rule", "prototype")
+        if rule not in query.VERIFY_RULES:
+            raise InvalidInputError(f"unknown rule {rule!r}; choose from {', '.join(query.VERIFY_RULES)}")
+        calibration = calibrations.get(rule)
+        if calibration:
+            source = f"index:{rule}:{calibration['genuine_pairs']}/{calibration['impostor_pairs']} pairs"
+            return rule, float(calibration["threshold"]), source
+        carried = self.encoder.config.pair_threshold
+        if carried is None:
+            raise NotCalibratedError(
+                f"{self.path}: no threshold for rule {rule!r}: the index is not calibrated for it and its encoder "
+                f"carries none; run `siamesedb calibrate --index {self.path} --rule {rule}` or pass --threshold"
+            )
+        return rule, carried, "encoder"
 
     def verify_vector(
         self, vector: np.ndarray, label: str, threshold: float | None = None, rule: str | None = None
     ) -> query.Verification:
-        vector = _finite_queries(vector)[0]
-        calibration = self.manifest.get("calibration") or {}
-        rule = rule or calibration.get("rule", "prototype")
-        if rule not in query.VERIFY_RULES:
-            raise InvalidInputError(f"unknown rule {rule!r}; choose from {', '.join(query.VERIFY_RULES)}")
+        """Array-level verify of one (D,) vector (normalised here for a cosine index)."""
+        vector = self._queries(vector)[0]
         if threshold is None:
-            if not calibration or calibration.get("rule") != rule:
-                raise NotCalibratedError(
-                    f"{self.path}: no threshold calibrated for rule {rule!r}; run `siamesedb calibrate --index {self.path}`"
-                )
-            threshold = float(calibration["threshold"])
-        score = query.verification_score(vector, self.support(label), rule=rule)
-        return query.Verification(label=label, accepted=bool(score >= threshold), score=float(score), threshold=threshold)
+            rule, threshold, source = self.threshold_for(rule)
+        else:
+            rule = rule or (self.manifest.get("calibration") or {}).get("rule", "prototype")
+            if rule not in query.VERIFY_RULES:
+                raise InvalidInputError(f"unknown rule {rule!r}; choose from {', '.join(query.VERIFY_RULES)}")
+            threshold, source = float(threshold), "given"
+        score = self._verification_score(vector, self.support(label), rule)
+        return query.Verification(label=label, accepted=bool(score >= threshold), score=float(score),
+                                  threshold=float(threshold), threshold_source=source)
+
+    def _verification_score(self, vector: np.ndarray, support: np.ndarray, rule: str) -> float:
+        return query.verification_score(vector, support, rule=rule, metric=self.metric)
 
     @_locked_write
     def calibrate(self, target_far: float | None = None, rule: str = "prototype") -> dict[str, Any]:
-        """Choose the verification threshold from the support set's own genuine / impostor pairs.
+        """Choose the verification threshold for `rule` from the support set's own genuine / impostor pairs.
 
-        Without `target_far` the threshold sits at the equal-error point; with it, at the lowest threshold whose
-        false-accept rate on the impostor pairs is at most `target_far`. Stored in the manifest.
+        Without `target_far` the threshold sits at the equal-error point (needs a class with two or more items);
+        with it, at the lowest threshold whose false-accept rate on the impostor pairs is at most `target_far`,
+        which impostor pairs alone fix: a one-shot index (one item per class) can be calibrated that way, its FRR
+        then unknown (None). Kept per rule in the manifest; the result carries a "warning" when it rests on fewer
+        than MIN_GENUINE_PAIRS genuine or MIN_IMPOSTOR_PAIRS impostor pairs.
         """
         if rule not in query.VERIFY_RULES:
             raise InvalidInputError(f"unknown rule {rule!r}; choose from {', '.join(query.VERIFY_RULES)}")
@@ -1062,36 +1211,55 @@ class SiameseDB:
         ids, vectors = self.store.vectors()
         if len(ids) == 0:
             raise EmptyIndexError(f"{self.path}: the index holds no items to calibrate on")
-        genuine, impostor = query.genuine_impostor_scores(vectors, self.store.labels_of(ids), rule=rule)
-        if len(impostor) == 0:
-            raise InvalidInputError(f"{self.path}: calibration needs at least two classes")
-        _, far, frr = query.roc_points(genuine, impostor)
+        labels = self.store.labels_of(ids)
+        if len(set(labels)) < 2:
+            raise InvalidInputError(f"{self.path}: calibration needs at least two classes (impostor pairs)")
+        genuine, impostor = self._genuine_impostor_scores(vectors, labels, rule)
         if target_far is None:
+            if len(genuine) == 0:
+                raise InvalidInputError(
+                    f"{self.path}: every class holds one item, so there are no genuine pairs for an equal-error "
+                    "threshold; calibrate with --target-far F (impostor pairs alone fix it), or verify with the "
+                    "encoder's own threshold (the default) or --threshold"
+                )
             threshold, eer = query.eer_threshold(genuine, impostor)
             method = "eer"
         else:
             threshold = query.far_threshold(impostor, target_far)
             method = "far"
-        achieved_far = float(np.mean(impostor >= threshold))
-        achieved_frr = float(np.mean(genuine < threshold))
         calibration = {
             "threshold": float(threshold),
             "rule": rule,
             "method": method,
             "target_far": target_far,
-            "far": achieved_far,
-            "frr": achieved_frr,
-            "eer": float(eer) if target_far is None else None,
+            "far": float(np.mean(impostor >= threshold)),
+            "frr": float(np.mean(genuine < threshold)) if len(genuine) else None,  # None: unknown (one-shot)
+            "eer": float(eer) if method == "eer" else None,
             "genuine_pairs": int(len(genuine)),
             "impostor_pairs": int(len(impostor)),
             "items": int(len(ids)),
         }
-        self.manifest["calibration"] = calibration
+        thin = []
+        if 0 < len(genuine) < MIN_GENUINE_PAIRS:
+            thin.append(f"{len(genuine)} genuine pairs")
+        if len(impostor) < MIN_IMPOSTOR_PAIRS:
+            thin.append(f"{len(impostor)} impostor pairs")
+        if thin:
+            calibration["warning"] = (
+                f"threshold rests on only {' and '.join(thin)} (want >= {MIN_GENUINE_PAIRS} genuine and >= "
+                f"{MIN_IMPOSTOR_PAIRS} impostor): add references, or keep the encoder's threshold"
+            )
+        self.manifest.setdefault("calibrations", {})
+        self.manifest["calibrations"] = {**self.calibrations, rule: calibration}
+        self.manifest["calibration"] = calibration  # the latest one: the rule `verify` uses when given none
         try:
             _write_json_atomic(self.path / MANIFEST_FILE, self.manifest)
         except OSError as exc:
             raise StorageError(f"{self.path}: cannot save the manifest ({exc.strerror or exc})") from None
         return calibration
+
+    def _genuine_impostor_scores(self, vectors: np.ndarray, labels: list, rule: str) -> tuple[np.ndarray, np.ndarray]:
+        return query.genuine_impostor_scores(vectors, labels, rule=rule, require_genuine=False, metric=self.metric)
 
     def info(self) -> dict[str, Any]:
         """Counts, classes, dimension, encoder and calibration of this index."""
@@ -1164,7 +1332,7 @@ def verify_pair(
         if threshold is None:
             raise NotCalibratedError("this encoder carries no pair threshold; pass one with --threshold")
     vectors = np.atleast_2d(enc.encode([image_a, image_b]))
-    score = float(vectors[0] @ vectors[1])
+    score = float(query.scores_for(enc.config.metric, vectors[:1], vectors[1:])[0, 0])  # Euclidean: -distance
     return query.Verification(label=str(image_b), accepted=bool(score >= threshold), score=score, threshold=float(threshold))
 
 
@@ -1174,6 +1342,49 @@ def _finite_queries(vectors: np.ndarray) -> np.ndarray:
     if np.issubdtype(array.dtype, np.number) and not np.isfinite(array).all():
         raise InvalidInputError("query vectors contain NaN or infinity")
     return array
+
+
+def _absolute(images: list[LabelledImage]) -> list[LabelledImage]:
+    """`images` with absolute paths; the parents of a folder scan are resolved once each (symlinks resolved too)."""
+    resolved: dict[Path, Path] = {}
+    out = []
+    for image in images:
+        parent = Path(image.path).parent
+        if parent not in resolved:
+            resolved[parent] = parent.resolve()
+        out.append(LabelledImage(path=resolved[parent] / Path(image.path).name, label=image.label))
+    return out
+
+
+def _stored_path(source: ImageLike) -> str:
+    """What the store records as an image's source: its absolute path (resolved now, so the index answers the same
+    from any working folder and `serve` can show it), or "" for in-memory images."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(Path(source).resolve())
+    return ""
+
+
+def _content_sha256(source: ImageLike) -> str:
+    """sha256 of a file's bytes, of in-memory encoded bytes, or of an array / PIL image's pixels."""
+    import hashlib
+
+    if isinstance(source, (str, os.PathLike)):
+        return file_sha256(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return hashlib.sha256(bytes(source)).hexdigest()
+    if isinstance(source, EncodedFile):
+        return hashlib.sha256(source.data).hexdigest()
+    return _array_sha256(source)
+
+
+def _read_file_objects(images: list[ImageLike]) -> list[ImageLike]:
+    """File-like objects read once into memory (they can be decoded and hashed from those bytes; a stream can't be
+    read twice); everything else as it is."""
+    return [
+        EncodedFile(_read_file_like(src), str(getattr(src, "name", "<file object>")))
+        if callable(getattr(src, "read", None)) and not isinstance(src, (str, os.PathLike)) else src
+        for src in images
+    ]
 
 
 def _array_sha256(obj: Any) -> str:

@@ -1,7 +1,7 @@
 """Move a collection of vectors in and out of an index: export to Parquet or .npy, import such a file back.
 
 An export holds, for every item in id order: its stable id, label, source path, content hash (sha256) and vector
-(float32, L2-normalised, as stored), plus the encoder fingerprint that made the vectors, so another engine (or
+(float32 as stored: L2-normalised for a cosine index, raw for a Euclidean one), plus the encoder fingerprint that made the vectors, so another engine (or
 another siamesedb index) can take the collection over without re-encoding a single image.
 
 Two layouts, chosen by the file's suffix:
@@ -13,7 +13,7 @@ Two layouts, chosen by the file's suffix:
   document plus `items`: {"id": [...], "label": [...], "path": [...], "sha256": [...]}, in the same row order.
 
 Import refuses a file whose encoder fingerprint differs from the index's (the vectors would live in another space)
-unless forced, keeps the file's ids when they are free in the index (`renumber=True` hands out new ones instead),
+unless forced (a file of another metric, inner product or L2, always), keeps the file's ids when they are free in the index (`renumber=True` hands out new ones instead),
 and skips items the index already holds with the same label and content hash, so importing twice adds nothing.
 """
 
@@ -73,7 +73,7 @@ def _metadata(db: Any, count: int) -> dict[str, Any]:
         "count": count,
         "dimension": db.dimension,
         "metric": db.manifest.get("metric", "inner_product"),
-        "normalized": True,
+        "normalized": db.metric == "cosine",  # Euclidean indexes hold raw vectors
         "encoder": {
             "fingerprint": db.encoder.fingerprint,
             "backbone": db.encoder.config.backbone,
@@ -276,6 +276,9 @@ def import_vectors(db: Any, path: str | os.PathLike, force: bool = False, renumb
     meta = exported.metadata
     if int(meta["dimension"]) != db.dimension:
         raise DimensionMismatchError(f"{path}: holds {meta['dimension']}-d vectors, the index {db.dimension}-d")
+    their_metric = meta.get("metric", "inner_product")
+    if their_metric != db.index_metric:  # not even --force: the numbers mean different things
+        raise EncoderMismatchError(f"{path}: holds {their_metric} vectors, the index {db.path} is {db.index_metric}")
     theirs = meta["encoder"].get("fingerprint")
     if theirs != db.encoder.fingerprint and not force:
         raise EncoderMismatchError(

@@ -83,7 +83,7 @@ METRIC_OF_ENCODER = {"cosine": "inner_product", "euclidean": "l2"}  # encoder me
 def l2_scores(distances: np.ndarray) -> np.ndarray:
     """FAISS's squared L2 distances -> scores, higher = more similar: minus the distance (FAISS pads with FLT_MAX,
     which the caller turns into -inf by the id -1 beside it)."""
-    return -np.sqrt(np.maximum(distances, 0), dtype=np.float32)
+    return np.subtract(0, np.sqrt(np.maximum(distances, 0)), dtype=np.float32)  # 0 - d: an exact match scores 0, not -0
 
 
 AUTO = "auto"  # factory value resolved by choose_factory from the collection size and a memory budget
