@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -473,28 +474,51 @@ def info(index_dir: Path, as_json: bool) -> None:
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Where the trained encoder (config.json + model.safetensors) and its logs go.")
-@click.option("--loss", type=click.Choice(["contrastive", "triplet", "bce", "proto"]), default="contrastive",
-              show_default=True, help="Training objective.")
-@click.option("--epochs", type=int, default=None, help="Passes over the training schedule.")
+@click.option("--loss", type=click.Choice(["contrastive", "triplet", "bce", "proto"]), default=None,
+              help="Training objective (default: the recipe's, proto).")
+@click.option("--time-budget", default=None, metavar="DURATION",
+              help="Wall time for the whole run, e.g. 10m, 90s, 1h: epochs fitted after timing the first steps "
+                   "(default 10m, unless --epochs or --steps-per-epoch fix the schedule).")
+@click.option("--epochs", type=int, default=None,
+              help="Passes over the training schedule (with --time-budget: the most epochs the budget may fit).")
 @click.option("--steps-per-epoch", type=int, default=None, help="Optimiser steps per epoch.")
+@click.option("--patience", type=click.IntRange(1), default=None,
+              help="Stop after this many epochs without a better validation score (default 4 with a time budget).")
 @click.option("--batch-size", type=int, default=None, help="Pairs / items per step.")
 @click.option("--lr", type=float, default=None, help="Adam learning rate.")
 @click.option("--margin", type=float, default=None, help="Margin of the contrastive / triplet loss.")
-@click.option("--backbone", default=None, help="Backbone from the registry (conv4, resnet…).")
+@click.option("--backbone", default=None,
+              help="Backbone from the registry: conv4, conv4map, signet, resnet (default: the recipe's).")
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None,
+              help="Input channels: 1 grey, 3 colour (default: 3 when the sampled images carry colour).")
+@click.option("--invert/--no-invert", default=None,
+              help="Invert grey levels, so dark ink on light paper becomes bright on zero (default: the recipe's).")
 @click.option("--embedding-dim", type=int, default=None, help="Vector dimension.")
 @click.option("--width", type=int, default=None, help="Backbone channel width.")
+@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default=None,
+              help="cosine: unit vectors, inner product (default); euclidean: raw vectors, L2 distance "
+                   "(contrastive --margin in distance units; indexes search by L2, score = -distance).")
+@click.option("--hidden", default=None, metavar="SIZES",
+              help="mlp backbone: hidden layer sizes, e.g. 128,64,32 (the default; --embedding-dim 16 by default).")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="mlp backbone: dropout after the hidden layers (default 0.1).")
 @click.option("--image-size", type=int, default=None, help="Input height in pixels (and width, unless --image-width).")
 @click.option("--image-width", type=int, default=None, help="Input width in pixels, for wide images (signatures).")
 @click.option("--keep-aspect", is_flag=True, default=None, help="Fit images inside the input size, padding the rest.")
 @click.option("--groups", default=None,
               help="Train only on these groups (first label component): 'U01-U30' or 'Latin,Greek'.")
-@click.option("--way", type=int, default=None, help="Classes per prototypical episode (default 60).")
-@click.option("--shot", type=int, default=None, help="Support items per class in a prototypical episode (default 5).")
+@click.option("--way", type=int, default=None, help="Classes per prototypical episode (default: the recipe's, 60 for glyphs).")
+@click.option("--shot", type=int, default=None, help="Support items per class in a prototypical episode (default: the recipe's, 5 when classes allow).")
 @click.option("--rotate-classes", is_flag=True, default=None,
               help="Add 90/180/270-degree copies of each training class as new classes (characters).")
 @click.option("--mirror-classes", is_flag=True, default=None,
               help="Add a left-right mirror copy of each training class as a new class (with rotations: 8 copies).")
 @click.option("--augment/--no-augment", default=None, help="Random small affine distortions (default: on).")
+@click.option("--flip/--no-flip", default=None, help="Random left-right flips (default: on for photos only).")
+@click.option("--color-jitter", type=click.FloatRange(0, 1, max_open=True), default=None, metavar="X",
+              help="Brightness and contrast jitter of up to +-X (default: 0.2 for photos, 0 otherwise).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+              help="auto: bfloat16 autocast on CUDA and on CPUs with native bf16 (measured faster), else float32.")
 @click.option("--augment-strength", type=click.FloatRange(0, 3), default=None, metavar="X",
               help="Scale the distortions' ranges (default 1: up to 10 degrees, 10% scale, 0.15 shear, 2 px).")
 @click.option("--forgery-episodes/--no-forgery-episodes", default=None,
@@ -509,15 +533,26 @@ def info(index_dir: Path, as_json: bool) -> None:
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
 @device_option
 @quiet_option
-def train(folder: Path, out_dir: Path, loss: str, epochs: int | None, steps_per_epoch: int | None,
-          batch_size: int | None, lr: float | None, margin: float | None, backbone: str | None,
+def train(folder: Path, out_dir: Path, loss: str | None, time_budget: str | None, epochs: int | None,
+          steps_per_epoch: int | None, patience: int | None, batch_size: int | None, lr: float | None,
+          margin: float | None, backbone: str | None, channels: str | None, invert: bool | None,
           embedding_dim: int | None, width: int | None, image_size: int | None, image_width: int | None,
           keep_aspect: bool | None, groups: str | None, way: int | None, shot: int | None,
-          rotate_classes: bool | None, mirror_classes: bool | None, augment: bool | None,
+          rotate_classes: bool | None, mirror_classes: bool | None, augment: bool | None, flip: bool | None,
+          color_jitter: float | None, precision: str | None,
           augment_strength: float | None, forgery_episodes: bool | None,
           within_group: float | None, val_fraction: float | None, seed: int | None, init: str | None,
-          resume: bool, device: str, quiet: bool) -> None:
+          resume: bool, device: str, quiet: bool, metric: str | None = None, hidden: str | None = None,
+          dropout: float | None = None) -> None:
     """Train a Siamese encoder on a labelled FOLDER (twin networks, shared weights).
+
+    With no options it looks at a sample of the folder first (sizes, aspect, colour, background,
+    classes, images per class, groups, forgery folders), chooses a recipe (input size, channels,
+    inversion, backbone, loss, episode size, augmentation) and prints each choice with its reason,
+    then fits the number of epochs to a time budget (default 10 minutes) after timing the first
+    steps, keeps the best validation epoch, stops early when validation stops improving, and prints
+    the held-out score with its 95% interval. Every choice can be overridden by its option; the
+    choices are saved in train_config.json.
 
     Skilled forgeries: a class X/forged beside a class X/genuine holds forgeries of X.
     They never form genuine pairs and serve as hard impostors of X/genuine (pair losses); with
@@ -525,11 +560,14 @@ def train(folder: Path, out_dir: Path, loss: str, epochs: int | None, steps_per_
 
     \b
     Example:
+      siamesedb train ~/photos --out runs/photos                   # recipe chosen from the data, 10 minutes
       siamesedb train ~/omniglot/images_background --out runs/omniglot --loss proto --epochs 8
       siamesedb train ~/svc2004 --out runs/signatures --groups U01-U30 --loss contrastive \\
           --backbone signet --image-size 64 --image-width 128 --keep-aspect
+      siamesedb train ~/mnist --out runs/mlp --backbone mlp --loss contrastive --margin 2 --metric euclidean
     """
-    from siamesedb.training import TrainConfig, train as run_training
+    from siamesedb.recipe import DEFAULT_TIME_BUDGET, choose_recipe, inspect_folder, train_settings
+    from siamesedb.training import TrainConfig, parse_duration, train as run_training
 
     overrides = {
         "loss": loss, "epochs": epochs, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "lr": lr,
@@ -538,12 +576,50 @@ def train(folder: Path, out_dir: Path, loss: str, epochs: int | None, steps_per_
         "groups": groups, "way": way, "shot": shot, "rotate_classes": rotate_classes,
         "mirror_classes": mirror_classes, "augment": augment, "augment_strength": augment_strength,
         "forgery_episodes": forgery_episodes, "init": init, "within_group": within_group,
-        "val_fraction": val_fraction,
+        "val_fraction": val_fraction, "channels": int(channels) if channels else None, "invert": invert,
+        "flip": flip, "color_jitter": color_jitter, "precision": precision, "patience": patience,
     }
-    config = TrainConfig(**{key: value for key, value in overrides.items() if value is not None})
-    encoder = run_training(folder, out_dir, config, progress=not quiet, resume=resume,
-                           log=None if quiet else (lambda line: click.echo(line, err=True)))
+    overrides.update(_mlp_and_metric_options(backbone, embedding_dim, metric, hidden, dropout))
+    given = {key: value for key, value in overrides.items() if value is not None}
+    started = time.perf_counter()  # a time budget counts from the inspection on
+    say = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    profile = inspect_folder(folder, groups)
+    recipe = choose_recipe(profile, given)
+    say(f"looked at {profile.sampled} of {profile.images} images ({profile.classes} classes, {profile.groups} groups, "
+        f"{profile.per_class_min}-{profile.per_class_median:g} images per class, median "
+        f"{profile.median_width:g}x{profile.median_height:g} px): {recipe.domain}")
+    for line in recipe.lines():
+        say(line)
+    settings = train_settings(recipe)
+    if (epochs is not None or steps_per_epoch is not None) and time_budget is None:
+        settings.pop("patience")  # a fixed schedule runs to its end, as before, unless --patience is given
+        say("schedule fixed by --epochs / --steps-per-epoch: no time budget")
+    else:
+        settings["time_budget"] = parse_duration(time_budget) if time_budget else DEFAULT_TIME_BUDGET
+        settings["epochs"] = recipe.max_epochs
+        settings["steps_per_epoch"] = 100
+    settings.update(given)
+    settings["recipe"] = {"domain": recipe.domain, "reasons": recipe.reasons, "profile": profile.to_dict()}
+    config = TrainConfig(**settings)
+    encoder = run_training(folder, out_dir, config, progress=not quiet, resume=resume, log=say, started=started)
     click.echo(f"saved encoder {encoder.fingerprint} ({encoder.config.backbone}, {encoder.dimension}-d) to {out_dir}")
+
+
+def _mlp_and_metric_options(backbone: str | None, embedding_dim: int | None, metric: str | None, hidden: str | None,
+                            dropout: float | None) -> dict[str, Any]:
+    """train's --metric / --hidden / --dropout as TrainConfig fields; the mlp backbone's output is 16-d unless
+    --embedding-dim says otherwise (the reference MLP twin)."""
+    sizes = None
+    if hidden is not None:
+        try:
+            sizes = [int(part) for part in hidden.split(",") if part.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{hidden!r}: give positive integers separated by commas, e.g. 128,64,32",
+                                     param_hint="--hidden") from None
+        if not sizes or min(sizes) < 1:
+            raise click.BadParameter(f"{hidden!r}: give positive integers, e.g. 128,64,32", param_hint="--hidden")
+    dim = 16 if backbone == "mlp" and embedding_dim is None else None
+    return {"metric": metric, "hidden": sizes, "dropout": dropout, **({"embedding_dim": dim} if dim else {})}
 
 
 @cli.group(cls=SiameseGroup, context_settings=CONTEXT_SETTINGS, name="eval")

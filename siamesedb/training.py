@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,21 @@ from siamesedb.errors import InvalidInputError
 from siamesedb.losses import ContrastiveLoss, PairwiseBCELoss, PrototypicalLoss, TripletLoss
 
 LOSSES = ("contrastive", "triplet", "bce", "proto")
+PRECISIONS = ("auto", "fp32", "bf16")
 CHECKPOINT_DIR = "checkpoint"
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bfloat16 arithmetic (x86 flags avx512_bf16 or amx_bf16, Linux /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        pass
+    return False
 
 
 @dataclass
@@ -79,6 +94,18 @@ class TrainConfig:
     forgery_episodes: bool = False  # proto: an episode with a genuine class also holds its forgeries (measured worse on SVC2004)
     init: str | None = None  # start from this encoder's weights (name or folder): fine-tuning, e.g. after pretraining
     within_group: float = 0.0  # proto: this share of episodes takes all its classes from one group (alphabet)
+    # "cosine": unit vectors, searched by inner product; "euclidean": raw embeddings, losses on (squared) Euclidean
+    # distances (contrastive margin in distance units; proto on -d^2 with scale 1, as Snell et al.), searched by L2.
+    metric: str = "cosine"
+    hidden: list[int] | None = None  # mlp backbone: hidden layer sizes (None: 128, 64, 32)
+    dropout: float | None = None  # mlp backbone: dropout after the hidden layers (None: 0.1)
+    flip: bool = False  # augmentation: random left-right flips (photos; never glyphs or signatures)
+    color_jitter: float = 0.0  # augmentation: brightness and contrast scaled by up to +-this (photos)
+    precision: str = "auto"  # auto: bfloat16 autocast on CUDA, and on CPUs with native bf16 for BF16_FASTER backbones
+    time_budget: float | None = None  # seconds for the whole run: epochs fitted after timing the first steps
+    patience: int | None = None  # stop after this many epochs without a better validation score (None: never)
+    final_episodes: int = 1000  # episodes of the final held-out score (with its 95% interval)
+    recipe: dict[str, Any] | None = None  # what siamesedb.recipe saw and chose, with a reason per choice (record only)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -91,8 +118,20 @@ class TrainConfig:
             raise InvalidInputError(f"within_group must be a fraction in [0, 1], got {self.within_group}")
         if not 0.0 <= self.augment_strength <= 3.0:
             raise InvalidInputError(f"augment_strength must lie in [0, 3], got {self.augment_strength}")
+        if self.metric not in ("cosine", "euclidean"):
+            raise InvalidInputError(f"unknown metric {self.metric!r}; choose from cosine, euclidean")
+        if (self.hidden is not None or self.dropout is not None) and self.backbone != "mlp":
+            raise InvalidInputError(f"--hidden and --dropout apply to the mlp backbone, not {self.backbone!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise InvalidInputError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
+        if self.precision not in PRECISIONS:
+            raise InvalidInputError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise InvalidInputError(f"time budget must be positive, got {self.time_budget}")
+        if self.patience is not None and self.patience < 1:
+            raise InvalidInputError(f"patience must be >= 1 epoch, got {self.patience}")
+        if not 0.0 <= self.color_jitter < 1.0:
+            raise InvalidInputError(f"color_jitter must lie in [0, 1), got {self.color_jitter}")
 
     @property
     def effective_margin(self) -> float:
@@ -137,6 +176,86 @@ def augment(batch: torch.Tensor, generator: torch.Generator, strength: float = 1
     )  # (N, 2, 3)
     grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
     return F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros" if background_zero else "border", align_corners=False)
+
+
+def photometric(batch: torch.Tensor, generator: torch.Generator, flip: bool, jitter: float) -> torch.Tensor:
+    """Photo augmentation on (N, C, H, W) in [0, 1]: random left-right flips, brightness and contrast jitter.
+
+    Brightness multiplies by 1 + U(-jitter, jitter); contrast blends each image with its own mean grey by another
+    such factor. Values are clamped back into [0, 1].
+    """
+    n = batch.shape[0]
+    if flip:
+        flipped = torch.rand(n, generator=generator) < 0.5
+        batch = torch.where(flipped.to(batch.device)[:, None, None, None], torch.flip(batch, dims=(3,)), batch)
+    if jitter:
+        factors = (1 + (torch.rand((n, 2), generator=generator) * 2 - 1) * jitter).to(batch.device)  # (N, 2)
+        mean = batch.mean(dim=(1, 2, 3), keepdim=True)
+        batch = (batch - mean) * factors[:, 1, None, None, None] + mean * factors[:, 0, None, None, None]
+        batch = batch.clamp(0, 1)
+    return batch
+
+
+# Backbones whose training step measured faster under CPU bfloat16 autocast (tools/bench_train_bf16.py, BENCHMARKS.md)
+BF16_FASTER_BACKBONES = frozenset({"conv4", "conv4map", "resnet", "signet"})
+
+
+def use_bf16(precision: str, device: torch.device, backbone: str) -> bool:
+    """Whether training autocasts to bfloat16: always on CUDA under auto; on CPU only with native bf16 support."""
+    if precision == "fp32":
+        return False
+    if device.type == "cuda":
+        return True
+    if precision == "bf16":
+        return True
+    return device.type == "cpu" and backbone in BF16_FASTER_BACKBONES and cpu_supports_bf16()
+
+
+def parse_duration(text: str) -> float:
+    """'10m', '90s', '1.5h', '600' (seconds) -> seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    spec = str(text).strip().lower()
+    scale = units.get(spec[-1:], None)
+    number = spec[:-1] if scale else spec
+    try:
+        value = float(number) * (scale or 1.0)
+    except ValueError:
+        raise InvalidInputError(f"time budget {text!r}: give seconds or a number with s, m or h (e.g. 10m)") from None
+    if not value > 0:
+        raise InvalidInputError(f"time budget {text!r} must be positive")
+    return value
+
+
+def fit_schedule(budget_left: float, step_seconds: float, val_seconds: float, steps_per_epoch: int,
+                 max_epochs: int) -> tuple[int, int]:
+    """(epochs, steps per epoch) that fill `budget_left` seconds, each epoch costing its steps plus one validation.
+
+    Whole epochs of `steps_per_epoch` up to `max_epochs`; when fewer than 3 such epochs fit, 3 shorter ones (or as
+    few steps as fit, never under 1), so validation still gets to pick a best epoch.
+    """
+    epoch_seconds = steps_per_epoch * step_seconds + val_seconds
+    epochs = int(budget_left // epoch_seconds)
+    if epochs >= 3:
+        return min(epochs, max_epochs), steps_per_epoch
+    epochs = 3 if budget_left > 3 * (val_seconds + 10 * step_seconds) else 1
+    steps = int((budget_left / epochs - val_seconds) // step_seconds)
+    return epochs, max(1, min(steps, steps_per_epoch))
+
+
+def held_out_score(encoder: Encoder, images: torch.Tensor, labels: np.ndarray, way: int, episodes: int, seed: int,
+                   exclude: set[int] | frozenset[int] = frozenset()) -> tuple[float, float]:
+    """(mean, 95% CI half-width) of N-way 1-shot accuracy over `episodes` seeded episodes of held-out classes."""
+    keep = ~np.isin(labels, list(exclude))
+    vectors = encoder.encode_tensors(images[torch.from_numpy(keep)])
+    labels = labels[keep]
+    sampler = EpisodeSampler(labels, way=min(way, len(np.unique(labels))), shot=1, queries=1, seed=seed)
+    accuracies = np.empty(episodes)
+    for e in range(episodes):
+        support, queried, answer = sampler.sample()
+        scores = query.scores_for(encoder.config.metric, vectors[queried], vectors[support])
+        accuracies[e] = float((scores.argmax(axis=1) == answer).mean())
+    ci = 1.96 * accuracies.std(ddof=1) / math.sqrt(episodes) if episodes > 1 else 0.0
+    return float(accuracies.mean()), float(ci)
 
 
 def _load_folder(folder: Path, config: TrainConfig, log: Callable[[str], None]) -> tuple[torch.Tensor, np.ndarray, list[str]]:
@@ -186,7 +305,8 @@ def validation_accuracy(encoder: Encoder, images: torch.Tensor, labels: np.ndarr
     correct = 0
     for _ in range(episodes):
         support, queried, answer = sampler.sample()
-        scores = vectors[queried] @ vectors[support].T  # (way, way): support is class-major with shot 1
+        # (way, way): support is class-major with shot 1
+        scores = query.scores_for(encoder.config.metric, vectors[queried], vectors[support])
         correct += int((scores.argmax(axis=1) == answer).sum())
     return correct / (episodes * sampler.way)
 
@@ -256,9 +376,21 @@ def pair_threshold(encoder: Encoder, images: torch.Tensor, labels: np.ndarray, s
     """Equal-error threshold for `verify IMAGE_A IMAGE_B` from genuine / impostor pairs of held-out classes."""
     vectors = encoder.encode_tensors(images)
     a, b, same = PairSampler(labels, seed=seed, forgery_of=forgery_of).sample(pairs)
-    scores = np.einsum("nd,nd->n", vectors[a], vectors[b])
+    if encoder.config.metric == "euclidean":
+        scores = -np.linalg.norm(vectors[a] - vectors[b], axis=1)  # higher is more similar: minus the distance
+    else:
+        scores = np.einsum("nd,nd->n", vectors[a], vectors[b])
     threshold, eer = query.eer_threshold(scores[same == 1], scores[same == 0])
-    return {"pair_threshold": threshold, "pair_eer": eer, "pair_count": pairs}
+    # 95% interval of the EER: 200 bootstrap resamples of the pairs (seeded, so the figure is reproducible)
+    rng = np.random.default_rng(seed)
+    resampled = []
+    for _ in range(200):
+        pick = rng.integers(0, len(scores), len(scores))
+        genuine, impostor = scores[pick][same[pick] == 1], scores[pick][same[pick] == 0]
+        if len(genuine) and len(impostor):
+            resampled.append(query.eer_threshold(genuine, impostor)[1])
+    ci = float((np.percentile(resampled, 97.5) - np.percentile(resampled, 2.5)) / 2) if resampled else 0.0
+    return {"pair_threshold": threshold, "pair_eer": eer, "pair_eer_ci95": ci, "pair_count": pairs}
 
 
 def _save_checkpoint(folder: Path, encoder: Encoder, optimizer: torch.optim.Optimizer, loss_module: torch.nn.Module,
@@ -323,10 +455,16 @@ def plot_history(history: list[dict[str, float]], path: Path) -> None:
 
 
 def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig | None = None,
-          progress: bool = True, resume: bool = False, log: Callable[[str], None] | None = None) -> Encoder:
-    """Train an encoder on a labelled folder; write it (config.json + model.safetensors) and its logs to out_dir."""
+          progress: bool = True, resume: bool = False, log: Callable[[str], None] | None = None,
+          started: float | None = None) -> Encoder:
+    """Train an encoder on a labelled folder; write it (config.json + model.safetensors) and its logs to out_dir.
+
+    `started`: the time.perf_counter() at which a time budget starts counting (default: now; the CLI passes the
+    moment it began inspecting the folder).
+    """
     from tqdm import tqdm
 
+    run_started = started if started is not None else time.perf_counter()  # loading the folder counts too
     config = config or TrainConfig()
     log = log or (lambda line: None)
     out = Path(out_dir)
@@ -369,7 +507,9 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
     log(f"{len(images)} images of {len(names)} classes: {len(train_classes)} for training, {len(val_classes)} held out")
 
     enc_config = EncoderConfig(backbone=config.backbone, embedding_dim=config.embedding_dim, width=config.width,
-                               preprocessing=config.preprocessing())
+                               preprocessing=config.preprocessing(), metric=config.metric,
+                               hidden=tuple(config.hidden) if config.hidden is not None else None,
+                               dropout=config.dropout)
     encoder = Encoder(enc_config, device=device)
     if config.init:
         _load_initial_weights(encoder, config.init)
@@ -379,11 +519,10 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
         "contrastive": lambda: ContrastiveLoss(margin),
         "triplet": lambda: TripletLoss(margin, config.mining),
         "bce": lambda: PairwiseBCELoss(config.embedding_dim),
-        "proto": lambda: PrototypicalLoss(config.proto_scale),
+        "proto": lambda: PrototypicalLoss(config.proto_scale if config.metric == "cosine" else 1.0),
     }[config.loss]().to(device)
     params = list(encoder.net.parameters()) + list(loss_module.parameters())
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    total_steps = config.epochs * config.steps_per_epoch
 
     state: dict[str, Any] = {"epoch": 0, "history": [], "best_val": None}
     checkpoint = out / CHECKPOINT_DIR
@@ -391,78 +530,143 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
         state = _restore_checkpoint(checkpoint, encoder, optimizer, loss_module)
         log(f"resumed from epoch {state['epoch']}")
     x_train_dev = x_train.to(device)
-    use_amp = device.type == "cuda"
+    bf16 = use_bf16(config.precision, device, config.backbone)
+    if bf16 and device.type == "cpu":
+        log("training under bfloat16 autocast (this CPU has native bf16; --precision fp32 turns it off)")
+
+    def make_sampler(epoch_seed: int) -> Any:
+        if config.loss in ("contrastive", "bce"):
+            return PairSampler(y_train, seed=epoch_seed, forgery_of=forgeries, hard_fraction=config.hard_negative_fraction)
+        if config.loss == "triplet":
+            return ClassBalancedSampler(y_train, max(2, config.batch_size // config.per_class), config.per_class, seed=epoch_seed)
+        return EpisodeSampler(y_train, config.way, config.shot, config.queries, seed=epoch_seed,
+                              forgery_of=forgeries if config.forgery_episodes else None,
+                              group_of_class=group_of_class, within_group=config.within_group)
+
+    def train_step(sampler: Any, generator: torch.Generator, lr: float) -> tuple[float, int]:
+        """One optimiser step on a fresh batch / episode: (loss, images seen)."""
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if config.loss in ("contrastive", "bce"):
+            a, b, same = sampler.sample(config.batch_size)
+            batch = torch.cat([x_train_dev[torch.from_numpy(a)], x_train_dev[torch.from_numpy(b)]])
+        elif config.loss == "triplet":
+            idx = sampler.sample()
+            batch = x_train_dev[torch.from_numpy(idx)]
+        else:
+            support, queried, answer = sampler.sample()
+            batch = torch.cat([x_train_dev[torch.from_numpy(support)], x_train_dev[torch.from_numpy(queried)]])
+        if config.flip or config.color_jitter:
+            batch = photometric(batch, generator, config.flip, config.color_jitter)
+        if config.augment:
+            batch = augment(batch, generator, strength=config.augment_strength, background_zero=config.invert)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            # The twin network: ONE encoder embeds both halves of every pair, so the weights are shared.
+            emb = encoder.embed(batch) if config.normalize_train else encoder.net(batch.to(device)).float()
+        emb = emb.float()  # the losses in float32 whatever the autocast did
+        if config.loss in ("contrastive", "bce"):
+            n = config.batch_size
+            loss = loss_module(emb[:n], emb[n:], torch.from_numpy(same).to(device))
+        elif config.loss == "triplet":
+            loss = loss_module(emb, torch.from_numpy(y_train[idx]).to(device))
+        else:
+            n_support = len(support)
+            way = n_support // config.shot  # fewer than config.way in a within-group episode of a small group
+            support_labels = torch.arange(way, device=device).repeat_interleave(config.shot)
+            loss = loss_module(emb[:n_support], support_labels, emb[n_support:], torch.from_numpy(answer).to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach()), len(batch)
+
+    def validate() -> float | None:
+        return (validation_accuracy(encoder, x_val, y_val, val_way, config.val_episodes, seed=config.seed,
+                                    exclude=set(forgeries)) if has_val else None)
+
+    # Time budget: time one validation and a few throwaway steps, then fit the schedule (config.epochs is the cap).
+    val_seconds, reserve = 0.0, 0.0
+    if config.time_budget is not None:
+        if has_val:
+            clock = time.perf_counter()
+            untrained = validate()
+            val_seconds = time.perf_counter() - clock
+            if not state["history"]:
+                log(f"before training: held-out {val_way}-way 1-shot {untrained:.2%} ({val_seconds:.1f} s a validation)")
+        reserve = 3 * val_seconds + 2.0  # the final score and pair threshold after the last epoch, roughly
+        if "schedule" in state:
+            epochs, steps_per_epoch = state["schedule"]
+        else:
+            step_seconds = _time_steps(encoder, optimizer, loss_module, make_sampler, train_step, config.lr)
+            left = config.time_budget - (time.perf_counter() - run_started) - reserve
+            epochs, steps_per_epoch = fit_schedule(left, step_seconds, val_seconds, config.steps_per_epoch, config.epochs)
+            estimate = epochs * (steps_per_epoch * step_seconds + val_seconds) + reserve
+            log(f"time budget {config.time_budget / 60:.1f} min: {step_seconds:.3f} s a step, {val_seconds:.1f} s a "
+                f"validation -> {epochs} epochs x {steps_per_epoch} steps, about {estimate / 60:.1f} min of training "
+                f"and scoring ({(time.perf_counter() - run_started) / 60:.1f} min spent loading and timing)")
+            state["schedule"] = [epochs, steps_per_epoch]
+        config = replace(config, epochs=epochs, steps_per_epoch=steps_per_epoch)
+    deadline = None if config.time_budget is None else run_started + config.time_budget
+    total_steps = config.epochs * config.steps_per_epoch
 
     for epoch in range(state["epoch"], config.epochs):
+        if state.get("stopped"):
+            break
         # Samplers and augmentation are seeded per epoch, so a resumed run draws what the uninterrupted one would.
         epoch_seed = config.seed * 100_003 + epoch
         generator = torch.Generator().manual_seed(epoch_seed)
-        if config.loss in ("contrastive", "bce"):
-            sampler: Any = PairSampler(y_train, seed=epoch_seed, forgery_of=forgeries,
-                                       hard_fraction=config.hard_negative_fraction)
-        elif config.loss == "triplet":
-            sampler = ClassBalancedSampler(y_train, max(2, config.batch_size // config.per_class), config.per_class, seed=epoch_seed)
-        else:
-            sampler = EpisodeSampler(y_train, config.way, config.shot, config.queries, seed=epoch_seed,
-                                     forgery_of=forgeries if config.forgery_episodes else None,
-                                     group_of_class=group_of_class, within_group=config.within_group)
+        sampler = make_sampler(epoch_seed)
         encoder.net.train()
         losses, started, seen = [], time.perf_counter(), 0
         bar = tqdm(range(config.steps_per_epoch), disable=not progress, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step")
         for step in bar:
+            if deadline is not None and losses and time.perf_counter() > deadline - reserve - val_seconds:
+                state["stopped"] = f"time budget reached after {step} steps of epoch {epoch + 1}"
+                break
             global_step = epoch * config.steps_per_epoch + step
             lr = config.lr * 0.5 * (1 + math.cos(math.pi * global_step / total_steps))  # cosine decay to zero
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if config.loss in ("contrastive", "bce"):
-                a, b, same = sampler.sample(config.batch_size)
-                batch = torch.cat([x_train_dev[torch.from_numpy(a)], x_train_dev[torch.from_numpy(b)]])
-            elif config.loss == "triplet":
-                idx = sampler.sample()
-                batch = x_train_dev[torch.from_numpy(idx)]
-            else:
-                support, queried, answer = sampler.sample()
-                batch = torch.cat([x_train_dev[torch.from_numpy(support)], x_train_dev[torch.from_numpy(queried)]])
-            if config.augment:
-                batch = augment(batch, generator, strength=config.augment_strength, background_zero=config.invert)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                # The twin network: ONE encoder embeds both halves of every pair, so the weights are shared.
-                emb = encoder.embed(batch) if config.normalize_train else encoder.net(batch.to(device)).float()
-            if config.loss in ("contrastive", "bce"):
-                n = config.batch_size
-                loss = loss_module(emb[:n], emb[n:], torch.from_numpy(same).to(device))
-            elif config.loss == "triplet":
-                loss = loss_module(emb, torch.from_numpy(y_train[idx]).to(device))
-            else:
-                n_support = len(support)
-                way = n_support // config.shot  # fewer than config.way in a within-group episode of a small group
-                support_labels = torch.arange(way, device=device).repeat_interleave(config.shot)
-                loss = loss_module(emb[:n_support], support_labels, emb[n_support:], torch.from_numpy(answer).to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            seen += len(batch)
+            loss_value, images_seen = train_step(sampler, generator, lr)
+            losses.append(loss_value)
+            seen += images_seen
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
         bar.close()
-        val = (validation_accuracy(encoder, x_val, y_val, val_way, config.val_episodes, seed=config.seed,
-                                   exclude=set(forgeries)) if has_val else None)
+        val = validate()
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_accuracy": val, "val_way": val_way, "lr": lr,
-                  "seconds": round(time.perf_counter() - started, 2), "images_per_second": round(seen / (time.perf_counter() - started), 1)}
+                  "steps": len(losses), "seconds": round(time.perf_counter() - started, 2),
+                  "images_per_second": round(seen / (time.perf_counter() - started), 1)}
         state["history"].append(record)
         if val is None or state["best_val"] is None or val >= state["best_val"]:
             state["best_val"] = val
             state["best_epoch"] = epoch + 1
             encoder.save(out / "best")
         state["epoch"] = epoch + 1
+        if config.patience and has_val and epoch + 1 - state["best_epoch"] >= config.patience and not state.get("stopped"):
+            state["stopped"] = f"early stop: no better validation for {config.patience} epochs"
         _save_checkpoint(checkpoint, encoder, optimizer, loss_module, state)
         log(f"epoch {epoch + 1}: loss {record['loss']:.4f}" + (f", held-out {val_way}-way 1-shot {val:.2%}" if val is not None else ""))
+    if state.get("stopped"):
+        log(f"stopped: {state['stopped']}")
 
     final = Encoder.load(out / "best", device=device)
+    if state.get("best_epoch") != state["epoch"]:
+        log(f"restored the best epoch, {state.get('best_epoch')} of {state['epoch']}")
     notes: dict[str, Any] = {"trained_on": str(folder), "train_config": config.to_dict(),
-                             "best_epoch": state.get("best_epoch"), "val_accuracy": state.get("best_val")}
+                             "best_epoch": state.get("best_epoch"), "val_accuracy": state.get("best_val"),
+                             "epochs_run": state["epoch"], "stopped": state.get("stopped"),
+                             "precision": "bf16" if bf16 else "fp32"}
     if has_val:
+        accuracy, ci = held_out_score(final, x_val, y_val, val_way, config.final_episodes, seed=config.seed + 1,
+                                      exclude=set(forgeries))
+        held = len(set(np.unique(y_val).tolist()) - set(forgeries))
+        notes["held_out"] = {"way": val_way, "shot": 1, "accuracy": accuracy, "ci95": ci,
+                             "episodes": config.final_episodes, "classes": held}
+        log(f"held-out score: {val_way}-way 1-shot {accuracy:.2%} ± {ci:.2%} (95% CI, {config.final_episodes} episodes "
+            f"on the {held} held-out classes, which also chose the best epoch)")
         notes.update(pair_threshold(final, x_val, y_val, seed=config.seed, forgery_of=forgeries))
+        if forgeries:
+            notes["held_out"]["pair_eer"] = notes["pair_eer"]
+            notes["held_out"]["pair_eer_ci95"] = notes.get("pair_eer_ci95")
+            log(f"held-out pair EER (impostors half skilled forgeries): {notes['pair_eer']:.2%} ± "
+                f"{notes.get('pair_eer_ci95', 0.0):.2%} (95% bootstrap CI, {notes['pair_count']} pairs)")
     final.config.notes = notes
     final.config.name = final.config.name or Path(out).name
     final._fingerprint = None
@@ -470,4 +674,28 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
     (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     (out / "history.json").write_text(json.dumps(state["history"], indent=2) + "\n")
     plot_history(state["history"], out / "loss_curve.png")
+    if config.time_budget is not None:
+        log(f"run took {(time.perf_counter() - run_started) / 60:.2f} min of its {config.time_budget / 60:.2f}-minute budget")
     return final
+
+
+def _time_steps(encoder: Encoder, optimizer: torch.optim.Optimizer, loss_module: torch.nn.Module,
+                make_sampler: Callable[[int], Any], train_step: Callable[..., tuple[float, int]], lr: float,
+                warmup: int = 2, timed: int = 6) -> float:
+    """Seconds per training step, from `timed` throwaway steps after `warmup` ones; every weight, optimiser moment
+    and random state is put back afterwards, so the run itself is the one its saved schedule describes."""
+    saved = (copy.deepcopy(encoder.net.state_dict()), copy.deepcopy(optimizer.state_dict()),
+             copy.deepcopy(loss_module.state_dict()), torch.get_rng_state())
+    sampler, generator = make_sampler(987_654_321), torch.Generator().manual_seed(12345)  # a seed no epoch uses
+    encoder.net.train()
+    for _ in range(warmup):
+        train_step(sampler, generator, lr)
+    clock = time.perf_counter()
+    for _ in range(timed):
+        train_step(sampler, generator, lr)
+    seconds = (time.perf_counter() - clock) / timed
+    encoder.net.load_state_dict(saved[0])
+    optimizer.load_state_dict(saved[1])
+    loss_module.load_state_dict(saved[2])
+    torch.set_rng_state(saved[3])
+    return seconds
