@@ -112,8 +112,10 @@ def episode_accuracies(
     episodes: int = 1000,
     within_group: bool = False,
     seed: int = 0,
+    metric: str = "cosine",
 ) -> np.ndarray:
-    """Array-level episodes over (N, D) vectors: the accuracy of each episode, (episodes,) float64."""
+    """Array-level episodes over (N, D) vectors: the accuracy of each episode, (episodes,) float64. `metric`: the
+    encoder's (cosine: normalised-mean prototypes; euclidean: plain means, nearest by distance)."""
     if way < 2 or shot < 1 or queries < 1 or episodes < 1:
         raise InvalidInputError("need way >= 2, shot >= 1, queries >= 1, episodes >= 1")
     label_array = np.asarray(labels, dtype=object)
@@ -135,8 +137,8 @@ def episode_accuracies(
         support, queried = sample_episode(
             label_array, drawers, way, shot, queries, rng, within_group, by_class, classes_by_group
         )
-        names, prototypes = query.class_prototypes(vectors[support], label_array[support].tolist())
-        rankings = query.rank_by_prototype(vectors[queried], prototypes, names)
+        names, prototypes = query.class_prototypes(vectors[support], label_array[support].tolist(), metric=metric)
+        rankings = query.rank_by_prototype(vectors[queried], prototypes, names, metric=metric)
         predicted = np.asarray([ranking[0][0] for ranking in rankings], dtype=object)
         accuracies[e] = float(np.mean(predicted == label_array[queried]))
     return accuracies
@@ -198,6 +200,7 @@ def evaluate_oneshot(
         episodes=episodes,
         within_group=within_group,
         seed=seed,
+        metric=encoder.config.metric,
     )
     ci95 = 1.96 * accuracies.std(ddof=1) / np.sqrt(episodes) if episodes > 1 else float("nan")
     written = {}
@@ -273,6 +276,7 @@ def reference_trials(
     repeats: int,
     rng: np.random.Generator,
     rule: str = "prototype",
+    metric: str = "cosine",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scores of (genuine queries, skilled forgeries) against `references` random genuine items of their own group.
 
@@ -290,8 +294,8 @@ def reference_trials(
             chosen = rng.permutation(genuine)
             refs, others = chosen[:references], chosen[references:]
             support = vectors[refs]
-            genuine_scores.extend(query.verification_score(vectors[i], support, rule) for i in others)
-            forged_scores.extend(query.verification_score(vectors[i], support, rule) for i in forged)
+            genuine_scores.extend(query.verification_score(vectors[i], support, rule, metric) for i in others)
+            forged_scores.extend(query.verification_score(vectors[i], support, rule, metric) for i in forged)
     return np.asarray(genuine_scores), np.asarray(forged_scores)
 
 
@@ -365,9 +369,10 @@ def evaluate_verification(
     if set(tests) & set(calibration):
         raise InvalidInputError("test and calibration groups overlap")
     rng = np.random.default_rng(seed)
-    cal_genuine, cal_forged = reference_trials(vectors, labels, calibration, references, repeats, rng, rule)
+    metric = encoder.config.metric
+    cal_genuine, cal_forged = reference_trials(vectors, labels, calibration, references, repeats, rng, rule, metric)
     threshold, calibration_eer = query.eer_threshold(cal_genuine, cal_forged)
-    genuine, forged = reference_trials(vectors, labels, tests, references, repeats, rng, rule)
+    genuine, forged = reference_trials(vectors, labels, tests, references, repeats, rng, rule, metric)
     _, eer = query.eer_threshold(genuine, forged)
     far = float(np.mean(forged >= threshold))
     frr = float(np.mean(genuine < threshold))
