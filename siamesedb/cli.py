@@ -22,17 +22,44 @@ from siamesedb.query import VERIFY_RULES
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+class UsageLine(click.ClickException):
+    """A usage error (missing option, unknown command...) as one line: `Error: ... (see `CMD --help`)`, exit 2."""
+
+    exit_code = 2
+
+
+def _usage_line(exc: click.UsageError) -> UsageLine:
+    command = exc.ctx.command_path if exc.ctx is not None else "siamesedb"
+    return UsageLine(f"{exc.format_message()} (see `{command} --help`)")
+
+
 class SiameseGroup(click.Group):
-    """A click group that turns named siamesedb errors into one clean line and a non-zero exit."""
+    """A click group that turns named siamesedb errors into one clean line and exit status 1, and click's usage
+    errors (three lines by default) into one line and exit status 2."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise _usage_line(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _usage_line(exc) from None
         except SiameseDBError as exc:
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+
+
+class ImageFailures(click.ClickException):
+    """Some images of a batch could not be read: each was reported on its own line; the others were answered."""
+
+    def show(self, file: Any = None) -> None:  # the per-image lines were printed already
+        pass
 
 
 # ---------------------------------------------------------------------------------------------- shared options
@@ -90,6 +117,38 @@ ef_search_option = click.option("--ef-search", type=click.IntRange(min=1), defau
 
 def emit_json(document: Any) -> None:
     click.echo(json.dumps(document, indent=2))
+
+
+def encode_each(db: Any, images: tuple[Path, ...]) -> tuple[list[Path], Any]:
+    """(readable images, their (n, D) vectors). An unreadable image is reported on stderr (one line each) and left
+    out, so one bad file does not cost the others their answers; `finish_batch` then exits non-zero."""
+    import numpy as np
+
+    from siamesedb.errors import ImageLoadError
+
+    try:
+        return list(images), np.atleast_2d(db.encoder.encode(list(images)))
+    except ImageLoadError:
+        pass
+    good, vectors = [], []
+    for image in images:
+        try:
+            vectors.append(db.encoder.encode(image))
+            good.append(image)
+        except ImageLoadError as exc:
+            click.echo(f"Error: {exc}", err=True)
+    failed = len(images) - len(good)
+    if not good:
+        raise ImageFailures(f"none of the {failed} image(s) could be read")
+    click.get_current_context().meta["failed_images"] = failed
+    return good, np.stack(vectors)
+
+
+def finish_batch() -> None:
+    """Exit with status 1 after the answers when `encode_each` had to leave images out."""
+    failed = click.get_current_context().meta.get("failed_images", 0)
+    if failed:
+        raise ImageFailures(f"{failed} image(s) could not be read")
 
 
 def open_db(index_dir: Path, device: str = "auto"):
@@ -341,18 +400,21 @@ def query(images: tuple[Path, ...], index_dir: Path, k: int, nprobe: int | None,
       siamesedb query new.png --index indexes/big --nprobe 32
     """
     db = open_db(index_dir, device)
-    results = db.search(list(images), k=k, nprobe=nprobe, ef_search=ef_search)
+    images, vectors = encode_each(db, images)
+    results = db.search_vectors(vectors, k=k, nprobe=nprobe, ef_search=ef_search)
     if sheet is not None:
         from siamesedb.plots import search_sheet
 
         click.echo(f"wrote {search_sheet(list(images), results, sheet)}", err=True)
     if as_json:
         emit_json([{"query": str(p), "hits": [h.to_dict() for h in hits]} for p, hits in zip(images, results)])
+        finish_batch()
         return
     for path, hits in zip(images, results):
         click.echo(str(path))
         for rank, hit in enumerate(hits, 1):
             click.echo(f"  {rank:>2}. {hit.score:.4f}  {hit.label}  (id {hit.id}, {hit.path})")
+    finish_batch()
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -378,20 +440,23 @@ def classify(images: tuple[Path, ...], index_dir: Path, method: str, k: int, cla
       siamesedb classify new.png --index indexes/omniglot --sheet classes.png
     """
     db = open_db(index_dir, device)
+    images, vectors = encode_each(db, images)
     # Only --json lists every class; printing needs the best `top` (with 100k classes: a FAISS search, not a sort).
-    predictions = db.classify(list(images), method=method, k=k, classes=list(classes) or None, nprobe=nprobe,
-                              ef_search=ef_search, top=None if as_json else max(1, top))
+    predictions = db.classify_vectors(vectors, method=method, k=k, classes=list(classes) or None, nprobe=nprobe,
+                                      ef_search=ef_search, top=None if as_json else max(1, top))
     if sheet is not None:
         from siamesedb.plots import classify_sheet
 
         click.echo(f"wrote {classify_sheet(db, list(images), predictions, sheet, top=top)}", err=True)
     if as_json:
         emit_json([{"query": str(p), **pred.to_dict()} for p, pred in zip(images, predictions)])
+        finish_batch()
         return
     for path, pred in zip(images, predictions):
         click.echo(f"{path}: {pred.label} ({pred.score:.4f})")
         for label, score in pred.ranking[1:top]:
             click.echo(f"    {score:.4f}  {label}")
+    finish_batch()
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -399,18 +464,22 @@ def classify(images: tuple[Path, ...], index_dir: Path, method: str, k: int, cla
 @index_option(required=False)
 @click.option("--label", default=None, help="Claimed class (with --index).")
 @encoder_option
-@click.option("--threshold", type=float, default=None, help="Accept at or above this score (default: calibrated).")
+@click.option("--threshold", type=float, default=None,
+              help="Accept at or above this score (default: the index's calibration for the rule, else the "
+                   "encoder's own threshold).")
 @click.option("--rule", type=click.Choice(VERIFY_RULES), default=None,
-              help="Scoring rule against the support set (default: the calibrated one).")
+              help="Scoring rule against the support set (default: the rule calibrated last, else prototype).")
 @device_option
 @json_option
 def verify(images: tuple[Path, ...], index_dir: Path | None, label: str | None, encoder: str,
            threshold: float | None, rule: str | None, device: str, as_json: bool) -> None:
-    """Verify IMAGE against a claimed --label of an index, or IMAGE_A against IMAGE_B.
+    """Verify IMAGE(s) against a claimed --label of an index, or IMAGE_A against IMAGE_B.
 
-    With --index and --label, IMAGE is scored against that class's support set and
-    accepted when the score reaches the index's calibrated threshold. With two images
-    and no index, they are compared directly with the encoder's pair threshold.
+    With --index and --label, each IMAGE is scored against that class's support set and
+    accepted when the score reaches the threshold: the index's calibrated one for the
+    rule if there is one, else the encoder's own (so a one-reference-per-class index
+    verifies without calibration). The answer names the threshold's source. With two
+    images and no index, they are compared directly with the encoder's pair threshold.
 
     \b
     Example:
@@ -418,21 +487,27 @@ def verify(images: tuple[Path, ...], index_dir: Path | None, label: str | None, 
       siamesedb verify a.png b.png --json
     """
     if index_dir is not None:
-        if len(images) != 1 or label is None:
-            raise click.UsageError("with --index, give exactly one IMAGE and --label")
-        result = open_db(index_dir, device).verify(images[0], label, threshold=threshold, rule=rule)
+        if label is None:
+            raise click.UsageError("with --index, give the claimed class with --label")
+        db = open_db(index_dir, device)
+        images, vectors = encode_each(db, images)
+        results = [db.verify_vector(v, label, threshold=threshold, rule=rule) for v in vectors]
     else:
         if len(images) != 2:
-            raise click.UsageError("give IMAGE --index DIR --label LABEL, or two images IMAGE_A IMAGE_B")
+            raise click.UsageError("give IMAGE... --index DIR --label LABEL, or two images IMAGE_A IMAGE_B")
         from siamesedb.db import verify_pair
 
-        result = verify_pair(images[0], images[1], encoder=encoder, threshold=threshold, device=device)
-    document = {"query": str(images[0]), **result.to_dict()}
+        results = [verify_pair(images[0], images[1], encoder=encoder, threshold=threshold, device=device)]
+    documents = [{**result.to_dict(), "query": str(path)} for path, result in zip(images, results)]
     if as_json:
-        emit_json(document)
-        return
-    verdict = "ACCEPTED" if result.accepted else "REJECTED"
-    click.echo(f"{images[0]} as {result.label}: {verdict} (score {result.score:.4f}, threshold {result.threshold:.4f})")
+        emit_json(documents[0] if len(documents) == 1 else documents)
+    else:
+        for path, result in zip(images, results):
+            verdict = "ACCEPTED" if result.accepted else "REJECTED"
+            click.echo(f"{path} as {result.label}: {verdict} (score {result.score:.4f}, threshold "
+                       f"{result.threshold:.4f} from {result.threshold_source})")
+    if index_dir is not None:
+        finish_batch()
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -715,6 +790,45 @@ def eval_verify(folder: Path, encoder: str, references: int, test_groups: str, c
                f"FAR {result.far:.2%}, FRR {result.frr:.2%}, accuracy {result.accuracy:.2%}")
     for name, path in result.plots.items():
         click.echo(f"wrote {path}")
+
+
+@eval_group.command(name="pairs", context_settings=CONTEXT_SETTINGS)
+@click.argument("folder", type=click.Path(path_type=Path))
+@encoder_option
+@click.option("--test-groups", required=True, help="Unseen groups (classes of a flat folder) whose pairs are verified.")
+@click.option("--calibration-groups", required=True,
+              help="Groups whose pairs set the threshold at their equal-error point (the training classes).")
+@click.option("--pairs", default=4000, show_default=True, help="Pairs drawn per side, half genuine, half impostor.")
+@click.option("--seed", default=0, show_default=True, help="Pair sampling seed.")
+@device_option
+@quiet_option
+@json_option
+def eval_pairs(folder: Path, encoder: str, test_groups: str, calibration_groups: str, pairs: int, seed: int,
+               device: str, quiet: bool, as_json: bool) -> None:
+    """Two-image verification on unseen classes: accuracy at a calibrated threshold, EER, AUC.
+
+    Pairs of images from the test groups (half the same class, half not) are scored by
+    the encoder's metric (cosine, or minus the Euclidean distance) and accepted at the
+    equal-error threshold of pairs from the calibration groups, never the test answers.
+
+    \b
+    Example:
+      siamesedb eval pairs ~/fashion/test --encoder runs/mlp \\
+          --calibration-groups T-shirt_top,Trouser,Pullover,Dress,Coat,Sandal \\
+          --test-groups Shirt,Sneaker,Bag,Ankle_boot
+    """
+    from siamesedb.encoder import Encoder
+    from siamesedb.evaluation import evaluate_pairs
+
+    result = evaluate_pairs(folder, Encoder.load(encoder, device=device), test_groups=test_groups,
+                            calibration_groups=calibration_groups, pairs=pairs, seed=seed,
+                            progress=not (quiet or as_json))
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    click.echo(f"{len(result.test_groups)} unseen classes, {pairs} pairs ({result.metric}): accuracy "
+               f"{result.accuracy:.2%} at the calibrated threshold {result.threshold:.4f} (FAR {result.far:.2%}, "
+               f"FRR {result.frr:.2%}); EER {result.eer:.2%}, AUC {result.auc:.4f}")
 
 
 # ---------------------------------------------------------------------------------------------- serving

@@ -388,3 +388,79 @@ def evaluate_verification(
         calibration_eer=calibration_eer, encoder=encoder.fingerprint,
         seconds=round(time.perf_counter() - started, 3), plots=written,
     )
+
+
+# ---------------------------------------------------------------------------------------------- pair verification
+
+
+@dataclass
+class PairResult:
+    """Two-image verification on unseen classes ("same class or not?", the reference Siamese twins' task): the
+    threshold is the equal-error point of pairs from `calibration_groups`, applied to pairs of `test_groups`."""
+
+    pairs: int
+    seed: int
+    metric: str
+    test_groups: list[str]
+    calibration_groups: list[str]
+    accuracy: float  # of the test pairs (half genuine, half impostor) at the calibrated threshold
+    far: float
+    frr: float
+    threshold: float
+    eer: float  # threshold-free, on the test pairs
+    auc: float
+    calibration_eer: float
+    encoder: str
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pair_scores(vectors: np.ndarray, a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
+    """(n,) scores of the pairs (vectors[a[i]], vectors[b[i]]): cosine, or minus the Euclidean distance."""
+    if query.check_metric(metric) == "euclidean":
+        return -np.linalg.norm(vectors[a].astype(np.float64) - vectors[b], axis=1)
+    return np.einsum("nd,nd->n", vectors[a].astype(np.float64), vectors[b])
+
+
+def _sample_pairs(vectors: np.ndarray, labels: list[str], groups: set[str], pairs: int, seed: int,
+                  metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(genuine scores, impostor scores) of `pairs` seeded pairs (half each) among the images of `groups`."""
+    from siamesedb.data import PairSampler
+
+    rows = np.flatnonzero([group_of(label) in groups for label in labels])
+    _, codes = np.unique(np.asarray(labels, dtype=object)[rows].astype(str), return_inverse=True)
+    a, b, same = PairSampler(codes.reshape(-1), seed=seed).sample(pairs)
+    scores = pair_scores(vectors, rows[a], rows[b], metric)
+    return scores[same == 1], scores[same == 0]
+
+
+def evaluate_pairs(folder: str | Path, encoder: Encoder, test_groups: str, calibration_groups: str,
+                   pairs: int = 4000, seed: int = 0, progress: bool = False) -> PairResult:
+    """Pair verification accuracy on the classes of `test_groups` at the threshold calibrated (equal error rate) on
+    pairs of `calibration_groups` (the training classes, seen through other images): the test answers never set it.
+    Groups are first label components (a class name in a flat folder such as Fashion-MNIST's)."""
+    started = time.perf_counter()
+    vectors, images, _ = encode_folder(folder, encoder, progress=progress)
+    labels = [im.label for im in images]
+    present = {group_of(label) for label in labels}
+    tests, calibration = parse_groups(test_groups) or set(), parse_groups(calibration_groups) or set()
+    for name, chosen in (("test", tests), ("calibration", calibration)):
+        if not chosen & present:
+            raise InvalidInputError(f"{folder}: no images in the {name} groups {sorted(chosen)}")
+    if tests & calibration:
+        raise InvalidInputError("test and calibration groups overlap")
+    metric = encoder.config.metric
+    cal_genuine, cal_impostor = _sample_pairs(vectors, labels, calibration, pairs, seed, metric)
+    threshold, calibration_eer = query.eer_threshold(cal_genuine, cal_impostor)
+    genuine, impostor = _sample_pairs(vectors, labels, tests, pairs, seed + 1, metric)
+    _, eer = query.eer_threshold(genuine, impostor)
+    correct = np.sum(genuine >= threshold) + np.sum(impostor < threshold)
+    return PairResult(
+        pairs=pairs, seed=seed, metric=metric, test_groups=sorted(tests & present),
+        calibration_groups=sorted(calibration & present), accuracy=float(correct / (len(genuine) + len(impostor))),
+        far=float(np.mean(impostor >= threshold)), frr=float(np.mean(genuine < threshold)), threshold=float(threshold),
+        eer=float(eer), auc=roc_auc(genuine, impostor), calibration_eer=float(calibration_eer),
+        encoder=encoder.fingerprint, seconds=round(time.perf_counter() - started, 3),
+    )

@@ -127,6 +127,16 @@ def test_euclidean_knn_vote_rewards_more_and_nearer_neighbours():
     assert ranking[0][1] == pytest.approx(3 * 1 / 2) and ranking[1][1] == pytest.approx(1 / 1.5)
 
 
+def test_pair_scores_match_a_loop():
+    from siamesedb.evaluation import pair_scores
+
+    vectors, a, b = raw_vectors(10, seed=8), np.array([0, 3, 5]), np.array([1, 3, 9])
+    expected = [-np.linalg.norm(vectors[i].astype(np.float64) - vectors[j]) for i, j in zip(a, b)]
+    np.testing.assert_allclose(pair_scores(vectors, a, b, "euclidean"), expected, rtol=1e-6)
+    np.testing.assert_allclose(pair_scores(vectors, a, b, "cosine"), [vectors[i] @ vectors[j] for i, j in zip(a, b)],
+                               rtol=1e-5)
+
+
 def mlp_encoder(**overrides) -> Encoder:
     torch.manual_seed(0)
     config = EncoderConfig(backbone="mlp", embedding_dim=16, metric="euclidean", **overrides)
@@ -276,6 +286,9 @@ def test_cli_flow_mlp_contrastive_margin_2_euclidean(tmp_path):
     calibration = json.loads(run("calibrate", "--index", index, "--json"))
     verdict = json.loads(run("verify", image, "--index", index, "--label", "c1", "--json"))
     assert verdict["threshold"] == pytest.approx(calibration["threshold"]) and verdict["score"] <= 0
+    pairs = json.loads(run("eval", "pairs", folder, "--encoder", tmp_path / "enc", "--test-groups", "c3,c4",
+                           "--calibration-groups", "c0-c2", "--pairs", 100, "--json"))
+    assert pairs["metric"] == "euclidean" and pairs["test_groups"] == ["c3", "c4"] and 0 <= pairs["accuracy"] <= 1
     info = json.loads(run("info", "--index", index, "--json"))
     assert info["metric"] == "l2" and info["encoder"]["backbone"] == "mlp"
     assert "l2" in run("info", "--index", index)
