@@ -891,7 +891,7 @@ def datasets_group() -> None:
 
 
 @datasets_group.command(name="fetch", context_settings=CONTEXT_SETTINGS)
-@click.argument("name", type=click.Choice(["omniglot", "svc2004", "fashion-mnist"]))
+@click.argument("name", type=click.Choice(["omniglot", "svc2004", "fashion-mnist", "mnist"]))
 @click.option("--to", "to", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Destination folder (the dataset goes into TO/NAME/).")
 @click.option("--from", "source", default=None,
@@ -903,8 +903,9 @@ def datasets_fetch(name: str, to: Path, source: str | None, quiet: bool, as_json
     """Unpack a dataset into labelled folders (checksums verified); prints each split's root.
 
     Omniglot: images_background/ and images_evaluation/ (label Alphabet/characterNN).
-    SVC2004: Uxx/genuine and Uxx/forged. Fashion-MNIST: train/ and test/ (label = class name).
-    Fashion-MNIST files must match the official MD5s; every zip member its CRC-32.
+    SVC2004: Uxx/genuine and Uxx/forged. Fashion-MNIST: train/ and test/ (label = class name);
+    MNIST likewise (label = the digit). (Fashion-)MNIST files must match the official MD5s;
+    every zip member its CRC-32.
 
     \b
     Example:

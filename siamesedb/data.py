@@ -232,8 +232,17 @@ def _open_bytes(source: EncodedFile) -> Image.Image:
             return _decode_opened(opened, source)
 
 
+def _read_file_like(source: Any) -> bytes:
+    name = str(getattr(source, "name", "<file object>"))
+    data = source.read()
+    if isinstance(data, str):
+        raise ImageLoadError(name, "file object is open in text mode; open it with 'rb'")
+    return bytes(data)
+
+
 def load_image(source: Any) -> Image.Image:
-    """A path, PIL image or numpy array -> a PIL image in mode 'L' or 'RGB'. Every failure is an ImageLoadError.
+    """A path, PIL image, numpy array, the bytes of an encoded image file, or a binary file object -> a PIL image in
+    mode 'L' or 'RGB'. Every failure is an ImageLoadError.
 
     Files: first frame of an animation, EXIF orientation applied, 16-bit scaled to 8-bit, alpha composited on white,
     images declaring more than MAX_PIXELS pixels refused before decoding. A PIL image straight from Image.open is
@@ -250,8 +259,13 @@ def load_image(source: Any) -> Image.Image:
             image = source
         elif isinstance(source, np.ndarray):
             image = _array_to_image(source)
+        elif isinstance(source, (bytes, bytearray, memoryview)):  # an encoded file's bytes (an upload, a blob)
+            image = _open_bytes(EncodedFile(bytes(source), f"<{len(source)} bytes>"))
+        elif callable(getattr(source, "read", None)):  # a file-like object opened in binary mode
+            image = _open_bytes(EncodedFile(_read_file_like(source), str(getattr(source, "name", "<file object>"))))
         else:
-            raise ImageLoadError(repr(source)[:80], f"unsupported image type {type(source).__name__}")
+            raise ImageLoadError(f"<{type(source).__name__}>", f"unsupported image type {type(source).__name__} "
+                                 "(give a path, PIL image, numpy array, bytes or binary file object)")
         if image.width < 1 or image.height < 1:
             raise ImageLoadError(source, "image has no pixels")
         return _to_l_or_rgb(image)

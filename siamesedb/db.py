@@ -1327,13 +1327,17 @@ def verify_pair(
 ) -> query.Verification:
     """Do two images show the same class? Cosine similarity against the encoder's calibrated pair threshold."""
     enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder, device=device)
+    source = "given"
     if threshold is None:
-        threshold = enc.config.notes.get("pair_threshold")
+        threshold, source = enc.config.pair_threshold, "encoder"
         if threshold is None:
             raise NotCalibratedError("this encoder carries no pair threshold; pass one with --threshold")
     vectors = np.atleast_2d(enc.encode([image_a, image_b]))
     score = float(query.scores_for(enc.config.metric, vectors[:1], vectors[1:])[0, 0])  # Euclidean: -distance
-    return query.Verification(label=str(image_b), accepted=bool(score >= threshold), score=score, threshold=float(threshold))
+    return query.Verification(
+        label=str(image_b), accepted=bool(score >= threshold), score=score, threshold=float(threshold),
+        threshold_source=source, query=str(image_a) if isinstance(image_a, (str, os.PathLike)) else None,
+    )
 
 
 def _finite_queries(vectors: np.ndarray) -> np.ndarray:

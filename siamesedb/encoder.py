@@ -193,6 +193,10 @@ class Whitened(nn.Module):
         return self.linear(F.normalize(self.backbone(x).float(), dim=1))
 
 
+# EncoderConfig keys that describe the model without changing what it computes: not part of the fingerprint.
+UNFINGERPRINTED = ("pair_calibration", "data_profile")
+
+
 @dataclass
 class EncoderConfig:
     """Everything needed to rebuild an encoder besides its weights; saved as config.json beside them."""
@@ -217,6 +221,13 @@ class EncoderConfig:
     # mlp backbone only: hidden layer sizes (None: 128, 64, 32) and dropout (None: 0.1).
     hidden: tuple[int, ...] | None = None
     dropout: float | None = None
+    # Facts *about* the model, not the model: left out of the fingerprint (see UNFINGERPRINTED), so measuring them
+    # again never makes an index refuse the encoder that built it.
+    # pair_calibration: the `verify` threshold this encoder carries ({"threshold", "target_far", "far", "frr",
+    # "impostors", "measured_on"...}); data_profile: what its training images looked like (data.image_profile),
+    # for the out-of-domain warning.
+    pair_calibration: dict[str, Any] = field(default_factory=dict)
+    data_profile: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -262,7 +273,18 @@ class EncoderConfig:
             d["hidden"] = list(self.hidden)
         if self.dropout is not None:
             d["dropout"] = float(self.dropout)
+        if self.pair_calibration:
+            d["pair_calibration"] = self.pair_calibration
+        if self.data_profile:
+            d["data_profile"] = self.data_profile
         return d
+
+    @property
+    def pair_threshold(self) -> float | None:
+        """The threshold `verify` uses when nothing else is calibrated: the measured pair calibration, else the
+        equal-error pair threshold training stored in its notes, else None."""
+        value = self.pair_calibration.get("threshold", self.notes.get("pair_threshold"))
+        return None if value is None else float(value)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
@@ -279,6 +301,8 @@ class EncoderConfig:
             metric=d.get("metric", "cosine"),
             hidden=d.get("hidden"),
             dropout=d.get("dropout"),
+            pair_calibration=dict(d.get("pair_calibration", {})),
+            data_profile=dict(d.get("data_profile", {})),
         )
 
 
@@ -332,7 +356,8 @@ class Encoder:
     def fingerprint(self) -> str:
         """sha256 (16 hex digits) of the canonical config and every weight: equal iff the same model."""
         if self._fingerprint is None:
-            digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+            model = {k: v for k, v in self.config.to_dict().items() if k not in UNFINGERPRINTED}
+            digest = hashlib.sha256(json.dumps(model, sort_keys=True).encode())
             for name, tensor in sorted(self.net.state_dict().items()):
                 digest.update(name.encode())
                 digest.update(str(tuple(tensor.shape)).encode())

@@ -21,7 +21,19 @@ class ImageLoadError(SiameseDBError):
     def __init__(self, source: object, reason: str):
         self.source = source
         self.reason = reason
-        super().__init__(f"{source}: {reason}")
+        super().__init__(f"{describe_source(source)}: {reason}")
+
+
+def describe_source(source: object) -> str:
+    """How an error names an image: a path as it is; raw bytes, arrays and other objects by kind and size, never by
+    their contents (a message must stay one readable line)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    shape = getattr(source, "shape", None)
+    if shape is not None and not isinstance(source, str):
+        return f"<{type(source).__name__} of shape {tuple(shape)}>"
+    text = str(source)
+    return text if len(text) <= 200 and "\n" not in text else f"<{type(source).__name__}>"
 
 
 class FolderError(SiameseDBError):

@@ -43,6 +43,7 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -117,6 +118,7 @@ class VerifyAnswer(BaseModel):
     accepted: bool
     score: float
     threshold: float
+    threshold_source: str  # index:<rule>:<genuine>/<impostor> pairs, encoder, or given
 
 
 class ItemAnswer(BaseModel):
@@ -315,6 +317,15 @@ def create_app(
         status = getattr(exc, "status", None) or next((s for kind, s in ERROR_STATUS if isinstance(exc, kind)), 400)
         return JSONResponse({"detail": str(exc)}, status_code=status)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 body is a list of error objects; every error here has the one documented shape.
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error.get("loc", ())[1:]) or "request"
+            problems.append(f"{where}: {error.get('msg', 'invalid')}")
+        return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, status_code=422)
+
     @app.exception_handler(UploadTooLarge)
     async def upload_too_large(request: Request, exc: UploadTooLarge) -> JSONResponse:
         return JSONResponse({"detail": f"upload larger than the limit of {max_upload_bytes:,} bytes"}, status_code=413)
@@ -363,13 +374,14 @@ def create_app(
     async def verify(
         request: Request,
         label: str = Query(..., min_length=1, description="The claimed class."),
-        threshold: float | None = Query(None, description="Accept at or above this score (default: calibrated)."),
+        threshold: float | None = Query(None, description="Accept at or above this score (default: the index's "
+                                        "calibration for the rule, else the encoder's own threshold)."),
         rule: Literal[VERIFY_RULES] | None = Query(None, description="Scoring rule (default: the calibrated one)."),  # type: ignore[valid-type]
     ):
         """Is the image of class `label`? Its score against the class's support set, compared with the threshold."""
         vector, name = await encode_upload(request)
         result = await run_in_threadpool(locked, db.verify_vector, vector[0], label, threshold, rule)
-        return {"query": name, **result.to_dict()}
+        return {**result.to_dict(), "query": name}
 
     # ------------------------------------------------------------------ the index
 

@@ -453,3 +453,18 @@ class ItemStore:
     def known_label_hashes(self) -> set[tuple[str, str]]:
         """(label, sha256) of every item: what a resumed build skips."""
         return {(r[0], r[1]) for r in self._db.execute("SELECT label, sha256 FROM items")}
+
+    @_named_sqlite_errors
+    def ids_by_label_hash(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """{(label, sha256): id} for those of `pairs` already stored (the lowest id where one is held twice). Looked
+        up through the sha256 index, so adding a few images to a large index does not read every hash."""
+        found: dict[tuple[str, str], int] = {}
+        for label, digest in dict.fromkeys(pairs):
+            if not _is_utf8(label):  # cannot be stored either: `add` refuses it with its own message
+                continue
+            row = self._db.execute(
+                "SELECT MIN(id) FROM items WHERE sha256 = ? AND label = ?", (digest, label)
+            ).fetchone()
+            if row and row[0] is not None:
+                found[(label, digest)] = int(row[0])
+        return found

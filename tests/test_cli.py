@@ -160,13 +160,22 @@ def test_end_to_end_on_real_omniglot(omniglot_subset, tmp_path):
     result = run("verify", queries[0], "--index", index, "--label", truth[0], "--json")
     assert result.exit_code == 0, result.output
     verdict = json.loads(result.stdout)
-    assert set(verdict) == {"query", "label", "accepted", "score", "threshold"}
+    assert set(verdict) == {"query", "label", "accepted", "score", "threshold", "threshold_source"}
     assert verdict["threshold"] == threshold and verdict["label"] == truth[0]
     assert verdict["accepted"] == (verdict["score"] >= threshold)
+    assert verdict["threshold_source"].startswith("index:prototype:")
 
     result = run("verify", queries[0], queries[1], "--json")
     assert result.exit_code == 0, result.output
-    assert set(json.loads(result.stdout)) == {"query", "label", "accepted", "score", "threshold"}
+    pair = json.loads(result.stdout)
+    # The pair score is the cosine of the two encodings; the threshold is the one the default encoder carries.
+    from siamesedb.encoder import Encoder
+
+    default = Encoder.load("default")
+    a, b = default.encode([queries[0], queries[1]])
+    assert pair["score"] == pytest.approx(float(a @ b), abs=1e-5)
+    assert pair["threshold"] == default.config.pair_threshold and pair["threshold_source"] == "encoder"
+    assert pair["accepted"] == (pair["score"] >= pair["threshold"]) and pair["query"] == str(queries[0])
 
     result = run("add", queries[0], "--index", index, "--label", truth[0], "--json")
     assert result.exit_code == 0, result.output

@@ -238,12 +238,21 @@ def test_far_threshold_is_the_lowest_meeting_the_target():
         _, impostor = random_scores(rng)
         for target in (0.0, 0.01, 0.1, 0.25, 0.5, 1.0):
             t = query.far_threshold(impostor, target)
-            # Slow sweep: every impostor score as a candidate, lowest first; above them all FAR is 0.
-            passing = [s for s in sorted(set(impostor.tolist())) if np.mean(impostor >= s) <= target + 1e-12]
-            if passing:
-                assert t == passing[0]
+            # Slow sweep: the target is met at t, and not just below it (the next impostor score down is refused
+            # only because t sits above it: t is the lowest threshold meeting the target, up to float32 precision).
+            assert np.mean(impostor >= t) <= target + 1e-12
+            below = impostor[impostor < t]
+            if len(below):
+                highest_refused = below.max()
+                assert np.mean(impostor >= highest_refused) > target
+                assert t - highest_refused <= 2 * np.spacing(np.float32(abs(highest_refused)))
             else:
-                assert t > impostor.max() and np.mean(impostor >= t) == 0
+                assert t == impostor.min()
+    # The case: 30 impostors, the top one at 0.968, the next at 0.90; target 5% allows one accept, so the
+    # threshold sits just above 0.90, not at 0.968 (which rejected genuine scores of 0.95 for nothing).
+    impostor = np.concatenate([np.linspace(0.1, 0.8, 28), [0.90, 0.968]])
+    t = query.far_threshold(impostor, 0.05)
+    assert 0.90 < t < 0.9001 and np.mean(impostor >= t) == pytest.approx(1 / 30)
     with pytest.raises(InvalidInputError):
         query.far_threshold([0.1, 0.2], 1.5)
     with pytest.raises(InvalidInputError):

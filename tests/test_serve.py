@@ -137,7 +137,7 @@ def test_verify_uses_the_calibrated_threshold(client, reference):
     accepted = client.post("/verify?label=round/square", content=png_bytes(QUERY),
                            headers={"Content-Type": "image/png"}).json()
     expected = reference.verify(QUERY, "round/square")
-    assert accepted == {"query": "upload", **expected.to_dict()}
+    assert accepted == {**expected.to_dict(), "query": "upload"}
     strict = client.post("/verify?label=round/square&threshold=1.01", content=png_bytes(QUERY),
                          headers={"Content-Type": "image/png"}).json()
     assert strict["accepted"] is False and strict["threshold"] == 1.01
@@ -176,7 +176,7 @@ def test_the_openapi_schema_documents_every_endpoint(client):
     answer = paths["/search"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert answer["$ref"].endswith("/SearchAnswer")
     assert set(schema["components"]["schemas"]["VerifyAnswer"]["properties"]) == {
-        "query", "label", "accepted", "score", "threshold"}
+        "query", "label", "accepted", "score", "threshold", "threshold_source"}
     assert "security" in paths["/items"]["post"] and "security" not in paths["/search"]["post"]
     assert "swagger" in client.get("/docs").text.lower()
 
