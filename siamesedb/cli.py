@@ -238,10 +238,13 @@ def add(images: tuple[Path, ...], index_dir: Path, label: str, device: str, as_j
     """
     db = open_db(index_dir, device)
     ids = [int(i) for i in db.add(list(images), label)]
+    held = db.last_add_duplicates
     if as_json:
-        emit_json({"label": label, "ids": ids, "paths": [str(p) for p in images]})
+        emit_json({"label": label, "ids": ids, "paths": [str(p) for p in images], "already_stored": held})
     else:
-        click.echo(f"added {len(ids)} image(s) as {label!r} (ids {', '.join(map(str, ids))}); {len(db)} items")
+        note = f", {held} already stored under {label!r} (not added twice)" if held else ""
+        click.echo(f"added {len(ids) - held} image(s) as {label!r} (ids {', '.join(map(str, ids))}){note}; "
+                   f"{len(db)} items")
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -292,7 +295,9 @@ def reindex(index_dir: Path, factory: str | None, as_json: bool) -> None:
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @index_option()
-@click.option("--target-far", type=float, default=None, help="Aim for this false-accept rate instead of the equal-error point.")
+@click.option("--target-far", type=click.FloatRange(0, 1), default=None,
+              help="Lowest threshold whose false-accept rate is at most this, instead of the equal-error point "
+                   "(needs impostor pairs only: works on a one-reference-per-class index).")
 @lock_timeout_option
 @click.option("--rule", type=click.Choice(VERIFY_RULES), default="prototype", show_default=True,
               help="Score against the class prototype, the best reference, or the mean of the top 3.")
@@ -305,12 +310,15 @@ def calibrate(index_dir: Path, target_far: float | None, rule: str, as_json: boo
       siamesedb calibrate --index indexes/signatures --target-far 0.01
     """
     result = open_db(index_dir).calibrate(target_far=target_far, rule=rule)
+    if result.get("warning"):
+        click.echo(f"warning: {result['warning']}", err=True)
     if as_json:
         emit_json(result)
         return
     where = "equal-error point" if result["method"] == "eer" else f"target FAR {target_far}"
+    frr = "unknown (no genuine pairs: one item per class)" if result["frr"] is None else f"{result['frr']:.2%}"
     click.echo(
-        f"threshold {result['threshold']:.4f} ({rule}, {where}): FAR {result['far']:.2%}, FRR {result['frr']:.2%} "
+        f"threshold {result['threshold']:.4f} ({rule}, {where}): FAR {result['far']:.2%}, FRR {frr} "
         f"over {result['genuine_pairs']} genuine / {result['impostor_pairs']} impostor pairs"
     )
 
@@ -512,17 +520,26 @@ def verify(images: tuple[Path, ...], index_dir: Path | None, label: str | None, 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @index_option()
+@click.option("--labels", "list_labels", is_flag=True, help="List every class and its item count.")
 @json_option
-def info(index_dir: Path, as_json: bool) -> None:
-    """Show an index's size, classes, dimension, encoder and threshold.
+def info(index_dir: Path, list_labels: bool, as_json: bool) -> None:
+    """Show an index's size, classes, dimension, encoder and thresholds.
+
+    --json holds every class ("labels": {label: count}); --labels prints them all.
 
     \b
     Example:
       siamesedb info --index indexes/omniglot
+      siamesedb info --index indexes/omniglot --labels
     """
-    summary = open_db(index_dir).info()
+    db = open_db(index_dir)
+    summary = db.info()
     if as_json:
-        emit_json(summary)
+        emit_json({**summary, "labels": db.store.label_counts()})
+        return
+    if list_labels:
+        for label, count in sorted(db.store.label_counts().items()):
+            click.echo(f"{count:>8}  {label}")
         return
     calibration = summary["calibration"]
     click.echo(f"index      {summary['path']}")
@@ -536,10 +553,15 @@ def info(index_dir: Path, as_json: bool) -> None:
                       f", test-time shift {enc['test_time_shift']}" if enc["test_time_shift"] else ""])
     click.echo(f"encoder    {enc['backbone']} {enc['name']} (fingerprint {enc['fingerprint']}, input {enc['image_size']}"
                f"{extras})")
-    if calibration:
-        click.echo(f"threshold  {calibration['threshold']:.4f} ({calibration['rule']}, {calibration['method']})")
-    else:
-        click.echo("threshold  not calibrated (run `siamesedb calibrate`)")
+    for rule, cal in sorted((summary.get("calibrations") or {}).items()):
+        latest = " (verify's default rule)" if calibration and calibration.get("rule") == rule else ""
+        click.echo(f"threshold  {cal['threshold']:.4f} ({rule}, {cal['method']}, {cal['genuine_pairs']} genuine / "
+                   f"{cal['impostor_pairs']} impostor pairs){latest}")
+    carried = summary["encoder"].get("pair_threshold")
+    if carried is not None:
+        click.echo(f"threshold  {carried:.4f} (the encoder's own: used for any rule not calibrated here)")
+    elif not calibration:
+        click.echo("threshold  none: run `siamesedb calibrate`, or pass --threshold to verify")
 
 
 # ---------------------------------------------------------------------------------------------- training, evaluation

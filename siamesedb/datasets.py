@@ -1,4 +1,5 @@
-"""Known public datasets (Omniglot, SVC2004 signatures, Fashion-MNIST): unpack their official archives into labelled folders."""
+"""Known public datasets (Omniglot, SVC2004 signatures, Fashion-MNIST, MNIST): unpack their official archives into
+labelled folders."""
 
 from __future__ import annotations
 
@@ -28,6 +29,16 @@ FASHION_MNIST_MD5 = {
     "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
     "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+# MNIST (LeCun, Cortes & Burges): the same IDX layout and file names. yann.lecun.com now refuses plain downloads;
+# the files are fetched from the mirror torchvision uses, and checked against the official MD5s whatever the source.
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/{name}"
+MNIST_CLASSES = tuple(str(digit) for digit in range(10))
+MNIST_MD5 = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
 }
 FASHION_MNIST_SPLITS = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                         "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
@@ -181,7 +192,8 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _write_fashion_pngs(files: dict[str, Path], staging: Path, progress: bool = False) -> None:
+def _write_fashion_pngs(files: dict[str, Path], staging: Path, progress: bool = False,
+                        classes: tuple[str, ...] = FASHION_MNIST_CLASSES, name: str = "fashion-mnist") -> None:
     """IDX pairs -> staging/<split>/<class>/<split>_<index>.png (28x28 grey, as stored: dark background)."""
     from tqdm import tqdm
 
@@ -189,13 +201,13 @@ def _write_fashion_pngs(files: dict[str, Path], staging: Path, progress: bool = 
         images, labels = _read_idx(files[images_name]), _read_idx(files[labels_name])
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise FolderError(f"{files[images_name]}: {images.shape} images do not match {labels.shape} labels")
-        if len(labels) and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
-            raise FolderError(f"{files[labels_name]}: label {int(labels.max())} is not a Fashion-MNIST class")
-        folders = [staging / split / name for name in FASHION_MNIST_CLASSES]
+        if len(labels) and int(labels.max()) >= len(classes):
+            raise FolderError(f"{files[labels_name]}: label {int(labels.max())} is not a {name} class")
+        folders = [staging / split / label for label in classes]
         for folder in folders:
             folder.mkdir(parents=True)
         for i, (image, label) in enumerate(tqdm(zip(images, labels), total=len(labels), unit="img",
-                                                desc=f"fashion-mnist {split}", disable=not progress)):
+                                                desc=f"{name} {split}", disable=not progress)):
             Image.fromarray(image).save(folders[label] / f"{split}_{i:05d}.png", compress_level=1)
 
 
@@ -208,30 +220,44 @@ def fashion_mnist(split: str | None = None, source: str | os.PathLike | None = N
     files are downloaded from the official host. The files' MD5s are checked against the official ones before the
     one-time conversion into cache_dir (default <cache_root()>/fashion_mnist).
     """
+    return _idx_dataset("fashion-mnist", "fashion_mnist", FASHION_MNIST_MD5, FASHION_MNIST_URL, FASHION_MNIST_CLASSES,
+                        split, source, cache_dir, progress)
+
+
+def mnist(split: str | None = None, source: str | os.PathLike | None = None,
+          cache_dir: str | os.PathLike | None = None, progress: bool = False) -> Path:
+    """MNIST digits as PNG folders <root>/{train,test}/<digit>/*.png, exactly as `fashion_mnist` (same IDX files):
+    `source` holds mnist/*.gz or the four .gz files; missing ones are downloaded; the official MD5s are checked."""
+    return _idx_dataset("mnist", "mnist", MNIST_MD5, MNIST_URL, MNIST_CLASSES, split, source, cache_dir, progress)
+
+
+def _idx_dataset(name: str, folder: str, md5s: dict[str, str], url: str, classes: tuple[str, ...], split: str | None,
+                 source: str | os.PathLike | None, cache_dir: str | os.PathLike | None, progress: bool) -> Path:
+    """The four IDX .gz files of an MNIST-format dataset, MD5-checked, converted once into PNG class folders."""
     if split not in (None, "train", "test"):
-        raise FolderError(f"fashion-mnist split must be 'train' or 'test', not {split!r}")
-    cache = Path(cache_dir) if cache_dir is not None else cache_root() / "fashion_mnist"
+        raise FolderError(f"{name} split must be 'train' or 'test', not {split!r}")
+    cache = Path(cache_dir) if cache_dir is not None else cache_root() / folder
     root = cache / "png"
     if not root.is_dir():
-        files = {name: _obtain(source, "fashion_mnist", name, FASHION_MNIST_URL.format(name=name), cache / "downloads")
-                 for name in FASHION_MNIST_MD5}
-        for name, path in files.items():
+        files = {file: _obtain(source, folder, file, url.format(name=file), cache / "downloads") for file in md5s}
+        for file, path in files.items():
             actual = _md5(path)
-            if actual != FASHION_MNIST_MD5[name]:
+            if actual != md5s[file]:
                 if path.parent == cache / "downloads":
                     path.unlink()  # a bad download must not block the next attempt
-                raise FolderError(f"{path}: MD5 {actual} is not the official {FASHION_MNIST_MD5[name]}")
-        _publish(lambda staging: _write_fashion_pngs(files, staging, progress), root)
+                raise FolderError(f"{path}: MD5 {actual} is not the official {md5s[file]}")
+        _publish(lambda staging: _write_fashion_pngs(files, staging, progress, classes, name), root)
     return root if split is None else root / split
 
 
 # ---------------------------------------------------------------------------------------------- `siamesedb datasets fetch`
 
-DATASETS = ("omniglot", "svc2004", "fashion-mnist")
+DATASETS = ("omniglot", "svc2004", "fashion-mnist", "mnist")
 ARCHIVES = {
     "omniglot": ("omniglot", ["images_background.zip", "images_evaluation.zip"]),
     "svc2004": ("signatures_svc2004", ["svc2004_png.zip"]),
     "fashion-mnist": ("fashion_mnist", list(FASHION_MNIST_MD5)),
+    "mnist": ("mnist", list(MNIST_MD5)),
 }
 
 
@@ -297,13 +323,13 @@ def fetch(name: str, to: str | os.PathLike, source: str | os.PathLike | None = N
         log(f"unpacking {archive}")
         roots["all"] = svc2004(source=archive, cache_dir=target)
     else:
-        for filename in files:  # fashion_mnist() checks the MD5s itself, before converting
-            used[filename] = _obtain(source, subfolder, filename, FASHION_MNIST_URL.format(name=filename),
-                                     target / "downloads")
+        url, convert = (FASHION_MNIST_URL, fashion_mnist) if name == "fashion-mnist" else (MNIST_URL, mnist)
+        for filename in files:  # fashion_mnist() / mnist() check the MD5s themselves, before converting
+            used[filename] = _obtain(source, subfolder, filename, url.format(name=filename), target / "downloads")
         log(f"converting {len(files)} IDX files to PNG folders")
         common = {used[f].parent for f in files}
         folder = common.pop() if len(common) == 1 else None
-        root = fashion_mnist(source=folder, cache_dir=target, progress=progress)
+        root = convert(source=folder, cache_dir=target, progress=progress)
         roots = {"train": root / "train", "test": root / "test"}
     sums = "".join(f"{_sha256(path)}  {filename}\n" for filename, path in sorted(used.items()))
     (target / "SHA256SUMS").write_text(sums, encoding="utf-8")

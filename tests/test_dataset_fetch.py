@@ -97,8 +97,8 @@ def test_fashion_files_that_are_not_the_official_ones_are_refused(tmp_path):
 
 
 def test_unknown_dataset_and_no_copy_anywhere(tmp_path, monkeypatch):
-    assert run("datasets", "fetch", "mnist", "--to", tmp_path).exit_code == 2  # click's choice check
+    assert run("datasets", "fetch", "cifar10", "--to", tmp_path).exit_code == 2  # click's choice check
     with pytest.raises(FolderError, match="unknown dataset"):
-        datasets.fetch("mnist", tmp_path)
+        datasets.fetch("cifar10", tmp_path)
     with pytest.raises(FolderError, match="svc2004_png.zip not found"):
         datasets.fetch("svc2004", tmp_path / "out", source=tmp_path / "nothing")

@@ -292,3 +292,33 @@ def test_cli_flow_mlp_contrastive_margin_2_euclidean(tmp_path):
     info = json.loads(run("info", "--index", index, "--json"))
     assert info["metric"] == "l2" and info["encoder"]["backbone"] == "mlp"
     assert "l2" in run("info", "--index", index)
+
+
+def test_datasets_fetch_mnist_converts_a_tiny_idx_set(tmp_path, monkeypatch):
+    """`datasets fetch mnist` on four tiny IDX files the test writes (registered as the official MD5s; no network)."""
+    import gzip
+    import hashlib
+    import struct
+
+    from siamesedb import datasets
+
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 12), ("t10k", 5)):
+        for kind, array in (("images-idx3", rng.integers(0, 256, (n, 28, 28))), ("labels-idx1", np.arange(n) % 10)):
+            header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+            with gzip.open(folder / f"{prefix}-{kind}-ubyte.gz", "wb") as fh:
+                fh.write(header + array.astype(np.uint8).tobytes())
+    monkeypatch.setattr(datasets, "MNIST_MD5", {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()})
+    monkeypatch.setattr(datasets, "MNIST_URL", "http://127.0.0.1:9/{name}")  # never used: the files are local
+    result = CliRunner().invoke(cli, ["datasets", "fetch", "mnist", "--to", str(tmp_path / "out"), "--from",
+                                      str(folder), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    roots = json.loads(result.stdout)["roots"]
+    digits = sorted(p.name for p in Path(roots["train"]).iterdir())
+    assert digits == [str(d) for d in range(10)] and len(list(Path(roots["test"]).rglob("*.png"))) == 5
+    monkeypatch.setitem(datasets.MNIST_MD5, "t10k-labels-idx1-ubyte.gz", "0" * 32)
+    refused = CliRunner().invoke(cli, ["datasets", "fetch", "mnist", "--to", str(tmp_path / "again"), "--from",
+                                       str(folder)])
+    assert refused.exit_code == 1 and "MD5" in refused.output
