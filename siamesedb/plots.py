@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from siamesedb import query
 from siamesedb.errors import ImageLoadError, InvalidInputError
 
 
@@ -108,7 +109,8 @@ def search_sheet(queries: Sequence[Any], results: Sequence[Sequence[Any]], out: 
     for source, hits in zip(queries, results):
         answers = [Tile(hit.path, f"{_short(hit.label)}\n{hit.score:.3f}") for hit in hits]
         rows.append((_query_tile(source, str(source)), answers))
-    return contact_sheet(rows, out, title="query → most similar items (cosine similarity)")
+    score = "cosine similarity" if getattr(results, "metric", "cosine") == "cosine" else "minus the Euclidean distance"
+    return contact_sheet(rows, out, title=f"query → most similar items ({score})")
 
 
 def classify_sheet(db: Any, queries: Sequence[Any], predictions: Sequence[Any], out: str | os.PathLike,
@@ -121,7 +123,8 @@ def classify_sheet(db: Any, queries: Sequence[Any], predictions: Sequence[Any], 
         answers = []
         for rank, (label, score) in enumerate(prediction.ranking[:top]):
             ids, support = db.store.vectors(label=label)
-            best = db.store.items([int(ids[int(np.argmax(support @ vector))])])[0] if len(ids) else None
+            nearest = np.argmax(query.scores_for(db.metric, vector[None, :], support)[0]) if len(ids) else 0
+            best = db.store.items([int(ids[int(nearest)])])[0] if len(ids) else None
             answers.append(Tile(best.path if best else None, f"{_short(label)}\n{score:.3f}",
                                 colour="tab:green" if rank == 0 else None))
         rows.append((_query_tile(source, str(source)), answers))

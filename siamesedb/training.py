@@ -362,6 +362,8 @@ def whitened_encoder(encoder: Encoder, vectors: np.ndarray, labels: Sequence[Any
     """A new Encoder: `encoder` followed by the within-class whitening fitted on its own `vectors` of `labels`."""
     if encoder.config.whitening:
         raise InvalidInputError("this encoder is already whitened")
+    if encoder.config.metric != "cosine":
+        raise InvalidInputError("whitening maps unit vectors: it applies to cosine encoders, not Euclidean ones")
     matrix = within_class_whitening(vectors, labels, ridge)  # (D, D)
     config = EncoderConfig.from_dict({**encoder.config.to_dict(), "whitening": True})
     config.notes = {**config.notes, "whitening": {"ridge": ridge, "items": len(vectors), **(notes or {})}}
