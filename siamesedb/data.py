@@ -182,12 +182,17 @@ def _to_l_or_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # CMYK, YCbCr, HSV...
 
 
-def _decode_opened(opened: Image.Image, source: Any) -> Image.Image:
-    """An image fresh from Image.open -> its decoded first frame, upright, detached from the file."""
+def _decode_opened(opened: Image.Image, source: Any, draft: tuple[int, int] | None = None) -> Image.Image:
+    """An image fresh from Image.open -> its decoded first frame, upright, detached from the file; a JPEG at the
+    smallest DCT scale covering `draft` (width, height) when given."""
     width, height = opened.size
     # The declared size is known before any pixel is decoded: a bomb is refused here, at no cost.
     if width * height > MAX_PIXELS:
         raise ImageLoadError(source, f"image too large ({width}x{height} pixels, limit {MAX_PIXELS:,})")
+    if draft is not None and opened.format == "JPEG":
+        # Square request (the longer side both ways): EXIF orientation may still swap width and height below.
+        side = max(draft)
+        opened.draft(opened.mode, (side, side))  # 4000x3000 -> 500x375 for a 28 px input: ~1/8 of the decoding
     opened.load()  # Image.open leaves an animation on its first frame, so this decodes frame 0
     try:
         return ImageOps.exif_transpose(opened)  # a new, upright image (a plain copy when there is no orientation)
@@ -195,7 +200,7 @@ def _decode_opened(opened: Image.Image, source: Any) -> Image.Image:
         return opened.copy()
 
 
-def _open_path(source: str | os.PathLike) -> Image.Image:
+def _open_path(source: str | os.PathLike, draft: tuple[int, int] | None = None) -> Image.Image:
     path = Path(source)
     if not path.exists():
         raise ImageLoadError(source, "no such file")
@@ -209,7 +214,7 @@ def _open_path(source: str | os.PathLike) -> Image.Image:
         # PIL only warns between its own limit and twice that; make it an error so nothing that large is decoded.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as opened:
-            return _decode_opened(opened, source)
+            return _decode_opened(opened, source, draft)
 
 
 @dataclass(frozen=True)
@@ -223,13 +228,13 @@ class EncodedFile:
         return self.name
 
 
-def _open_bytes(source: EncodedFile) -> Image.Image:
+def _open_bytes(source: EncodedFile, draft: tuple[int, int] | None = None) -> Image.Image:
     if not source.data:
         raise ImageLoadError(source, "empty file")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(io.BytesIO(source.data)) as opened:
-            return _decode_opened(opened, source)
+            return _decode_opened(opened, source, draft)
 
 
 def _read_file_like(source: Any) -> bytes:
@@ -240,9 +245,13 @@ def _read_file_like(source: Any) -> bytes:
     return bytes(data)
 
 
-def load_image(source: Any) -> Image.Image:
+def load_image(source: Any, draft: tuple[int, int] | None = None) -> Image.Image:
     """A path, PIL image, numpy array, the bytes of an encoded image file, or a binary file object -> a PIL image in
     mode 'L' or 'RGB'. Every failure is an ImageLoadError.
+
+    `draft` (width, height): a JPEG file may be decoded at 1/2, 1/4 or 1/8 scale (Pillow's draft mode, the DCT
+    scaled in libjpeg), the smallest that still covers this size in both directions; other formats ignore it.
+    `Preprocessing.draft_size` is the size that keeps the encoder's input the same within rounding.
 
     Files: first frame of an animation, EXIF orientation applied, 16-bit scaled to 8-bit, alpha composited on white,
     images declaring more than MAX_PIXELS pixels refused before decoding. A PIL image straight from Image.open is
@@ -250,11 +259,11 @@ def load_image(source: Any) -> Image.Image:
     """
     try:
         if isinstance(source, (str, os.PathLike)):
-            image = _open_path(source)
+            image = _open_path(source, draft)
         elif isinstance(source, EncodedFile):
-            image = _open_bytes(source)
+            image = _open_bytes(source, draft)
         elif isinstance(source, ImageFile.ImageFile):
-            image = _decode_opened(source, getattr(source, "filename", None) or "<image>")
+            image = _decode_opened(source, getattr(source, "filename", None) or "<image>", draft)
         elif isinstance(source, Image.Image):
             image = source
         elif isinstance(source, np.ndarray):
@@ -314,6 +323,9 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
 # ------------------------------------------------------------------------------------------------ preprocessing
 
 
+DRAFT_MARGIN = 2  # a JPEG is decoded at a DCT scale covering this many times the input size (see draft_size)
+
+
 @dataclass
 class Preprocessing:
     """How an image becomes the encoder's input tensor; saved in the encoder's config.json."""
@@ -367,6 +379,14 @@ class Preprocessing:
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         return np.ascontiguousarray(array, dtype=np.float32)
 
+    @property
+    def draft_size(self) -> tuple[int, int]:
+        """(width, height) a JPEG may be decoded down to (`load_image(..., draft=)`) without changing the input
+        beyond rounding: DRAFT_MARGIN x the input size, so the resize below still averages several decoded pixels
+        into each input pixel, as it does from the full decode (tests/test_data.py bounds the difference)."""
+        height, width = self.size
+        return (DRAFT_MARGIN * width, DRAFT_MARGIN * height)
+
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> (C, H, W) float32 tensor."""
         return torch.from_numpy(self.to_array(image))
@@ -400,7 +420,7 @@ def _decode_arrays(
     arrays, kept, skipped = [], [], []
     for i, source in enumerate(sources):
         try:
-            arrays.append(preprocessing.to_array(load_image(source)))
+            arrays.append(preprocessing.to_array(load_image(source, preprocessing.draft_size)))
         except ImageLoadError as exc:
             if not skip_errors:
                 raise
@@ -517,7 +537,7 @@ def _hash_and_decode(
             if expected[i] is not None and digest == expected[i]:
                 held.append(i)
                 continue
-            arrays.append(preprocessing.to_array(load_image(source)))
+            arrays.append(preprocessing.to_array(load_image(source, preprocessing.draft_size)))
         except ImageLoadError as exc:
             skipped.append((i, exc.reason))
             continue
@@ -773,3 +793,64 @@ class EpisodeSampler:
             query.append(picked[self.shot :])
         return (np.concatenate(support).astype(np.int64), np.concatenate(query).astype(np.int64),
                 np.repeat(np.arange(len(classes)), self.queries))
+
+
+# ---------------------------------------------------------------------------------------------- what images look like
+
+
+class DomainWarning(UserWarning):
+    """Images look unlike what the encoder was trained on: its vectors (and thresholds) may mean little."""
+
+
+def image_profile(sources: Sequence[Any], limit: int = 64) -> dict[str, Any]:
+    """What a sample of images looks like: median aspect (width / height) and size, the share in colour, and the
+    share on a light background (ink on paper) -- enough to tell glyphs, signatures and photos apart.
+
+    Reads at most `limit` images (spread evenly over `sources`); unreadable ones are left out. {} when none reads.
+    """
+    step = max(1, len(sources) // max(1, limit))
+    aspects, widths, heights, colour, light, mid = [], [], [], [], [], []
+    for source in list(sources)[::step][:limit]:
+        try:
+            image = load_image(source)
+        except ImageLoadError:
+            continue
+        widths.append(image.width)
+        heights.append(image.height)
+        aspects.append(image.width / image.height)
+        small = np.asarray(image.resize((32, 32)), dtype=np.float32)
+        colour.append(small.ndim == 3 and float(np.abs(small - small.mean(axis=2, keepdims=True)).mean()) > 8.0)
+        light.append(float(small.mean()) > 127.5)
+        grey = small.mean(axis=2) if small.ndim == 3 else small
+        mid.append(float(np.mean((grey > 48) & (grey < 208))))  # photos: mostly mid-tones; ink on paper: few
+    if not aspects:
+        return {}
+    return {
+        "images": len(aspects),
+        "aspect": round(float(np.median(aspects)), 3),
+        "size": [int(np.median(widths)), int(np.median(heights))],
+        "colour": round(float(np.mean(colour)), 3),
+        "light_background": round(float(np.mean(light)), 3),
+        "mid_tones": round(float(np.median(mid)), 3),
+    }
+
+
+def profile_mismatch(trained: dict[str, Any], seen: dict[str, Any]) -> str | None:
+    """Why images with profile `seen` look out of domain for an encoder trained on `trained`, or None."""
+    if not trained or not seen:
+        return None
+    reasons = []
+    ratio = seen["aspect"] / trained["aspect"]
+    if ratio > 1.5 or ratio < 1 / 1.5:
+        reasons.append(f"aspect {seen['aspect']:.2f} (trained on {trained['aspect']:.2f})")
+    if abs(seen["colour"] - trained["colour"]) > 0.5:
+        kind = {True: "colour", False: "grey"}
+        reasons.append(f"{kind[seen['colour'] > 0.5]} images (trained on {kind[trained['colour'] > 0.5]})")
+    if abs(seen["light_background"] - trained["light_background"]) > 0.5:
+        kind = {True: "light", False: "dark"}
+        reasons.append(f"{kind[seen['light_background'] > 0.5]} backgrounds "
+                       f"(trained on {kind[trained['light_background'] > 0.5]})")
+    if "mid_tones" in trained and "mid_tones" in seen and abs(seen["mid_tones"] - trained["mid_tones"]) > 0.35:
+        kind = {True: "photo-like (mostly mid-tones)", False: "drawing-like (ink and paper)"}
+        reasons.append(f"{kind[seen['mid_tones'] > trained['mid_tones']]} images")
+    return ", ".join(reasons) or None

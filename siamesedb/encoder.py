@@ -445,7 +445,8 @@ class Encoder:
         return torch.cat(outputs).numpy().astype(np.float32, copy=False)
 
     def preprocess(self, image: Any) -> torch.Tensor:
-        return self.config.preprocessing.to_tensor(load_image(image))
+        prep = self.config.preprocessing
+        return prep.to_tensor(load_image(image, prep.draft_size))  # a large JPEG decodes at reduced scale
 
     def encode(self, images: Any, batch_size: int = 256) -> np.ndarray:
         """One image (path, PIL image or array) -> (D,); a list or tuple of them -> (N, D). float32,

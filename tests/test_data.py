@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -528,3 +529,44 @@ def test_pair_sampler_uses_forgeries_as_hard_impostors_only():
     assert all(x != y for x, y in impostor_pairs)
     hard = np.mean([(x, y) in {(0, 1), (2, 3)} for x, y in (sorted(p) for p in zip(labels[a[~genuine]], labels[b[~genuine]]))])
     assert 0.5 <= hard <= 0.75  # half drawn as hard pairs, plus random pairs that happen to be (genuine, its forgery)
+
+
+@functools.lru_cache(maxsize=None)
+def _large_photo_jpeg(width: int, height: int, seed: int = 0) -> bytes:
+    """A photo-like JPEG: a smooth colour field, discs of flat colour (edges) and sensor-like noise."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    field = rng.integers(0, 256, (height // 100 + 2, width // 100 + 2, 3), dtype=np.uint8)
+    image = Image.fromarray(field).resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(40):
+        x, y, r = int(rng.integers(0, width)), int(rng.integers(0, height)), int(rng.integers(10, width // 6))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    noisy = np.asarray(image, np.int16) + rng.normal(0, 12, (height, width, 3)).astype(np.int16)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("size, keep_aspect, channels", [((28, 28), False, 1), ((96, 96), False, 3), ((64, 128), True, 1)])
+def test_jpeg_draft_decode_matches_full_decode_after_the_resize(size, keep_aspect, channels):
+    """Decoding a large JPEG at reduced DCT scale (draft) gives the encoder nearly the same input as a full decode."""
+    from siamesedb.data import EncodedFile, Preprocessing, load_image
+
+    source = EncodedFile(_large_photo_jpeg(1600, 1200), "photo.jpg")
+    prep = Preprocessing(size=size, keep_aspect=keep_aspect, channels=channels, invert=False)
+    drafted = load_image(source, prep.draft_size)
+    assert drafted.size[0] < 1600 and min(drafted.size) >= max(prep.draft_size)  # decoded smaller, still covering
+    full = prep.to_array(load_image(source))
+    draft = prep.to_array(drafted)
+    assert full.shape == draft.shape
+    assert float(np.abs(full - draft).mean()) * 255 < 0.6  # mean difference under 0.6 of one 8-bit level
+
+
+def test_draft_leaves_non_jpeg_images_alone(tmp_path):
+    from siamesedb.data import Preprocessing, load_image
+
+    png = tmp_path / "big.png"
+    Image.fromarray(np.full((800, 600), 200, np.uint8)).save(png)
+    assert load_image(png, Preprocessing(size=(28, 28)).draft_size).size == (600, 800)
