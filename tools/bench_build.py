@@ -10,7 +10,12 @@ The machine may be shared: the settings are measured in rounds (every setting on
 round), so a burst of outside load falls on all of them alike, and each line prints the median over the rounds.
 The build's vectors are checked against encode-only's (same images, same order): the pipeline must not change them.
 
-Run:  python tools/bench_build.py [--data PATH] [--runs 5] [--workers 0 1 2]
+Large photos (--photos N): N generated 4000x3000 photo-like JPEGs (smooth colour field, flat discs, noise; quality
+90) in two label folders: decode + preprocess per image with the full decode vs JPEG draft mode (decoding at the
+smallest DCT scale covering 2x the input, `Preprocessing.draft_size`), their mean pixel difference after the resize,
+and a build of the folder. --photos-only skips the Omniglot part.
+
+Run:  python tools/bench_build.py [--data PATH] [--runs 5] [--workers 0 1 2] [--photos 24 [--photos-only]]
 """
 
 from __future__ import annotations
@@ -28,10 +33,72 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from siamesedb.data import iter_batches, scan_folder
+from siamesedb.data import iter_batches, load_image, scan_folder
 from siamesedb.datasets import omniglot
 from siamesedb.db import SiameseDB
 from siamesedb.encoder import Encoder
+
+
+def photo_jpeg(width: int, height: int, seed: int) -> bytes:
+    """A photo-like JPEG: a smooth colour field, discs of flat colour (edges) and sensor-like noise."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    field = rng.integers(0, 256, (height // 100 + 2, width // 100 + 2, 3), dtype=np.uint8)
+    image = Image.fromarray(field).resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(60):
+        x, y, r = int(rng.integers(0, width)), int(rng.integers(0, height)), int(rng.integers(20, width // 6))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    noisy = np.asarray(image, np.int16) + rng.normal(0, 12, (height, width, 3)).astype(np.int16)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def bench_photos(count: int, encoder: Encoder, runs: int, batch_size: int) -> None:
+    """Full decode vs draft decode of large JPEGs (per image, in rounds), their difference, and a build."""
+    scratch = Path(tempfile.mkdtemp(prefix="bench-build-photos-"))
+    try:
+        for i in range(count):
+            target = scratch / "photos" / f"item{i % 2}" / f"photo{i:03d}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(photo_jpeg(4000, 3000, seed=i))
+        paths = sorted((scratch / "photos").rglob("*.jpg"))
+        prep = encoder.config.preprocessing
+        full = [prep.to_array(load_image(p)) for p in paths]
+        draft = [prep.to_array(load_image(p, prep.draft_size)) for p in paths]
+        difference = float(np.mean([np.abs(a - b).mean() for a, b in zip(full, draft)])) * 255
+        settings = {"full decode": None, "draft decode": prep.draft_size}
+        seconds: dict[str, list[float]] = {name: [] for name in settings}
+        built: list[float] = []
+        for round_ in range(runs + 1):
+            for name, size in settings.items():
+                started = time.perf_counter()
+                for p in paths:
+                    prep.to_array(load_image(p, size))
+                if round_:
+                    seconds[name].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            shutil.rmtree(scratch / "index", ignore_errors=True)
+            with SiameseDB.build(scratch / "photos", path=scratch / "index", encoder=encoder, workers=0,
+                                 batch_size=batch_size) as db:
+                assert len(db) == count, len(db)
+            if round_:
+                built.append(time.perf_counter() - started)
+        full_ms = statistics.median(seconds["full decode"]) / count * 1000
+        draft_ms = statistics.median(seconds["draft decode"]) / count * 1000
+        print(f"# {count} photo-like JPEGs 4000x3000 (quality 90), input {prep.size}, channels {prep.channels}, "
+              f"keep_aspect {prep.keep_aspect}; draft covers {prep.draft_size}")
+        print(f"photo decode + preprocess, full   {full_ms:7.1f} ms/image")
+        print(f"photo decode + preprocess, draft  {draft_ms:7.1f} ms/image  = {full_ms / draft_ms:.2f}x faster; mean "
+              f"pixel difference after the resize {difference:.3f}/255")
+        print(f"photo build (draft), workers=0    {count / statistics.median(built):7.1f} images/s "
+              f"({1000 * statistics.median(built) / count:.1f} ms/image)")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def main() -> None:
@@ -42,7 +109,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--limit", type=int, default=None, help="Only the first N images (a quick look).")
+    parser.add_argument("--photos", type=int, default=0, help="Also time N generated 4000x3000 JPEGs (draft decode).")
+    parser.add_argument("--photos-only", action="store_true", help="Only the large-photo part.")
     args = parser.parse_args()
+    if args.photos:
+        bench_photos(args.photos, Encoder.load(args.encoder, device="cpu"), args.runs, args.batch_size)
+        if args.photos_only:
+            return
 
     folder = omniglot("evaluation", source=args.data)
     images = scan_folder(folder)
