@@ -275,16 +275,28 @@ def remove(index_dir: Path, ids: tuple[int, ...], label: str | None, as_json: bo
 @index_option()
 @click.option("--factory", default=None,
               help="New FAISS factory string, or 'auto' to choose again for today's size (default: keep the type).")
+@click.option("--reroot", nargs=2, type=str, default=None, metavar="OLD NEW",
+              help="The images moved: rewrite stored paths under folder OLD to lie under NEW (nothing else changes).")
 @lock_timeout_option
 @json_option
-def reindex(index_dir: Path, factory: str | None, as_json: bool) -> None:
+def reindex(index_dir: Path, factory: str | None, reroot: tuple[str, str] | None, as_json: bool) -> None:
     """Rebuild the FAISS index from the store: retrain, drop removed items, optionally change type.
+
+    With --reroot OLD NEW, only rewrite the stored image paths (the images moved).
 
     \b
     Example:
       siamesedb reindex --index indexes/omniglot --factory auto
+      siamesedb reindex --index indexes/omniglot --reroot /old/data /new/data
     """
     db = open_db(index_dir)
+    if reroot is not None:
+        changed = db.reroot(*reroot)
+        if as_json:
+            emit_json({"index": str(index_dir), "rerooted": changed, "items": len(db)})
+        else:
+            click.echo(f"{index_dir}: {changed} of {len(db)} image paths now under {reroot[1]}")
+        return
     chosen = db.reindex(factory)
     if as_json:
         emit_json({"index": str(index_dir), "factory": chosen, "items": len(db),
@@ -499,6 +511,7 @@ def verify(images: tuple[Path, ...], index_dir: Path | None, label: str | None, 
             raise click.UsageError("with --index, give the claimed class with --label")
         db = open_db(index_dir, device)
         images, vectors = encode_each(db, images)
+        db.check_domain(images)
         results = [db.verify_vector(v, label, threshold=threshold, rule=rule) for v in vectors]
     else:
         if len(images) != 2:
@@ -814,6 +827,54 @@ def eval_verify(folder: Path, encoder: str, references: int, test_groups: str, c
         click.echo(f"wrote {path}")
 
 
+@eval_group.command(name="oneshot-verify", context_settings=CONTEXT_SETTINGS)
+@click.argument("folder", type=click.Path(path_type=Path))
+@encoder_option
+@click.option("--references", default=1, show_default=True, help="Reference images per class (1: one-shot).")
+@click.option("--impostors", type=click.Choice(["group", "any"]), default="group", show_default=True,
+              help="Impostor trials from the other classes of the same group (look-alikes: same alphabet), or any.")
+@click.option("--threshold", type=float, default=None,
+              help="Read FAR / FRR at this threshold (default: the encoder's own, verify's fallback).")
+@click.option("--target-far", type=click.FloatRange(0, 1), default=None,
+              help="Also report the lowest threshold meeting this FAR on these trials, and its FRR.")
+@click.option("--groups", default=None, help="Only these groups (first label component): 'Latin,Greek' or 'U31-U40'.")
+@click.option("--seed", default=0, show_default=True, help="Reference sampling seed.")
+@device_option
+@quiet_option
+@json_option
+def eval_oneshot_verify(folder: Path, encoder: str, references: int, impostors: str, threshold: float | None,
+                        target_far: float | None, groups: str | None, seed: int, device: str, quiet: bool,
+                        as_json: bool) -> None:
+    """One-shot verification on unseen classes: AUC, EER, and FAR / FRR at a threshold.
+
+    Each class of FOLDER gets REFERENCES random images of its own as its reference set;
+    its other images are genuine trials, and the images of the other classes of its
+    group (e.g. the other characters of one alphabet) are impostor trials. FAR and FRR
+    are read at the encoder's own threshold: what `verify` uses on an uncalibrated index.
+
+    \b
+    Example:
+      siamesedb eval oneshot-verify ~/omniglot/images_evaluation --references 1 --json
+    """
+    from siamesedb.encoder import Encoder
+    from siamesedb.evaluation import evaluate_oneshot_verification
+
+    result = evaluate_oneshot_verification(folder, Encoder.load(encoder, device=device), references=references,
+                                           impostors=impostors, threshold=threshold, target_far=target_far,
+                                           groups=groups, seed=seed, progress=not (quiet or as_json))
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    click.echo(f"{result.classes} classes, {references} reference(s) each, impostors: {impostors}; "
+               f"{result.genuine_trials} genuine / {result.impostor_trials} impostor trials: AUC {result.auc:.4f}, "
+               f"EER {result.eer:.2%}; at threshold {result.threshold:.4f} ({result.threshold_source}): "
+               f"FAR {result.far:.2%}, FRR {result.frr:.2%}")
+    if result.far_threshold:
+        at = result.far_threshold
+        click.echo(f"lowest threshold with FAR <= {at['target_far']:.2%} on these trials: {at['threshold']:.4f} "
+                   f"(FAR {at['far']:.2%}, FRR {at['frr']:.2%})")
+
+
 @eval_group.command(name="pairs", context_settings=CONTEXT_SETTINGS)
 @click.argument("folder", type=click.Path(path_type=Path))
 @encoder_option
@@ -945,7 +1006,15 @@ def datasets_fetch(name: str, to: Path, source: str | None, quiet: bool, as_json
         click.echo(f"{name} {split}: {root}")
 
 
+def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    """Warnings on the command line: one `warning: ...` line on stderr, not Python's file:line form."""
+    click.echo(f"warning: {message}", err=True)
+
+
 def main() -> None:
+    import warnings
+
+    warnings.showwarning = _show_warning
     cli(prog_name="siamesedb")
 
 
