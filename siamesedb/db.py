@@ -22,6 +22,7 @@ import os
 import sqlite3
 import stat
 import time
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -33,11 +34,14 @@ import numpy as np
 
 from siamesedb import __version__, query
 from siamesedb.data import (
+    DomainWarning,
     EncodedFile,
     LabelledImage,
     _read_file_like,
     file_sha256,
+    image_profile,
     iter_hashed_batches,
+    profile_mismatch,
     scan_folder,
 )
 from siamesedb.encoder import DEFAULT_ENCODER, Encoder
@@ -63,6 +67,7 @@ from siamesedb.index import (
     auto_search_defaults,
     choose_factory,
 )
+from siamesedb.item_table import ItemTable
 from siamesedb.locking import IndexWriteLock
 from siamesedb.store import ItemStore
 
@@ -243,9 +248,18 @@ class SiameseDB:
         self._index_version: int | None = None
         # Class prototypes are derived from the store; cached per store version so repeated classify calls are cheap.
         self._prototype_cache: _ClassTable | None = None
+        # Every item's label and path in memory for search hits (item_table.py), per store version; built when two
+        # lookups in a row find the same version (a stream of reads), never for one read between writes.
+        self._item_table: ItemTable | None = None
+        self._item_table_wanted: int | None = None
         # Search results whose labels and paths are not read yet: read before this handle writes or closes, so
         # they describe the index as it was when searched and stay usable after close().
         self._unread_results: list[weakref.ref[query.SearchResults]] = []
+        self._domain_checked = False  # check_domain warns once per handle
+
+    def __repr__(self) -> str:
+        state = "closed" if self.store.closed else f"{len(self)} items, {len(self.store.label_counts())} classes"
+        return f"SiameseDB({str(self.path)!r}, {state}, encoder {self.encoder.fingerprint})"
 
     # ------------------------------------------------------------------ creation and opening
 
@@ -375,6 +389,7 @@ class SiameseDB:
                 db = cls.create(path, encoder=encoder, factory=factory, device=device, expected_items=len(images),
                                 _lock=lock)
             _remove_temporaries(path)
+            db.check_domain([image.path for image in images])
             report = db._add_images(images, batch_size=batch_size, workers=workers, progress=progress)
         report.scanned += len(unstorable)
         report.skipped[:0] = unstorable
@@ -887,6 +902,19 @@ class SiameseDB:
         self._save_index_and_manifest()
         return chosen
 
+    @_locked_write
+    def reroot(self, old: str | os.PathLike, new: str | os.PathLike) -> int:
+        """The images moved from folder `old` to `new`: rewrite the stored paths that start with `old` (whole path
+        components). Vectors, ids and labels are untouched. Returns how many paths changed."""
+        old_text, new_text = str(old), str(new)
+        if not old_text or not new_text:
+            raise InvalidInputError("reroot needs both the old and the new folder")
+        changed = self.store.reroot_paths(old_text, new_text)
+        if changed == 0 and not Path(old_text).is_absolute():
+            # Stored paths are absolute (resolved at build/add): try the absolute form of a relative OLD too.
+            changed = self.store.reroot_paths(str(Path(old_text).resolve()), str(Path(new_text).resolve()))
+        return changed
+
     # ------------------------------------------------------------------ reading
 
     def _queries(self, vectors: np.ndarray) -> np.ndarray:
@@ -947,10 +975,25 @@ class SiameseDB:
         if k < 1:
             raise InvalidInputError(f"k must be at least 1, got {k}")
         D, I = self._search_index(self._queries(vectors), k, nprobe, ef_search)
-        results = query.SearchResults(D, I, self.store.labels_and_paths, metric=self.metric)
+        results = query.SearchResults(D, I, self._labels_and_paths, metric=self.metric)
         self._unread_results = [r for r in self._unread_results if r() is not None and not r().fetched]
         self._unread_results.append(weakref.ref(results))
         return results
+
+    def _labels_and_paths(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
+        """{id: (label, path)} of search hits: from the in-memory ItemTable while it mirrors the store's version,
+        else from the store (and the table is (re)built when the next lookup finds the version unchanged)."""
+        version = self.store.version
+        table = self._item_table
+        if table is None or table.version != version:
+            if self._item_table_wanted != version:
+                self._item_table_wanted = version
+                return self.store.labels_and_paths(ids)
+            with self.store.snapshot():  # ids, labels and paths of one committed state
+                table = self._item_table = ItemTable.from_store(self.store)
+            if table.version != version:  # a writer committed in between: answer this call from the store
+                return self.store.labels_and_paths(ids)
+        return table.lookup(ids)
 
     def _class_table(self) -> _ClassTable:
         """Per-class prototypes and each item's class code, computed in one streamed pass over the store.
@@ -1137,13 +1180,30 @@ class SiameseDB:
         One image in -> one Verification out; a list in -> a list out.
         """
         single = _is_single(images)
-        batch = [images] if single else list(images)
+        batch = _read_file_objects([images] if single else list(images))
         vectors = self._encode(batch)
+        self.check_domain(batch)
         results = [self.verify_vector(v, label, threshold=threshold, rule=rule) for v in vectors]
         for source, result in zip(batch, results):
             if isinstance(source, (str, os.PathLike)):
                 result.query = str(source)
         return results[0] if single else results
+
+    def check_domain(self, images: Sequence[ImageLike]) -> str | None:
+        """Warn (once per handle, DomainWarning) when `images` look unlike the encoder's training images (aspect,
+        colour, background, photo vs drawing: `data.profile_mismatch` against the profile its config records).
+        Returns the reason, or None. Encoders without a recorded profile are never warned about."""
+        if self._domain_checked or not self.encoder.config.data_profile:
+            return None
+        self._domain_checked = True
+        reason = profile_mismatch(self.encoder.config.data_profile, image_profile(list(images), limit=32))
+        if reason:
+            warnings.warn(
+                f"{self.path}: these images look unlike the encoder's training images ({reason}); its scores and "
+                "thresholds may not hold: train an encoder on images like these (`siamesedb train`)",
+                DomainWarning, stacklevel=3,
+            )
+        return reason
 
     @property
     def calibrations(self) -> dict[str, dict[str, Any]]:
@@ -1281,8 +1341,10 @@ class SiameseDB:
                 "members": self.encoder.config.members,  # > 1: an ensemble (tools/ensemble.py)
                 "whitening": self.encoder.config.whitening,
                 "test_time_shift": self.encoder.config.test_time_shift,
+                "pair_threshold": self.encoder.config.pair_threshold,  # verify's threshold where none is calibrated
             },
-            "calibration": self.manifest.get("calibration"),
+            "calibration": self.manifest.get("calibration"),  # the latest: the rule verify uses when given none
+            "calibrations": self.calibrations,  # one per rule
             "format_version": self.manifest.get("format_version"),
             "largest_classes": sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5],
         }
@@ -1325,7 +1387,8 @@ def verify_pair(
     threshold: float | None = None,
     device: str = "auto",
 ) -> query.Verification:
-    """Do two images show the same class? Cosine similarity against the encoder's calibrated pair threshold."""
+    """Do two images show the same class? Their score (cosine, or minus the Euclidean distance for a Euclidean
+    encoder) against the encoder's calibrated pair threshold."""
     enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder, device=device)
     source = "given"
     if threshold is None:

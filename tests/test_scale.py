@@ -81,7 +81,7 @@ def test_a_second_build_adds_nothing_and_decodes_nothing(tmp_path, encoder, monk
 
     decoded = []
     real = data_module.load_image
-    monkeypatch.setattr(data_module, "load_image", lambda source: decoded.append(source) or real(source))
+    monkeypatch.setattr(data_module, "load_image", lambda source, *rest: decoded.append(source) or real(source, *rest))
     again = SiameseDB.build(folder, path=tmp_path / "index", encoder=encoder, workers=0)
     assert (again.last_report.added, again.last_report.already_indexed, len(again)) == (0, 15, 15)
     assert decoded == []  # held files are read and hashed, never decoded again

@@ -1,0 +1,76 @@
+"""The fast search paths give the answers of the plain ones: hit labels / paths served from the in-memory ItemTable
+equal the store's, across writes; the exact kernels VectorIndex picks return FAISS Flat's ids (up to float ties)."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from siamesedb import index as index_module
+from siamesedb.data import Preprocessing
+from siamesedb.db import SiameseDB
+from siamesedb.encoder import Encoder, EncoderConfig
+from siamesedb.index import VectorIndex
+from siamesedb.item_table import ItemTable
+
+DIM = 16
+
+
+@pytest.fixture
+def db(tmp_path):
+    encoder = Encoder(EncoderConfig(backbone="conv4", embedding_dim=DIM, width=8, preprocessing=Preprocessing(size=(16, 16))))
+    with SiameseDB.create(tmp_path / "index", encoder=encoder, device="cpu") as handle:
+        yield handle
+
+
+def unit_rows(n: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def hits_of(results) -> list[list[tuple[int, str, str]]]:
+    return [[(h.id, h.label, h.path) for h in row] for row in results]
+
+
+def test_item_table_answers_as_the_store_does(db):
+    vectors = unit_rows(300, 0)
+    labels = [f"class{i % 7}" for i in range(300)]
+    paths = [f"/photos/é{i}.jpg" if i % 3 else "" for i in range(300)]
+    ids = db.add_vectors(vectors, labels, paths=paths)
+    with db.store.snapshot():
+        table = ItemTable.from_store(db.store)
+    asked = np.concatenate([ids[::5], [0, 10_000_000]])  # two ids the store does not hold
+    assert table.lookup(asked) == db.store.labels_and_paths(asked)
+    assert table.lookup(np.empty(0, np.int64)) == {}
+
+
+def test_search_hits_stay_right_across_writes(db):
+    """Repeated searches switch to the in-memory table; every write (add, remove) is seen by the next search."""
+    first = db.add_vectors(unit_rows(200, 1), [f"a{i % 5}" for i in range(200)], paths=[f"p{i}" for i in range(200)])
+    queries = unit_rows(20, 2)
+    expected = hits_of(db.search_vectors(queries, k=5))  # from the store (first read at this version)
+    for _ in range(2):  # the second read builds the table, the third uses it
+        assert hits_of(db.search_vectors(queries, k=5)) == expected
+    assert db._item_table is not None and db._item_table.version == db.store.version
+    db.remove(ids=first[:100])
+    db.add_vectors(queries, ["new"] * len(queries), paths=[f"q{i}" for i in range(len(queries))])
+    after = [hits_of(db.search_vectors(queries, k=5)) for _ in range(3)]
+    assert after[0] == after[1] == after[2]
+    assert all(row[0][1] == "new" for row in after[2])  # each query finds itself, labelled as just added
+    removed = set(first[:100].tolist())
+    assert not any(hit[0] in removed for row in after[2] for hit in row)
+
+
+def test_reopened_index_reads_labels_of_another_writer(db, tmp_path):
+    db.add_vectors(unit_rows(50, 3), ["old"] * 50)
+    queries = unit_rows(5, 4)
+    for _ in range(3):
+        db.search_vectors(queries, k=3)[0]
+    with SiameseDB.open(db.path, device="cpu") as other:
+        other.remove(label="old")
+        other.add_vectors(queries, ["fresh"] * 5)
+    # This handle's FAISS index is stale: its hits are items the other writer removed, which are left out.
+    assert all(row == [] for row in db.search_vectors(queries, k=1))
+    db.refresh()
+    assert [row[0].label for row in db.search_vectors(queries, k=1)] == ["fresh"] * 5
