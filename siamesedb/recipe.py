@@ -171,8 +171,8 @@ def choose_recipe(profile: FolderProfile, overrides: dict[str, Any] | None = Non
         recipe.choose("width", 16, "width 16: width 32 measured no better for 2.3x the cost")
     else:
         side = int(min(profile.median_height, profile.median_width))
-        size = max(16, side - side % 4) if side <= 40 else 64
-        recipe.choose("image_size", size, f"photos: square input, {'their native ' + str(side) + ' px' if side <= 40 else '64 px (a 2-core CPU budget; larger costs quadratically)'}")
+        size = max(16, side - side % 4) if side <= 64 else 64
+        recipe.choose("image_size", size, f"photos: square input, {'their native ' + str(side) + ' px' if side <= 64 else '64 px (a 2-core CPU budget; larger costs quadratically)'}")
         recipe.choose("image_width", None, "square")
         recipe.choose("keep_aspect", False, f"median aspect {profile.median_aspect:.2f}: resized to the square")
         recipe.choose("backbone", "resnet", "a small residual net for photos")

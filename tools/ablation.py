@@ -32,6 +32,7 @@ SETTINGS: dict[str, dict] = {
     "proto-28-rot4": {"loss": "proto", "rotate_classes": True},
     "proto-28-euclid": {"loss": "proto", "normalize_train": False, "proto_scale": 1.0},
     "proto-28-w128": {"loss": "proto", "width": 128},
+    "proto-28-bf16": {"loss": "proto", "precision": "bf16"},  # bfloat16 autocast on the CPU (every other row: float32)
 }
 
 
@@ -54,7 +55,7 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         config = TrainConfig(**{"epochs": max(1, args.steps // 100), "steps_per_epoch": min(100, args.steps),
-                                "seed": 0, **overrides})
+                                "seed": 0, "precision": "fp32", **overrides})
         started = time.perf_counter()
         encoder = train(background, Path(args.out) / name, config, progress=False)
         minutes = (time.perf_counter() - started) / 60
