@@ -8,8 +8,8 @@ import operator
 import os
 import re
 import tempfile
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -475,7 +475,9 @@ class VectorIndex:
         return D, I.astype(np.int64, copy=False)
 
     def _faiss_search(self, queries: np.ndarray, k: int, nprobe: int | None, ef_search: int | None):
-        _tune_cpu_blas()
+        kernel = _tune_cpu_blas(len(queries))
+        # A small batch on a Flat index: FAISS's scan on one thread (see SMALL_BATCH).
+        threads = 1 if kernel == "faiss-scan" and isinstance(self._inner(), faiss.IndexFlat) else None
         batch = sel = None
         if len(self._removed):
             # Tombstones are skipped inside the search, so HNSW / IVF still return k live results, not fewer.
@@ -487,7 +489,8 @@ class VectorIndex:
                 batch = faiss.IDSelectorBatch(self._removed)
             sel = faiss.IDSelectorNot(batch)
         params, keep = self._search_params(nprobe, ef_search, sel)
-        D, I = self._index.search(queries, k, params=params)
+        with _faiss_threads(threads):
+            D, I = self._index.search(queries, k, params=params)
         del batch, sel, params, keep  # these had to outlive the search call
         return (l2_scores(D) if self.metric == "l2" else D), I
 
@@ -639,34 +642,55 @@ class _GpuFaiss:  # pragma: no cover - needs a GPU build of faiss
         return D[:, :k], I[:, :k]
 
 
-# FAISS's exhaustive search (Flat, and IVF's coarse quantiser) uses BLAS only when queries x dim >= 128000: at
-# dim 64 that is never below 2,000 queries at once. Measured with tools/bench_search.py on the project's 2-core
-# machine, shared with other jobs (BENCHMARKS.md, "Search"): with ONE FAISS thread, BLAS forced (threshold 0) in
-# database blocks of 4096 searched 100k vectors 3.8x (1,000 queries) and 4.7x (100 queries) faster than the default;
-# with two threads on the busy machine the same setting was erratic (0.3x-1.3x: OpenMP barriers wait on threads the
-# other jobs hold), so it applies only while FAISS runs one thread (OMP_NUM_THREADS=1 or faiss.omp_set_num_threads).
-# Process-wide FAISS settings; None leaves FAISS's own.
-CPU_BLAS_THRESHOLD: int | None = 0
+# The exact kernel, chosen by measurement (tools/bench_exact.py, BENCHMARKS.md "Exact search kernels"; 2-core shared
+# CPU, 64-d, 10k / 100k / 1M vectors, 1 / 100 / 1,000 queries, FAISS at 1 and 2 threads):
+# - from SMALL_BATCH queries on: FAISS's exhaustive search with BLAS forced (distance_compute_blas_threshold 0; FAISS's
+#   own threshold of queries x dim >= 128000 means no BLAS below 2,000 queries at 64-d) in database blocks of 4096, at
+#   any thread count: 1.4-3.9x FAISS's own settings, and faster than the torch matmul + top-k everywhere;
+# - below SMALL_BATCH: FAISS's own SIMD scan (no BLAS), on ONE thread for a Flat index: a single query searched 1M
+#   vectors in 10.8 ms on one thread, 20.3 ms on two (BLAS forced: 40 ms), and beat torch (13.9 ms) too.
+# The BLAS settings are process-wide FAISS variables, set before every search (cheap): the choice depends only on
+# the batch size, so a query gets the same floats from any thread. (Two threads searching at once with batches on
+# either side of SMALL_BATCH may briefly run one with the other's setting: only speed changes, never the ids.)
+SMALL_BATCH = 20  # FAISS's historical BLAS threshold; measured: 1 query (scan wins) and 100 (BLAS wins)
+CPU_BLAS_THRESHOLD: int | None = 0  # None: leave FAISS's own settings alone
 CPU_BLAS_DATABASE_BS: int | None = 4096
 _faiss_blas_default = (faiss.cvar.distance_compute_blas_threshold, faiss.cvar.distance_compute_blas_database_bs)
 
 
-# OpenMP's thread count is per thread: a thread started later (a server's request thread) reports 1 whatever the
-# process was set to. Decide by the main thread's count, so a search gives the same floats from any thread.
-_main_faiss_single = [faiss.omp_get_max_threads() == 1]
+def exact_kernel(queries: int) -> str:
+    """The kernel an exhaustive search of this many queries runs: "faiss-blas" or "faiss-scan" (FAISS's own scan,
+    one thread for a Flat index)."""
+    return "faiss-scan" if queries < SMALL_BATCH or CPU_BLAS_THRESHOLD is None else "faiss-blas"
 
 
-def _tune_cpu_blas() -> None:
-    """Apply CPU_BLAS_* while FAISS runs one thread, FAISS's defaults otherwise (checked at every search: cheap)."""
-    if threading.current_thread() is threading.main_thread():
-        _main_faiss_single[0] = faiss.omp_get_max_threads() == 1
-    single = _main_faiss_single[0]
-    threshold = CPU_BLAS_THRESHOLD if single and CPU_BLAS_THRESHOLD is not None else _faiss_blas_default[0]
-    block = CPU_BLAS_DATABASE_BS if single and CPU_BLAS_DATABASE_BS is not None else _faiss_blas_default[1]
+def _tune_cpu_blas(queries: int) -> str:
+    """Set FAISS's BLAS variables for an exhaustive search of `queries` queries; returns `exact_kernel(queries)`."""
+    kernel = exact_kernel(queries)
+    if kernel == "faiss-blas":
+        threshold, block = CPU_BLAS_THRESHOLD, CPU_BLAS_DATABASE_BS or _faiss_blas_default[1]
+    else:
+        threshold, block = _faiss_blas_default
     if faiss.cvar.distance_compute_blas_threshold != threshold:
         faiss.cvar.distance_compute_blas_threshold = threshold
     if faiss.cvar.distance_compute_blas_database_bs != block:
         faiss.cvar.distance_compute_blas_database_bs = block
+    return kernel
+
+
+@contextmanager
+def _faiss_threads(threads: int | None) -> Iterator[None]:
+    """Run FAISS with `threads` OpenMP threads in this thread only (OpenMP's count is per calling thread), then
+    restore; None changes nothing."""
+    before = faiss.omp_get_max_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def faiss_has_gpu() -> bool:

@@ -212,18 +212,20 @@ def test_device_choice_errors():
         assert VectorIndex(8, device="auto").backend == "faiss"
 
 
-def test_blas_settings_follow_the_faiss_thread_count():
+def test_blas_settings_follow_the_batch_size_at_any_thread_count():
+    """BLAS forced from SMALL_BATCH queries on, whatever FAISS's thread count; FAISS's own scan below it, run on
+    one thread for a Flat index without changing the caller's thread count (tools/bench_exact.py)."""
     vectors = clustered(200)
     index = VectorIndex.from_vectors(vectors, np.arange(200))
     threads = faiss.omp_get_max_threads()
     try:
-        faiss.omp_set_num_threads(1)
-        index.search(vectors[:3], 2)
-        assert faiss.cvar.distance_compute_blas_threshold == index_module.CPU_BLAS_THRESHOLD == 0
-        assert faiss.cvar.distance_compute_blas_database_bs == index_module.CPU_BLAS_DATABASE_BS
-        faiss.omp_set_num_threads(2)
-        D, I = index.search(vectors[:3], 2)
-        assert faiss.cvar.distance_compute_blas_threshold == index_module._faiss_blas_default[0]
-        assert I[:, 0].tolist() == [0, 1, 2]
+        for count in (1, 2):
+            faiss.omp_set_num_threads(count)
+            D, I = index.search(vectors[:3], 2)
+            assert faiss.cvar.distance_compute_blas_threshold == index_module._faiss_blas_default[0]
+            assert I[:, 0].tolist() == [0, 1, 2] and faiss.omp_get_max_threads() == count
+            index.search(vectors[: index_module.SMALL_BATCH], 2)
+            assert faiss.cvar.distance_compute_blas_threshold == index_module.CPU_BLAS_THRESHOLD == 0
+            assert faiss.cvar.distance_compute_blas_database_bs == index_module.CPU_BLAS_DATABASE_BS
     finally:
         faiss.omp_set_num_threads(threads)

@@ -74,3 +74,57 @@ def test_reopened_index_reads_labels_of_another_writer(db, tmp_path):
     assert all(row == [] for row in db.search_vectors(queries, k=1))
     db.refresh()
     assert [row[0].label for row in db.search_vectors(queries, k=1)] == ["fresh"] * 5
+
+
+def flat_reference(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, metric: str):
+    """FAISS Flat with FAISS's own settings: the ids every exact kernel must return."""
+    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]) if metric == "inner_product"
+                             else faiss.IndexFlatL2(vectors.shape[1]))
+    flat.add_with_ids(vectors, ids)
+    saved = (faiss.cvar.distance_compute_blas_threshold, faiss.cvar.distance_compute_blas_database_bs)
+    faiss.cvar.distance_compute_blas_threshold, faiss.cvar.distance_compute_blas_database_bs = index_module._faiss_blas_default
+    try:
+        return flat.search(queries, k)
+    finally:
+        faiss.cvar.distance_compute_blas_threshold, faiss.cvar.distance_compute_blas_database_bs = saved
+
+
+def same_up_to_ties(D, I, D_ref, I_ref, atol=1e-5) -> bool:
+    """Equal ids, except where neighbouring scores tie within float rounding (their order may swap)."""
+    if not np.allclose(D, D_ref, atol=atol):
+        return False
+    differ = I != I_ref
+    if not differ.any():
+        return True
+    # Wherever ids differ, the reference must hold a score tie at that rank (with the rank before or after).
+    gaps = np.abs(np.diff(D_ref, axis=1)) <= atol
+    tied = np.zeros_like(differ)
+    tied[:, 1:] |= gaps
+    tied[:, :-1] |= gaps
+    return bool(tied[differ].all())
+
+
+@pytest.mark.parametrize("metric", ["inner_product", "l2"])
+@pytest.mark.parametrize("batch", [1, 7, index_module.SMALL_BATCH, 300])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_exact_kernels_return_faiss_flat_ids(metric, batch, threads):
+    rng = np.random.default_rng(batch)
+    n, dim, k = 5000, 32, 10
+    vectors = rng.normal(size=(n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = rng.permutation(np.arange(10, 10 + 3 * n, 3)).astype(np.int64)  # ids that are not positions
+    queries = vectors[rng.integers(0, n, batch)] + 0.05 * rng.normal(size=(batch, dim)).astype(np.float32)
+    index = VectorIndex(dim, "Flat", metric=metric)
+    index.add(vectors, ids)
+    before = faiss.omp_get_max_threads()
+    try:
+        faiss.omp_set_num_threads(threads)
+        D, I = index.search(queries, k)
+        assert faiss.omp_get_max_threads() == threads  # the one-thread scan restored the caller's count
+    finally:
+        faiss.omp_set_num_threads(before)
+    D_ref, I_ref = flat_reference(vectors, ids, queries, k, metric)
+    if metric == "l2":
+        D_ref = -np.sqrt(np.maximum(D_ref, 0))  # VectorIndex scores L2 hits as minus the distance
+    assert index_module.exact_kernel(batch) == ("faiss-scan" if batch < index_module.SMALL_BATCH else "faiss-blas")
+    assert same_up_to_ties(D, I, D_ref, I_ref)
