@@ -193,6 +193,19 @@ class Whitened(nn.Module):
         return self.linear(F.normalize(self.backbone(x).float(), dim=1))
 
 
+PRECISIONS = ("float32", "bfloat16")  # EncoderConfig.precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (x86 avx512_bf16 or amx_bf16, from /proc/cpuinfo). Without
+    them torch still computes bfloat16 encoders' vectors the same way, only emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 # EncoderConfig keys that describe the model without changing what it computes: not part of the fingerprint.
 UNFINGERPRINTED = ("pair_calibration", "data_profile")
 
@@ -221,6 +234,10 @@ class EncoderConfig:
     # mlp backbone only: hidden layer sizes (None: 128, 64, 32) and dropout (None: 0.1).
     hidden: tuple[int, ...] | None = None
     dropout: float | None = None
+    # CPU encoding precision: "bfloat16" runs the net under torch's bf16 autocast (the CPU's bf16 dot-product units:
+    # avx512_bf16 / AMX), vectors then normalised in float32. Changes vectors beyond float rounding (cosine to the
+    # float32 vectors >= 0.9999, BENCHMARKS.md "bf16 encoding"), so it is part of the fingerprint when set.
+    precision: str = "float32"
     # Facts *about* the model, not the model: left out of the fingerprint (see UNFINGERPRINTED), so measuring them
     # again never makes an index refuse the encoder that built it.
     # pair_calibration: the `verify` threshold this encoder carries ({"threshold", "target_far", "far", "frr",
@@ -240,6 +257,8 @@ class EncoderConfig:
             raise EncoderError(f"dropout must lie in [0, 1), got {self.dropout!r}")
         if (self.hidden is not None or self.dropout is not None) and self.backbone != "mlp":
             raise EncoderError(f"hidden sizes and dropout apply to the mlp backbone, not {self.backbone!r}")
+        if self.precision not in PRECISIONS:
+            raise EncoderError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         if int(self.test_time_shift) != self.test_time_shift or self.test_time_shift < 0:
             raise EncoderError(f"test_time_shift must be a whole number of pixels >= 0, got {self.test_time_shift!r}")
         self.test_time_shift = int(self.test_time_shift)
@@ -273,6 +292,8 @@ class EncoderConfig:
             d["hidden"] = list(self.hidden)
         if self.dropout is not None:
             d["dropout"] = float(self.dropout)
+        if self.precision != "float32":  # only when set: float32 encoders keep their fingerprints
+            d["precision"] = self.precision
         if self.pair_calibration:
             d["pair_calibration"] = self.pair_calibration
         if self.data_profile:
@@ -301,6 +322,7 @@ class EncoderConfig:
             metric=d.get("metric", "cosine"),
             hidden=d.get("hidden"),
             dropout=d.get("dropout"),
+            precision=d.get("precision", "float32"),
             pair_calibration=dict(d.get("pair_calibration", {})),
             data_profile=dict(d.get("data_profile", {})),
         )
@@ -384,6 +406,9 @@ class Encoder:
                 chunk = shifted_views(chunk, shift)  # (5n, C, H, W): the image, then four shifted copies
             if self.device.type == "cuda":
                 with torch.autocast("cuda", dtype=torch.float16):
+                    out = self.net(chunk)
+            elif self.config.precision == "bfloat16":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
                     out = self.net(chunk)
             else:
                 out = self.net(chunk)
