@@ -321,6 +321,8 @@ def verification_score(query: np.ndarray, support: np.ndarray, rule: str = "prot
     min(3, M) references (less sensitive to one outlier reference than max); relative: the prototype cosine divided
     by the references' own consistency (`reference_consistency`), so a writer whose genuine references vary a lot
     is held to a lower bar than one who signs the same way every time (with one reference: the prototype cosine).
+    Under metric="euclidean" every cosine above becomes minus the distance (prototype: to the plain mean), and
+    relative divides by the references' spread (`reference_spread`) instead.
     """
     support = np.asarray(support)
     if support.size == 0:
