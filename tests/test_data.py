@@ -570,3 +570,19 @@ def test_draft_leaves_non_jpeg_images_alone(tmp_path):
     png = tmp_path / "big.png"
     Image.fromarray(np.full((800, 600), 200, np.uint8)).save(png)
     assert load_image(png, Preprocessing(size=(28, 28)).draft_size).size == (600, 800)
+
+
+def test_draft_decode_keeps_exif_orientation():
+    """A portrait photo stored landscape with EXIF orientation 6 comes out upright, drafted or not."""
+    from siamesedb.data import EncodedFile, Preprocessing, load_image
+
+    image = Image.open(io.BytesIO(_large_photo_jpeg(1600, 1200)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90, exif=exif.tobytes())
+    source = EncodedFile(buffer.getvalue(), "portrait.jpg")
+    prep = Preprocessing(size=(48, 32), channels=3, invert=False)
+    full, drafted = load_image(source), load_image(source, prep.draft_size)
+    assert full.size == (1200, 1600) and drafted.size[0] < drafted.size[1]
+    assert float(np.abs(prep.to_array(full) - prep.to_array(drafted)).mean()) * 255 < 0.6
