@@ -20,6 +20,9 @@ _LAZY = {
     "Prediction": "siamesedb.query",
     "Verification": "siamesedb.query",
     "SiameseDBError": "siamesedb.errors",
+    "verify_pair": "siamesedb.db",
+    "json_default": "siamesedb.query",
+    "DomainWarning": "siamesedb.data",
 }
 
 __all__ = ["__version__", *_LAZY]

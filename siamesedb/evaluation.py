@@ -24,7 +24,16 @@ from typing import Any
 import numpy as np
 
 from siamesedb import query
-from siamesedb.data import FORGED, GENUINE, LabelledImage, group_of, iter_batches, parse_groups, scan_folder
+from siamesedb.data import (
+    FORGED,
+    GENUINE,
+    LabelledImage,
+    group_of,
+    iter_batches,
+    parse_groups,
+    scan_folder,
+    select_groups,
+)
 from siamesedb.encoder import Encoder
 from siamesedb.errors import InvalidInputError
 
@@ -464,3 +473,127 @@ def evaluate_pairs(folder: str | Path, encoder: Encoder, test_groups: str, calib
         eer=float(eer), auc=roc_auc(genuine, impostor), calibration_eer=float(calibration_eer),
         encoder=encoder.fingerprint, seconds=round(time.perf_counter() - started, 3),
     )
+
+
+# ---------------------------------------------------------------------------------------------- one-shot verification
+
+
+def oneshot_verification_trials(
+    vectors: np.ndarray,
+    labels: list[str],
+    references: int = 1,
+    impostors: str = "group",
+    seed: int = 0,
+    metric: str = "cosine",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of (genuine (G,), impostor (I,)) verification trials against per-class reference sets.
+
+    Every class gets `references` random items of its own as its reference set (its prototype: the normalised mean,
+    or the plain mean for Euclidean encoders). Genuine trials: the class's other items against it. Impostor trials:
+    every item of every other class of the same group (first label component: the same alphabet, the look-alikes a
+    user must tell apart) with `impostors="group"`, or of every other class with `impostors="any"`.
+    Scored through `query.scores_for`, the product's own scoring, in (items, classes) row blocks.
+    """
+    if impostors not in ("group", "any"):
+        raise InvalidInputError(f"impostors must be 'group' or 'any', got {impostors!r}")
+    if references < 1:
+        raise InvalidInputError(f"references must be at least 1, got {references}")
+    label_array = np.asarray(labels, dtype=object).astype(str)
+    classes, inverse = np.unique(label_array, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    rng = np.random.default_rng(seed)
+    is_reference = np.zeros(len(label_array), dtype=bool)
+    prototypes = np.empty((len(classes), vectors.shape[1]), dtype=np.float32)
+    for c in range(len(classes)):
+        members = np.flatnonzero(inverse == c)
+        if len(members) <= references:
+            raise InvalidInputError(f"class {classes[c]!r} has {len(members)} items; {references} references leave none to verify")
+        chosen = rng.choice(members, size=references, replace=False)
+        is_reference[chosen] = True
+        prototypes[c] = query.class_prototypes(vectors[chosen], [classes[c]] * references, metric=metric)[1][0]
+    group_of_class = np.asarray([group_of(name) for name in classes], dtype=object)
+    group_codes = np.unique(group_of_class, return_inverse=True)[1].reshape(-1)
+    item_group = group_codes[inverse]
+    genuine, impostor = [], []
+    for start in range(0, len(vectors), 4096):
+        rows = np.arange(start, min(start + 4096, len(vectors)))
+        scores = query.scores_for(metric, vectors[rows].astype(np.float32), prototypes)  # (rows, C)
+        own = inverse[rows]
+        keep = ~is_reference[rows]
+        genuine.append(scores[np.arange(len(rows)), own][keep])
+        other = np.ones_like(scores, dtype=bool)
+        other[np.arange(len(rows)), own] = False
+        if impostors == "group":
+            other &= item_group[rows][:, None] == group_codes[None, :]
+        impostor.append(scores[other])
+    impostor_scores = np.concatenate(impostor).astype(np.float64)
+    if len(impostor_scores) == 0:
+        raise InvalidInputError("no two classes share a group (first label component), so there are no same-group "
+                                "impostors; use impostors='any' (--impostors any)")
+    return np.concatenate(genuine).astype(np.float64), impostor_scores
+
+
+@dataclass
+class OneShotVerificationResult:
+    """One-shot verification on held-apart classes: ROC AUC, EER, and FAR / FRR at one threshold."""
+
+    references: int
+    impostors: str
+    threshold: float
+    threshold_source: str
+    far: float
+    frr: float
+    auc: float
+    eer: float
+    genuine_trials: int
+    impostor_trials: int
+    classes: int
+    images: int
+    encoder: str
+    seed: int
+    far_threshold: dict[str, float] = field(default_factory=dict)  # with target_far: the threshold meeting it
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate_oneshot_verification(
+    folder: str | Path,
+    encoder: Encoder,
+    references: int = 1,
+    impostors: str = "group",
+    threshold: float | None = None,
+    target_far: float | None = None,
+    groups: str | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> OneShotVerificationResult:
+    """Encode a labelled folder of classes the encoder never trained on and run `oneshot_verification_trials`.
+
+    FAR / FRR are read at `threshold`, by default the encoder's own (`verify`'s fallback: what a one-reference
+    index uses before any calibration). With `target_far`, also reports the lowest threshold meeting that
+    false-accept rate on these trials and its FRR (a measurement, not a threshold to ship: it saw the answers).
+    """
+    images = select_groups(scan_folder(Path(folder)), groups)
+    vectors, kept, _ = encode_images(images, encoder, progress=progress)
+    labels = [image.label for image in kept]
+    metric = getattr(encoder.config, "metric", "cosine")
+    genuine, impostor = oneshot_verification_trials(vectors, labels, references, impostors, seed, metric)
+    source = "given"
+    if threshold is None:
+        threshold, source = encoder.config.pair_threshold, "encoder"
+        if threshold is None:
+            raise InvalidInputError("this encoder carries no threshold; pass --threshold")
+    _, eer = query.eer_threshold(genuine, impostor)
+    at_far: dict[str, float] = {}
+    if target_far is not None:
+        t = query.far_threshold(impostor, target_far)
+        at_far = {"target_far": target_far, "threshold": t, "far": float(np.mean(impostor >= t)),
+                  "frr": float(np.mean(genuine < t))}
+    return OneShotVerificationResult(
+        references=references, impostors=impostors, threshold=float(threshold), threshold_source=source,
+        far=float(np.mean(impostor >= threshold)), frr=float(np.mean(genuine < threshold)),
+        auc=roc_auc(genuine, impostor), eer=float(eer), genuine_trials=len(genuine), impostor_trials=len(impostor),
+        classes=len(set(labels)), images=len(kept), encoder=encoder.fingerprint, seed=seed, far_threshold=at_far,
+    )
+

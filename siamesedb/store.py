@@ -468,3 +468,19 @@ class ItemStore:
             if row and row[0] is not None:
                 found[(label, digest)] = int(row[0])
         return found
+
+    @_named_sqlite_errors
+    def reroot_paths(self, old: str, new: str) -> int:
+        """Replace the leading `old` of every stored path with `new` (images moved to another folder); returns how
+        many paths changed. `old` matches whole path components only: /data/a does not rewrite /data/ab/x.png."""
+        old, new = old.rstrip("/\\") or old, new.rstrip("/\\") or new
+        changed = 0
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT id, path FROM items WHERE path = ? OR substr(path, 1, ?) IN (?, ?)",
+                (old, len(old) + 1, old + "/", old + "\\"),
+            ).fetchall()
+            for item_id, path in rows:
+                conn.execute("UPDATE items SET path = ? WHERE id = ?", (new + path[len(old):], item_id))
+                changed += 1
+        return changed
