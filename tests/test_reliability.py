@@ -309,7 +309,9 @@ def test_empty_and_one_class_support_sets_answer_as_documented(encoder_dir, fold
         db.add([folder / "circle" / f"{v}.png" for v in range(3)], label="circle")
         only = db.classify(folder / "square" / "0.png")
         assert only.label == "circle" and len(only.ranking) == 1  # one class: it wins, with its real score
-        assert -1.0 <= only.score <= 1.0
+        support = db.support("circle")
+        prototype = support.sum(axis=0) / np.linalg.norm(support.sum(axis=0))
+        assert only.score == pytest.approx(float(db.encoder.encode(folder / "square" / "0.png") @ prototype), abs=1e-5)
         with pytest.raises(InvalidInputError, match="two|classes"):
             db.calibrate()  # no impostor pairs: no threshold can be chosen
         with pytest.raises(InvalidInputError):
