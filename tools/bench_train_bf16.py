@@ -69,14 +69,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="Steps per timed block.")
     parser.add_argument("--repeats", type=int, default=5, help="Timed blocks per precision (median taken).")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps per precision first.")
-    parser.add_argument("--only", default=None, help="Run only settings whose name contains this.")
+    parser.add_argument("--only", nargs="*", default=None, help="Run only settings whose name contains one of these.")
     parser.add_argument("--json", default=None, help="Also write the results here.")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"bf16 support detected: {cpu_supports_bf16()}")
     results = []
     for name, backbone, width, size, channels, way, per_class in SETTINGS:
-        if args.only and args.only not in name:
+        if args.only and not any(part in name for part in args.only):
             continue
         steps = {p: make_step(backbone, width, size, channels, way, per_class, bf16=p == "bf16") for p in ("fp32", "bf16")}
         for step in steps.values():
