@@ -219,6 +219,18 @@ def test_colour_folder_trains_builds_and_queries_in_colour(tmp_path):
     assert hit["label"] == "thing2" and hit["score"] == pytest.approx(1.0, abs=1e-3)  # the image itself
 
 
+def test_explicit_epochs_keep_a_fixed_schedule(tmp_path):
+    model = tmp_path / "model"
+    result = run("train", glyphs(tmp_path / "g"), "--out", model, "--epochs", "2", "--steps-per-epoch", "2",
+                 "--width", "4", "--way", "4", "--precision", "fp32")
+    assert result.exit_code == 0, result.output
+    assert "glyph" in result.output and "invert = True" in result.output  # the choices are printed with reasons
+    saved = json.loads((model / "train_config.json").read_text())
+    assert saved["time_budget"] is None and saved["patience"] is None and (saved["epochs"], saved["steps_per_epoch"]) == (2, 2)
+    assert saved["loss"] == "proto" and saved["recipe"]["domain"] == "glyph" and saved["precision"] == "fp32"
+    assert len(json.loads((model / "history.json").read_text())) == 2
+
+
 # ---------------------------------------------------------------------------------------------- it learns
 
 
