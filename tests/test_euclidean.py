@@ -205,6 +205,11 @@ def test_euclidean_index_prototypes_are_plain_means(euclidean_index):
     verdict = db.verify_vector(vectors[0], "c0")
     assert verdict.threshold == calibration["threshold"]
     assert verdict.score == pytest.approx(-np.linalg.norm(vectors[0] - means["c0"]), rel=1e-5)
+    for factory in ("HNSW16", "auto"):  # a rebuild of another type (auto: chosen for the size) keeps L2
+        db.reindex(factory)
+        assert db.index.metric == "l2" and db.search_vectors(vectors[:1], k=1)[0][0].id == 1
+    db.remove(ids=[2])
+    assert db.index.metric == "l2" and 2 not in db.search_vectors(vectors[1:2], k=30).ids
     db.close()
     reopened = SiameseDB.open(db.path, device="cpu")
     assert reopened.index.metric == "l2" and reopened.search_vectors(vectors[:1], k=1)[0][0].id == 1
