@@ -485,8 +485,12 @@ def oneshot_verification_trials(
     impostors: str = "group",
     seed: int = 0,
     metric: str = "cosine",
+    skip: frozenset[str] | set[str] = frozenset(),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scores of (genuine (G,), impostor (I,)) verification trials against per-class reference sets.
+
+    Classes named in `skip` get no reference set (no trials of their own) but their items still serve as
+    impostors: skilled-forgery classes `X/forged`, which are impostors of `X/genuine` and never a claimed identity.
 
     Every class gets `references` random items of its own as its reference set (its prototype: the normalised mean,
     or the plain mean for Euclidean encoders). Genuine trials: the class's other items against it. Impostor trials:
@@ -504,8 +508,12 @@ def oneshot_verification_trials(
     rng = np.random.default_rng(seed)
     is_reference = np.zeros(len(label_array), dtype=bool)
     prototypes = np.empty((len(classes), vectors.shape[1]), dtype=np.float32)
+    claimable = np.asarray([name not in skip for name in classes])
     for c in range(len(classes)):
         members = np.flatnonzero(inverse == c)
+        if not claimable[c]:
+            prototypes[c] = 0.0
+            continue
         if len(members) <= references:
             raise InvalidInputError(f"class {classes[c]!r} has {len(members)} items; {references} references leave none to verify")
         chosen = rng.choice(members, size=references, replace=False)
@@ -519,10 +527,11 @@ def oneshot_verification_trials(
         rows = np.arange(start, min(start + 4096, len(vectors)))
         scores = query.scores_for(metric, vectors[rows].astype(np.float32), prototypes)  # (rows, C)
         own = inverse[rows]
-        keep = ~is_reference[rows]
+        keep = ~is_reference[rows] & claimable[own]
         genuine.append(scores[np.arange(len(rows)), own][keep])
         other = np.ones_like(scores, dtype=bool)
         other[np.arange(len(rows)), own] = False
+        other &= claimable[None, :]
         if impostors == "group":
             other &= item_group[rows][:, None] == group_codes[None, :]
         impostor.append(scores[other])

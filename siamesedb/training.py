@@ -27,6 +27,7 @@ from siamesedb.data import (
     Preprocessing,
     forgery_target,
     group_of,
+    image_profile,
     iter_batches,
     scan_folder,
     select_groups,
@@ -373,6 +374,35 @@ def whitened_encoder(encoder: Encoder, vectors: np.ndarray, labels: Sequence[Any
     return Encoder(config, net=net, device=encoder.device)
 
 
+def lookalike_threshold(encoder: Encoder, images: torch.Tensor, labels: np.ndarray, names: list[str],
+                        forgery_of: dict[int, int], seed: int, target_far: float = 0.05) -> dict[str, Any]:
+    """The threshold `verify` uses on an uncalibrated index: the lowest with FAR <= `target_far` on one-shot trials
+    of held-out classes (one random reference each) against look-alike impostors -- the other held-out classes of
+    the same group where groups hold several (alphabets; a writer's skilled forgeries), else any other class.
+    {} when the held-out classes are too few to say anything."""
+    from siamesedb.evaluation import oneshot_verification_trials
+
+    class_names = [names[i] for i in labels.tolist()]
+    counts = np.bincount(labels)
+    if (counts[counts > 0] < 2).any() or len(set(class_names)) < 2:
+        return {}
+    forged = {names[i] for i in forgery_of if i < len(names)}  # held-out labels are never rotated / mirrored copies
+    groups = [group_of(name) for name in set(class_names) - forged]
+    same_group = len(groups) != len(set(groups)) or bool(forged)
+    vectors = encoder.encode_tensors(images)
+    try:
+        genuine, impostor = oneshot_verification_trials(vectors, class_names, 1, "group" if same_group else "any",
+                                                        seed, getattr(encoder.config, "metric", "cosine"), forged)
+    except InvalidInputError:
+        return {}
+    threshold = query.far_threshold(impostor, target_far)
+    return {"threshold": threshold, "target_far": target_far, "far": float(np.mean(impostor >= threshold)),
+            "frr": float(np.mean(genuine < threshold)), "references": 1,
+            "impostors": "other classes of the same group" if same_group else "any other class",
+            "measured_on": f"{len(set(class_names))} held-out classes, {len(genuine)} genuine / {len(impostor)} "
+                           "impostor trials", "chosen_by": "siamesedb train"}
+
+
 def pair_threshold(encoder: Encoder, images: torch.Tensor, labels: np.ndarray, seed: int, pairs: int = 4000,
                    forgery_of: dict[int, int] | None = None) -> dict[str, float]:
     """Equal-error threshold for `verify IMAGE_A IMAGE_B` from genuine / impostor pairs of held-out classes."""
@@ -670,6 +700,13 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
             log(f"held-out pair EER (impostors half skilled forgeries): {notes['pair_eer']:.2%} ± "
                 f"{notes.get('pair_eer_ci95', 0.0):.2%} (95% bootstrap CI, {notes['pair_count']} pairs)")
     final.config.notes = notes
+    if has_val:
+        final.config.pair_calibration = lookalike_threshold(final, x_val, y_val, names, forgeries, seed=config.seed)
+        if final.config.pair_calibration:
+            cal = final.config.pair_calibration
+            log(f"verify threshold {cal['threshold']:.4f}: FAR {cal['far']:.2%} / FRR {cal['frr']:.2%} on held-out "
+                f"classes, one reference each, impostors: {cal['impostors']}")
+    final.config.data_profile = image_profile([image.path for image in scan_folder(folder)], limit=64)
     final.config.name = final.config.name or Path(out).name
     final._fingerprint = None
     final.save(out)

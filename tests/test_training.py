@@ -55,6 +55,12 @@ def test_each_loss_trains_and_writes_every_artefact(folder, tmp_path, loss):
     assert loaded.fingerprint == encoder.fingerprint
     assert {"pair_threshold", "trained_on", "train_config"} <= set(loaded.config.notes)
     assert (tmp_path / "run" / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    # verify's fallback threshold: FAR <= 5% on one-shot trials of the held-out classes; the data's profile, for the
+    # out-of-domain warning.
+    calibration = loaded.config.pair_calibration
+    assert calibration["far"] <= 0.05 and loaded.config.pair_threshold == calibration["threshold"]
+    assert calibration["impostors"] == "any other class"  # a flat folder: no groups
+    assert loaded.config.data_profile["size"] == [20, 20] and loaded.config.data_profile["light_background"] == 1.0
 
 
 def test_training_is_deterministic_for_a_seed(folder, tmp_path):
