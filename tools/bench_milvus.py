@@ -1,0 +1,138 @@
+"""Milvus Lite (siamesedb.backends.milvus, index FLAT) against the FAISS backend's exact index (siamesedb's
+VectorIndex "Flat") and raw numpy brute force, on the same clustered vectors: inserts/s, queries/s at batch 1 and
+batch 100, recall@10 against exact search.
+
+Data: tools/bench_search.py's clustered unit vectors (Gaussian blobs, classes gathered in groups), 100,000 x 64 and
+1,000 fresh queries from the same blobs by default; k = 10. Truth: float64 numpy brute force.
+Timing: one warm-up per engine, then --runs timed runs in rotating order (load drift hits all alike), median.
+Batch 1 times the first --single queries one at a time; batch 100 times all queries in batches of 100.
+
+Run:  python tools/bench_milvus.py                 # 100k x 64
+      python tools/bench_milvus.py --n 20000 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from bench_search import clustered, recall_at_k  # the same generator as tools/bench_search.py
+
+from siamesedb.backends.milvus import MilvusBackend
+from siamesedb.index import VectorIndex
+
+K = 10
+
+
+def exact_top_k(corpus: np.ndarray, queries: np.ndarray, k: int = K) -> np.ndarray:
+    """Row ids (nq, k) of the k largest inner products, in float64 (the truth recall is measured against)."""
+    scores = queries.astype(np.float64) @ corpus.astype(np.float64).T
+    top = np.argpartition(-scores, k, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1)
+    return np.take_along_axis(top, order, 1)
+
+
+def numpy_search(corpus: np.ndarray):
+    """Raw numpy float32 brute force: (queries (b, D)) -> ids (b, k)."""
+
+    def search(queries: np.ndarray) -> np.ndarray:
+        scores = queries @ corpus.T  # (b, n) float32
+        top = np.argpartition(-scores, K, axis=1)[:, :K]
+        order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1)
+        return np.take_along_axis(top, order, 1)
+
+    return search
+
+
+def rates(engines: dict, queries: np.ndarray, single: int, runs: int) -> dict[str, tuple[float, float]]:
+    """{engine: (q/s at batch 1, q/s at batch 100)}: medians of `runs` rotating-order runs after one warm-up."""
+    batch1 = {name: [] for name in engines}
+    batch100 = {name: [] for name in engines}
+    names = list(engines)
+    for name in names:  # warm-up
+        engines[name](queries[:1]), engines[name](queries[:100])
+    for run in range(runs):
+        for name in names[run % len(names) :] + names[: run % len(names)]:
+            search = engines[name]
+            started = time.perf_counter()
+            for i in range(single):
+                search(queries[i : i + 1])
+            batch1[name].append(single / (time.perf_counter() - started))
+            started = time.perf_counter()
+            for start in range(0, len(queries), 100):
+                search(queries[start : start + 100])
+            batch100[name].append(len(queries) / (time.perf_counter() - started))
+    return {name: (statistics.median(batch1[name]), statistics.median(batch100[name])) for name in names}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--single", type=int, default=200, help="Queries timed one at a time per run.")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--insert-batch", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import faiss
+    import milvus_lite
+    import pymilvus
+
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs; pymilvus {pymilvus.__version__}, milvus-lite {milvus_lite.__version__}, "
+          f"faiss {faiss.__version__}, numpy {np.__version__}")
+    rng = np.random.default_rng(args.seed)
+    centres = max(10, args.n // 100)
+    corpus, _ = clustered(args.n, args.dim, centres=centres, spread=0.6, rng=rng)
+    rng = np.random.default_rng(args.seed)  # the same seed regenerates the same centres first
+    queries, _ = clustered(args.queries, args.dim, centres=centres, spread=0.6, rng=rng)
+    queries = queries[np.random.default_rng(args.seed + 1).permutation(len(queries))]
+    print(f"data: {args.n:,} x {args.dim} clustered unit vectors ({centres} classes), {len(queries)} queries, k={K}")
+    truth = exact_top_k(corpus, queries)
+    ids = np.arange(args.n, dtype=np.int64)
+    labels = [f"class{i % centres}" for i in range(args.n)]
+    paths = [f"/data/{i}.png" for i in range(args.n)]
+    hashes = ["0" * 64] * args.n
+
+    with tempfile.TemporaryDirectory(prefix="bench_milvus_") as folder:
+        milvus = MilvusBackend(Path(folder) / "bench.db", "items", args.dim, metric="cosine", index_type="FLAT")
+        started = time.perf_counter()
+        for start in range(0, args.n, args.insert_batch):
+            stop = start + args.insert_batch
+            milvus.add(ids[start:stop], labels[start:stop], paths[start:stop], hashes[start:stop], corpus[start:stop])
+        milvus_insert = args.n / (time.perf_counter() - started)
+        assert milvus.count() == args.n
+
+        flat = VectorIndex(args.dim, "Flat")
+        started = time.perf_counter()
+        for start in range(0, args.n, args.insert_batch):
+            flat.add(corpus[start : start + args.insert_batch], ids[start : start + args.insert_batch])
+        faiss_insert = args.n / (time.perf_counter() - started)
+        print(f"inserts/s (batches of {args.insert_batch:,}): Milvus Lite {milvus_insert:,.0f}, "
+              f"FAISS Flat {faiss_insert:,.0f} ({faiss_insert / milvus_insert:.0f}x)")
+
+        engines = {
+            "milvus-lite FLAT": lambda q: milvus.search(q, K)[1],
+            "faiss Flat": lambda q: flat.search(q, K)[1],
+            "numpy": numpy_search(corpus),
+        }
+        recalls = {name: recall_at_k(search(queries), truth) for name, search in engines.items()}
+        measured = rates(engines, queries, args.single, args.runs)
+        base1, base100 = measured["milvus-lite FLAT"]
+        print(f"{'engine':<18} {'q/s batch 1':>12} {'q/s batch 100':>14} {'recall@10':>10}   vs Milvus Lite (1 / 100)")
+        for name, (one, hundred) in measured.items():
+            print(f"{name:<18} {one:>12,.0f} {hundred:>14,.0f} {recalls[name]:>10.4f}   "
+                  f"{one / base1:.1f}x / {hundred / base100:.1f}x")
+        milvus.close()
+
+
+if __name__ == "__main__":
+    main()
