@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 OMNIGLOT_EVALUATION = ROOT.parent / "shared" / "data" / "omniglot" / "images_evaluation.zip"
 DIM = 32
 # Labels a filter expression must carry exactly: quotes, backslash, line breaks, tab, other controls, non-BMP.
-AWKWARD_LABELS = ['say "hi"', "it's", "back\\slash", "two\nlines", "cr\rlf", "tab\there", "bell\x07", "𝔘nicode", "plain"]
+AWKWARD_LABELS = [
+    'say "hi"', "it's", "back\\slash", "two\nlines", "cr\rlf", "tab\there", "bell\x07", "𝔘nicode", "plain"
+]
 
 
 def clustered(n: int, dim: int = DIM, clusters: int = 9, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,8 @@ FLOAT_VECTOR(D). Choices, and why:
   from this handle or another. No flush after writes: Strong already gives read-your-writes; flush only seals
   segments (slow, and rate-limited on servers). Milvus Lite persists without it (tests reopen the file).
 - Label filters run inside Milvus (`label in ["a", "b"]`, each label a string literal with quotes, backslashes
-  and line breaks escaped the way Milvus's parser reads them), so k hits of the wanted labels come back whenever they exist.
+  and line breaks escaped the way Milvus's parser reads them), so k hits of the wanted labels come back whenever
+  they exist.
 - Milvus has no multi-request transaction: `add` refuses ids already held (Milvus would keep both rows), sends
   batches under Milvus's 64 MB request limit, and deletes what it inserted if a later batch fails.
 numpy only: no torch import (tests check it).
@@ -76,7 +77,12 @@ class _QuietPymilvus(logging.Filter):
         return not any(noise in message for noise in self.NOISE)
 
 
-_QUIETED = ("pymilvus.decorators", "pymilvus.client.iterator.query_iterator", "grpc._server", "milvus_lite.server_manager")
+_QUIETED = (
+    "pymilvus.decorators",
+    "pymilvus.client.iterator.query_iterator",
+    "grpc._server",
+    "milvus_lite.server_manager",
+)
 # Milvus Lite runs one in-process server per file, shared by every client of that file in this process and kept
 # (holding the file's lock) until released: count our open handles per file, release it when the last one closes.
 _LITE_HANDLES: dict[str, int] = {}
@@ -208,7 +214,9 @@ class MilvusBackend:
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dimension)
         index = self._client.prepare_index_params()
         params = DEFAULT_BUILD_PARAMS[self.index_type] if build_params is None else dict(build_params)
-        index.add_index(field_name="vector", index_type=self.index_type, metric_type=METRICS[self.metric], params=params)
+        index.add_index(
+            field_name="vector", index_type=self.index_type, metric_type=METRICS[self.metric], params=params
+        )
         self._call("create_collection",
             self.collection,
             schema=schema,
