@@ -641,7 +641,7 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
     total_steps = config.epochs * config.steps_per_epoch
 
     for epoch in range(state["epoch"], config.epochs):
-        if state.get("stopped"):
+        if state.get("stopped") or epoch >= config.epochs:  # config.epochs may shrink below (a re-fitted budget)
             break
         # Samplers and augmentation are seeded per epoch, so a resumed run draws what the uninterrupted one would.
         epoch_seed = config.seed * 100_003 + epoch
@@ -673,6 +673,18 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
         state["epoch"] = epoch + 1
         if config.patience and has_val and epoch + 1 - state["best_epoch"] >= config.patience and not state.get("stopped"):
             state["stopped"] = f"early stop: no better validation for {config.patience} epochs"
+        if deadline is not None and not state.get("stopped") and epoch + 1 < config.epochs:
+            # The machine may run slower than the timed steps promised (other work, warm-up): re-fit the epochs
+            # that are left to this epoch's real cost, so the cosine schedule ends inside the budget instead of the
+            # deadline cutting it short. Only ever fewer epochs.
+            epoch_seconds = time.perf_counter() - started
+            fits = epoch + 1 + int(max(0.0, deadline - time.perf_counter() - reserve) // epoch_seconds)
+            if fits < config.epochs:
+                log(f"re-fitted to the time budget: {max(fits, epoch + 1)} epochs instead of {config.epochs} "
+                    f"(this epoch took {epoch_seconds:.0f} s)")
+                config = replace(config, epochs=max(fits, epoch + 1))
+                total_steps = config.epochs * config.steps_per_epoch
+                state["schedule"] = [config.epochs, config.steps_per_epoch]
         _save_checkpoint(checkpoint, encoder, optimizer, loss_module, state)
         log(f"epoch {epoch + 1}: loss {record['loss']:.4f}" + (f", held-out {val_way}-way 1-shot {val:.2%}" if val is not None else ""))
     if state.get("stopped"):

@@ -170,16 +170,26 @@ def tiny_config(**overrides) -> TrainConfig:
 
 def test_a_tiny_budget_stops_on_time(tmp_path, monkeypatch):
     folder = glyphs(tmp_path / "g")
-    # Pretend the timing promised far more epochs than fit (a machine that slowed down): the deadline must stop it.
-    monkeypatch.setattr(training, "fit_schedule", lambda *args: (10_000, 10))
+    # Pretend the timing promised one endless epoch (a machine that slowed down): the deadline must cut it.
+    monkeypatch.setattr(training, "fit_schedule", lambda *args: (1, 1_000_000))
     started = time.perf_counter()
-    train(folder, tmp_path / "run", tiny_config(time_budget=12.0, epochs=10_000), progress=False)
+    train(folder, tmp_path / "run", tiny_config(time_budget=8.0, epochs=10), progress=False)
     elapsed = time.perf_counter() - started
     notes = json.loads((tmp_path / "run" / "config.json").read_text())["notes"]
-    assert notes["stopped"].startswith("time budget reached")
+    assert notes["stopped"].startswith("time budget reached") and notes["epochs_run"] == 1
     # a reserve for the final scoring is kept; a few seconds' slack for a busy machine and one-time imports
-    assert elapsed < 12.0 + 4.0, elapsed
-    assert 1 <= notes["epochs_run"] < 10_000
+    assert elapsed < 8.0 + 4.0, elapsed
+    assert 0 < json.loads((tmp_path / "run" / "history.json").read_text())[0]["steps"] < 1_000_000
+
+
+def test_a_budget_refits_the_epochs_to_their_real_cost(tmp_path, monkeypatch):
+    folder = glyphs(tmp_path / "g")
+    monkeypatch.setattr(training, "fit_schedule", lambda *args: (10_000, 10))  # far more epochs than fit
+    started = time.perf_counter()
+    train(folder, tmp_path / "run", tiny_config(time_budget=8.0, epochs=10_000), progress=False)
+    assert time.perf_counter() - started < 8.0 + 4.0
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert 1 <= saved["epochs"] < 10_000  # re-fitted after the first epoch (or cut by the deadline)
 
 
 def test_early_stop_restores_the_best_epoch(tmp_path, monkeypatch):
