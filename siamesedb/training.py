@@ -22,6 +22,7 @@ from siamesedb.data import (
     FORGED,
     GENUINE,
     ClassBalancedSampler,
+    LabelledImage,
     EpisodeSampler,
     PairSampler,
     Preprocessing,
@@ -285,6 +286,15 @@ def _split_classes(names: list[str], fraction: float, seed: int) -> tuple[np.nda
     val = np.asarray([i for i, n in enumerate(names) if base(n) in held], dtype=np.int64)
     train_ = np.asarray([i for i, n in enumerate(names) if base(n) not in held], dtype=np.int64)
     return train_, val
+
+
+def held_out_images(images: list[LabelledImage], fraction: float, seed: int) -> list[LabelledImage]:
+    """The images of the classes a `train` run with this `val_fraction` and `seed` held out of training (the same
+    seeded split as `train`): where thresholds and test-time settings are chosen without touching test classes."""
+    names = sorted({image.label for image in images})
+    _, held = _split_classes(names, fraction, seed)
+    held_names = {names[i] for i in held}
+    return [image for image in images if image.label in held_names]
 
 
 def forgery_map(names: list[str]) -> dict[int, int]:

@@ -366,3 +366,23 @@ def test_the_default_encoders_fingerprint_ignores_its_measured_threshold():
     moved = Encoder(dataclasses.replace(enc.config, pair_calibration={"threshold": 0.1}), net=enc.net)
     assert moved.fingerprint == enc.fingerprint == "8bbd3064e906683e" and moved.config.pair_threshold == 0.1
     assert enc.config.pair_calibration["target_far"] == 0.05 and enc.config.data_profile["aspect"] == 1.0
+
+
+def test_pair_threshold_tool_writes_a_threshold_without_changing_the_fingerprint(tmp_path, monkeypatch):
+    import runpy
+
+    root = tmp_path / "background"
+    for group in ("alpha", "beta"):
+        for kind, name in enumerate(("circle", "square", "line")):
+            (root / group / name).mkdir(parents=True)
+            for variant in range(4):
+                shape(kind, variant + (group == "beta")).save(root / group / name / f"{variant}.png")
+    out = tmp_path / "encoder"
+    monkeypatch.setattr(sys, "argv", ["pair_threshold.py", "default", str(root), "--val-fraction", "0.5",
+                                      "--trial-seeds", "2", "--write", str(out)])
+    runpy.run_path(str(ROOT / "tools" / "pair_threshold.py"), run_name="__main__")
+    written = Encoder.load(out)
+    calibration = written.config.pair_calibration
+    assert written.fingerprint == Encoder.load("default").fingerprint
+    assert calibration["far"] <= 0.05 and written.config.pair_threshold == calibration["threshold"]
+    assert "3 background classes" in calibration["measured_on"]  # half of the 6 classes, held out by the seed

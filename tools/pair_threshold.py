@@ -27,7 +27,7 @@ from siamesedb import query
 from siamesedb.data import image_profile, scan_folder
 from siamesedb.encoder import Encoder
 from siamesedb.evaluation import encode_images, oneshot_verification_trials, roc_auc
-from siamesedb.training import _split_classes
+from siamesedb.training import held_out_images
 
 
 def main() -> None:
@@ -42,10 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     encoder = Encoder.load(args.encoder)
     images = scan_folder(args.background)
-    names = sorted({image.label for image in images})
-    _, held = _split_classes(names, args.val_fraction, args.seed)
-    held_names = {names[i] for i in held}
-    held_images = [image for image in images if image.label in held_names]
+    held_images = held_out_images(images, args.val_fraction, args.seed)
+    held_names = {image.label for image in held_images}
     vectors, kept, _ = encode_images(held_images, encoder)
     labels = [image.label for image in kept]
     metric = getattr(encoder.config, "metric", "cosine")

@@ -21,7 +21,7 @@ import torch
 from siamesedb.data import iter_batches, scan_folder
 from siamesedb.encoder import Encoder
 from siamesedb.evaluation import episode_accuracies
-from siamesedb.training import _split_classes, pair_threshold
+from siamesedb.training import held_out_images, pair_threshold
 
 
 def main() -> None:
@@ -37,11 +37,9 @@ def main() -> None:
     args = parser.parse_args()
     base = Encoder.load(args.encoder)
     images = scan_folder(args.background)
-    names = sorted({image.label for image in images})
-    _, held = _split_classes(names, args.val_fraction, args.seed)
-    held_names = {names[i] for i in held}
     # The held-out images are decoded once; each shift only re-encodes these tensors.
-    held_images = [image for image in images if image.label in held_names]
+    held_images = held_out_images(images, args.val_fraction, args.seed)
+    held_names = {image.label for image in held_images}
     kept, chunks = [], []
     for positions, batch, _ in iter_batches(held_images, base.config.preprocessing, batch_size=1024):
         kept.extend(held_images[i] for i in positions)
