@@ -267,7 +267,7 @@ def test_training_learns_on_real_omniglot(tmp_path):
     untrained = Encoder(EncoderConfig(backbone="conv4", embedding_dim=64, width=32,
                                       preprocessing=Preprocessing(size=(28, 28), invert=True)))
     untrained.save(tmp_path / "untrained")
-    config = TrainConfig(loss="proto", way=20, shot=5, queries=5, epochs=1, steps_per_epoch=120, width=32,
+    config = TrainConfig(loss="proto", way=20, shot=5, queries=5, epochs=1, steps_per_epoch=90, width=32,
                          val_fraction=0.0, init=str(tmp_path / "untrained"), device="cpu", workers=2)
     trained = train(train_root, tmp_path / "run", config, progress=False)
 
@@ -280,4 +280,4 @@ def test_training_learns_on_real_omniglot(tmp_path):
     images, labels, _ = _load_folder(test_root, config, lambda line: None)
     base, _ = held_out_score(untrained, images, labels, way=20, episodes=300, seed=0)
     learnt, ci = held_out_score(trained, images, labels, way=20, episodes=300, seed=0)
-    assert learnt > base + 0.15, (base, learnt, ci)  # measured: 17% untrained, 48% trained
+    assert learnt > base + 0.15, (base, learnt, ci)  # measured: 17% untrained, 48% after 120 steps
