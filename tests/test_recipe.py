@@ -280,4 +280,4 @@ def test_training_learns_on_real_omniglot(tmp_path):
     images, labels, _ = _load_folder(test_root, config, lambda line: None)
     base, _ = held_out_score(untrained, images, labels, way=20, episodes=300, seed=0)
     learnt, ci = held_out_score(trained, images, labels, way=20, episodes=300, seed=0)
-    assert learnt > base + 0.15, (base, learnt, ci)  # measured: 17% untrained, 48% after 120 steps
+    assert learnt > base + 0.15, (base, learnt, ci)  # measured: 17% untrained, 46% trained
