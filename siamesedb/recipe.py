@@ -190,10 +190,11 @@ def choose_recipe(profile: FolderProfile, overrides: dict[str, Any] | None = Non
     val_fraction = 0.1 if classes >= 40 else (round(max(2, classes * 0.15) / classes, 3) if classes >= 10 else 0.0)
     recipe.choose("val_fraction", val_fraction,
                   f"{classes} classes: {'hold out ' + format(val_fraction, '.0%') + ' of them for validation, best epoch kept, early stop' if val_fraction else 'too few to hold whole classes out, so no validation: the last epoch is kept (score it with siamesedb eval on other classes)'}")
-    train_classes = classes - int(round(classes * val_fraction)) + profile.forgery_classes
+    held = float(overrides.get("val_fraction", val_fraction))  # the episode must fit the split that will really run
+    train_classes = classes - int(round(classes * held)) + profile.forgery_classes
     way_cap = {"glyph": 60, "signature": 16, "photo": 20}[domain]
     recipe.choose("way", max(2, min(way_cap, train_classes)),
-                  f"{train_classes} training classes; at most {way_cap} a episode ("
+                  f"{train_classes} training classes; at most {way_cap} per episode ("
                   + {"glyph": "Snell et al.'s 60-way", "signature": "the signature recipe's 16-way",
                      "photo": "20-way tied 60-way at equal images and costs less a step"}[domain] + ")")
     smallest = profile.per_class_min

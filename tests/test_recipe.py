@@ -142,6 +142,7 @@ def test_flags_win_and_the_episode_still_fits(tmp_path):
     assert (s["backbone"], s["shot"], s["invert"]) == ("resnet", 5, False)
     assert recipe.reasons["backbone"] == "set by flag"
     assert s["queries"] == 1  # 6 images, 5 of them support
+    assert choose_recipe(profile, {"val_fraction": 0.5}).settings["way"] == 6  # 12 classes, half held out
     TrainConfig(**train_settings(recipe))  # every setting is a TrainConfig field
 
 
