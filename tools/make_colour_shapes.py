@@ -2,8 +2,10 @@
 
 Each class is a (hue, shape) pair drawn on a noisy, randomly tinted backdrop that fills the frame; its images vary in
 position, size, backdrop and noise. Several classes share a shape and differ only in hue (so a grey encoder cannot
-separate them), and several share a hue and differ only in shape. Classes are split by name into `train/` and
-`test/` (disjoint classes), so `siamesedb eval oneshot OUT/test` scores classes training never saw.
+separate them), and several share a hue and differ only in shape. Classes are split into `train/` and `test/`
+(disjoint classes), so `siamesedb eval oneshot OUT/test` scores classes training never saw: with `--split combos`
+(the default) a quarter of the (hue, shape) pairs, on a diagonal, so every hue and every shape also occurs in
+training; with `--split hues` the last quarter of the classes, whose hues training never saw.
 
 Run:  python tools/make_colour_shapes.py --out data/colour-shapes [--classes 48] [--per-class 20] [--size 48]
 """
@@ -45,12 +47,17 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=20, help="Images per class.")
     parser.add_argument("--size", type=int, default=48, help="Image side in pixels.")
     parser.add_argument("--seed", type=int, default=0, help="Random seed.")
+    parser.add_argument("--split", choices=("combos", "hues"), default="combos",
+                        help="Test classes: unseen (hue, shape) pairs of seen hues and shapes, or unseen hues.")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     hues = args.classes // len(SHAPES) + 1
     for c in range(args.classes):
         shape, hue = SHAPES[c % len(SHAPES)], (c // len(SHAPES)) / hues
-        split = "test" if c >= args.classes * 3 // 4 else "train"
+        if args.split == "hues":
+            split = "test" if c >= args.classes * 3 // 4 else "train"
+        else:
+            split = "test" if (c % len(SHAPES) + c // len(SHAPES)) % 4 == 0 else "train"
         folder = args.out / split / f"{shape}-h{c // len(SHAPES):02d}"
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(args.per_class):
