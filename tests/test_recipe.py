@@ -179,7 +179,7 @@ def test_a_tiny_budget_stops_on_time(tmp_path, monkeypatch):
     notes = json.loads((tmp_path / "run" / "config.json").read_text())["notes"]
     assert notes["stopped"].startswith("time budget reached") and notes["epochs_run"] == 1
     # a reserve for the final scoring is kept; a few seconds' slack for a busy machine and one-time imports
-    assert elapsed < 8.0 + 4.0, elapsed
+    assert elapsed < 8.0 + 6.0, elapsed
     assert 0 < json.loads((tmp_path / "run" / "history.json").read_text())[0]["steps"] < 1_000_000
 
 
@@ -188,9 +188,11 @@ def test_a_budget_refits_the_epochs_to_their_real_cost(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "fit_schedule", lambda *args: (10_000, 10))  # far more epochs than fit
     started = time.perf_counter()
     train(folder, tmp_path / "run", tiny_config(time_budget=8.0, epochs=10_000), progress=False)
-    assert time.perf_counter() - started < 8.0 + 4.0
+    assert time.perf_counter() - started < 8.0 + 6.0
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
-    assert 1 <= saved["epochs"] < 10_000  # re-fitted after the first epoch (or cut by the deadline)
+    notes = json.loads((tmp_path / "run" / "config.json").read_text())["notes"]
+    # re-fitted after the first epoch, or (a very busy machine) the deadline cut the first epoch itself
+    assert 1 <= saved["epochs"] < 10_000 or (notes["stopped"] or "").startswith("time budget reached")
 
 
 def test_early_stop_restores_the_best_epoch(tmp_path, monkeypatch):
