@@ -437,9 +437,15 @@ class ItemStore:
         wanted = [c.strip() for c in columns.split(",")]
         if not wanted or any(c not in ("label", "path", "sha256", "vector") for c in wanted):
             raise InvalidInputError(f"unknown columns {columns!r}")
-        cursor = self._db.execute(f"SELECT id, {', '.join(wanted)} FROM items ORDER BY id")
+        try:
+            cursor = self._db.execute(f"SELECT id, {', '.join(wanted)} FROM items ORDER BY id")
+        except sqlite3.Error as exc:
+            raise _named_error(self.path, exc) from None
         while True:
-            rows = cursor.fetchmany(chunk)
+            try:  # a generator: the decorator's translation cannot reach errors raised while it is iterated
+                rows = cursor.fetchmany(chunk)
+            except sqlite3.Error as exc:
+                raise _named_error(self.path, exc) from None
             if not rows:
                 return
             yield np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)), [r[1:] for r in rows]
