@@ -16,7 +16,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from siamesedb.errors import CorruptIndexError, DimensionMismatchError, InvalidInputError
+from siamesedb.backends.checks import as_ids, as_k, as_vectors
+from siamesedb.errors import CorruptIndexError, InvalidInputError
 
 
 def _faiss_reason(exc: Exception) -> str:
@@ -28,51 +29,15 @@ def _faiss_reason(exc: Exception) -> str:
     return reason.split("' failed: ", 1)[1] if "' failed: " in reason else reason
 
 
-def _as_matrix(vectors: np.ndarray, dim: int, what: str = "vectors") -> np.ndarray:
-    """Validate and return a C-contiguous (n, dim) float32 array; a single (dim,) vector becomes (1, dim)."""
-    array = np.asarray(vectors)
-    if array.ndim == 1:
-        array = array[None, :]
-    if array.ndim != 2:
-        raise InvalidInputError(f"{what} must be a 2-D array (n, {dim}), got shape {array.shape}")
-    # Integers and floats only: complex would silently lose its imaginary part, objects/strings cannot be cast.
-    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        raise InvalidInputError(f"{what} must be a real-valued numeric array, got dtype {array.dtype}")
-    if array.shape[1] != dim:
-        raise DimensionMismatchError(f"{what} have dimension {array.shape[1]}, the index holds {dim}-d vectors")
-    array = np.ascontiguousarray(array, dtype=np.float32)  # float64 -> float32 is a cast, not an error
-    if not np.isfinite(array).all():
-        raise InvalidInputError(f"{what} contain NaN or infinity")
-    return array
+# The argument checks every backend shares (one set: a backend refuses exactly what this index refuses).
+_as_matrix = as_vectors
 
 
 def _as_ids(ids: np.ndarray, n: int) -> np.ndarray:
-    """Validate and return (n,) int64 ids: integers, non-negative (-1 means "no result"), no repeats."""
-    array = np.atleast_1d(np.asarray(ids))
-    if array.ndim != 1:
-        raise InvalidInputError(f"ids must be a 1-D array, got shape {array.shape}")
-    if len(array) != n:
-        raise InvalidInputError(f"{n} vectors but {len(array)} ids")
-    if n == 0:
-        return np.empty(0, dtype=np.int64)
-    if not np.issubdtype(array.dtype, np.integer):
-        raise InvalidInputError(f"ids must be integers, got dtype {array.dtype}")
-    array = np.ascontiguousarray(array, dtype=np.int64)
-    if array.min() < 0:
-        raise InvalidInputError(f"ids must be non-negative, got {int(array.min())}")
-    if len(np.unique(array)) != n:
-        raise InvalidInputError("ids repeat within the batch")
-    return array
+    return as_ids(ids, n, unique=True)
 
 
-def _as_k(k: int) -> int:
-    try:
-        k = operator.index(k)  # ints and numpy integers; refuses 2.5 and "3"
-    except TypeError:
-        raise InvalidInputError(f"k must be an integer, got {k!r}") from None
-    if k < 1:
-        raise InvalidInputError(f"k must be at least 1, got {k}")
-    return k
+_as_k = as_k
 
 
 # Index metrics as the manifest names them, and the FAISS metric each one searches with.

@@ -254,20 +254,14 @@ class ItemStore:
         vectors = np.ascontiguousarray(vectors, dtype="<f4")  # the on-disk layout, whatever the machine
         if not np.isfinite(vectors).all():
             raise InvalidInputError("vectors contain NaN or infinity")
-        if any(not isinstance(label, str) or not label for label in labels):
-            raise InvalidInputError("every label must be a non-empty string")
-        if any(not isinstance(h, str) for h in hashes):
-            raise InvalidInputError("every content hash must be a string")
-        if any(not isinstance(p, (str, os.PathLike)) for p in paths):
-            raise InvalidInputError("every path must be a string or a path")
+        # The item checks every backend shares (SQLite TEXT is UTF-8: refused before the batch). Imported here:
+        # siamesedb.backends imports this module.
+        from siamesedb.backends.checks import as_item_fields
+
+        labels, paths, hashes = as_item_fields(labels, paths, hashes, n)
         if n == 0:
             return np.empty(0, dtype=np.int64)
-        rows = [(labels[i], os.fspath(paths[i]), hashes[i], vectors[i].tobytes()) for i in range(n)]
-        for row in rows:
-            for text in row[:3]:
-                if isinstance(text, bytes) or not _is_utf8(text):  # SQLite TEXT is UTF-8: refuse before the batch
-                    shown = os.fsencode(text).decode("utf-8", "backslashreplace")
-                    raise InvalidInputError(f"{shown}: not valid UTF-8 text (a file or folder name in another encoding?)")
+        rows = [(labels[i], paths[i], hashes[i], vectors[i].tobytes()) for i in range(n)]
         with self._transaction() as conn:
             # AUTOINCREMENT hands out ids above every id ever used (sqlite_sequence), and we hold the write lock:
             # the rows above that mark after one executemany are exactly this batch, in insertion order.

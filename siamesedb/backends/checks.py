@@ -1,8 +1,7 @@
 """Argument checks shared by backends: vectors, ids, k and item metadata, refused with named errors before any write.
 
-They mirror what siamesedb/index.py (_as_matrix, _as_ids, _as_k) and siamesedb/store.py (ItemStore.add) check
-today, so a backend refuses exactly what the embedded one refuses; the db.py split is meant to make those two use
-these too (one set of checks). numpy only.
+The embedded backend uses them too (siamesedb/index.py for vectors, ids and k; siamesedb/store.py for item fields),
+so every backend refuses exactly the same inputs. numpy only.
 """
 
 from __future__ import annotations
