@@ -1313,7 +1313,6 @@ class SiameseDB:
                 f"threshold rests on only {' and '.join(thin)} (want >= {MIN_GENUINE_PAIRS} genuine and >= "
                 f"{MIN_IMPOSTOR_PAIRS} impostor): add references, or keep the encoder's threshold"
             )
-        self.manifest.setdefault("calibrations", {})
         self.manifest["calibrations"] = {**self.calibrations, rule: calibration}
         self.manifest["calibration"] = calibration  # the latest one: the rule `verify` uses when given none
         try:
