@@ -2,16 +2,17 @@
 
 A backend owns the items (id, label, path, content hash, vector) and the nearest-neighbour search over them;
 SiameseDB owns the encoder, the manifest and the questions (search / classify / verify) — ../DESIGN.md "Backends".
-Two backends are planned: the embedded one (items.sqlite as the truth + a FAISS file derived from it, today's
-siamesedb/store.py + siamesedb/index.py) and Milvus (siamesedb/backends/milvus.py: Milvus Lite in one file, or a
-Milvus server / cluster). Only the Milvus one exists as a VectorBackend so far; db.py does not use this seam yet.
+Two backends: the embedded one (siamesedb/backends/faiss.py: items.sqlite as the truth + a FAISS file derived from
+it, over siamesedb/store.py + siamesedb/index.py) and Milvus (siamesedb/backends/milvus.py: Milvus Lite in one file,
+or a Milvus server / cluster).
 
 Backends are numpy-only: none imports torch (a query server or a Ray writer must not pay for it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -41,14 +42,16 @@ class VectorBackend(Protocol):
 
     def add(
         self,
-        ids: np.ndarray,
+        ids: np.ndarray | None,
         labels: Sequence[str],
         paths: Sequence[str],
         hashes: Sequence[str],
         vectors: np.ndarray,
-    ) -> None:
-        """Store n items: ids (n,) int64 (none already held), labels / paths / hashes n strings, vectors (n, D)
-        float32, finite. Checks everything before writing anything; a batch the backend refuses half-way is undone."""
+    ) -> np.ndarray:
+        """Store n items: labels / paths / hashes n strings, vectors (n, D) float32, finite. `ids` (n,) int64 keeps
+        given ids (an import; none may be held); None lets the backend allocate fresh ones, ascending, above every
+        id it ever handed out (a removed id is never reused). Returns the ids (n,) int64 in input order. Checks
+        everything before writing anything; a batch the backend refuses half-way is undone."""
         ...
 
     def remove(self, ids: np.ndarray) -> int:
@@ -57,6 +60,11 @@ class VectorBackend(Protocol):
 
     def remove_label(self, label: str) -> np.ndarray:
         """Remove every item of `label`; returns their ids (n,) int64 in id order (empty if the label is unknown)."""
+        ...
+
+    def reroot_paths(self, old: str, new: str) -> int:
+        """Replace the leading `old` of every stored path with `new`, whole path components only (/data/a does not
+        rewrite /data/ab/x.png); returns how many paths changed. Vectors, ids and labels are untouched."""
         ...
 
     def search(
@@ -72,9 +80,11 @@ class VectorBackend(Protocol):
 
         `labels` restricts the candidates (done by the backend, not by filtering k results afterwards, so k hits
         of the wanted labels come back when they exist). `nprobe` (IVF) and `ef_search` (graph indexes) apply to
-        this call only; exact index types accept and ignore them.
+        this call only, else the backend's `search_defaults`; exact index types accept and ignore them.
         """
         ...
+
+    # ---------------------------------------------------------------- reads (all see every committed write)
 
     def count(self) -> int:
         """How many items are held."""
@@ -88,8 +98,56 @@ class VectorBackend(Protocol):
         """Metadata in the order of `ids`; None for an id not held."""
         ...
 
+    def labels_and_paths(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
+        """{id: (label, path)} for the ids held (how search hits get their names)."""
+        ...
+
+    def labels_of(self, ids: np.ndarray) -> list[str | None]:
+        """Labels in the order of `ids`; None for an id not held."""
+        ...
+
     def vectors(self, label: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids (n,) int64, vectors (n, D) float32) in id order, optionally of one label only."""
+        ...
+
+    def iter_rows(self, columns: str = "label, vector", chunk: int = 65536) -> Iterator[tuple[np.ndarray, list[tuple]]]:
+        """Every item in id order, `chunk` at a time, in bounded memory: (ids (n,) int64, rows), each row a tuple of
+        the named columns — a comma-separated subset of label, path, sha256, vector; a vector comes as D
+        little-endian float32 values in bytes (the class table, item table and export read it that way)."""
+        ...
+
+    def known_label_hashes(self) -> set[tuple[str, str]]:
+        """(label, sha256) of every item: what a resumed build skips."""
+        ...
+
+    def label_path_hashes(self) -> dict[tuple[str, str], str]:
+        """{(label, path): sha256} of every item: a resumed build re-hashes such a file but does not decode it."""
+        ...
+
+    def ids_by_label_hash(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """{(label, sha256): id} for those of `pairs` already held (the lowest id where one is held twice)."""
+        ...
+
+    # ---------------------------------------------------------------- consistency and tuning
+
+    @property
+    def version(self) -> int:
+        """A counter that every committed write moves, seen by every handle of the backend (also in other
+        processes): SiameseDB keys its caches (class prototypes, the in-memory item table) on it."""
+        ...
+
+    def snapshot(self) -> AbstractContextManager[None]:
+        """Reads inside see one committed state where the backend can give one (SQLite: a read transaction);
+        otherwise a no-op (Milvus: each read is Strong-consistent on its own)."""
+        ...
+
+    @property
+    def search_defaults(self) -> dict[str, int]:
+        """The nprobe / ef_search searches use when they pass none (empty for exact index types)."""
+        ...
+
+    def set_search_defaults(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Change the stored nprobe / ef_search (None: leave as is)."""
         ...
 
     def describe(self) -> dict:
