@@ -189,11 +189,15 @@ def cli() -> None:
 @device_option
 @click.option("--batch-size", default=256, show_default=True, help="Images encoded per batch.")
 @click.option("--workers", type=int, default=None, help="Decoding processes (default: automatic).")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Run the pipeline on Ray Data: read + decode tasks, encoder actors (one per GPU). pip install 'siamesedb[ray]'.")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="With --ray: join this Ray cluster ('auto', 'ray://host:10001'); default: start a local Ray.")
 @lock_timeout_option
 @quiet_option
 @json_option
 def build(folder: Path, index_dir: Path, encoder: str, factory: str, device: str, batch_size: int,
-          workers: int | None, quiet: bool, as_json: bool) -> None:
+          workers: int | None, use_ray: bool, ray_address: str | None, quiet: bool, as_json: bool) -> None:
     """Build (or resume building) an index from a labelled FOLDER.
 
     Each image's label is its parent folder's path relative to FOLDER (Latin/character07);
@@ -204,11 +208,22 @@ def build(folder: Path, index_dir: Path, encoder: str, factory: str, device: str
     Example:
       siamesedb build ~/omniglot/images_evaluation --index indexes/omniglot
       siamesedb build ~/photos --index indexes/photos --factory auto
+      siamesedb build ~/photos --index indexes/photos --ray --ray-address auto
     """
     from siamesedb.db import SiameseDB
 
-    db = SiameseDB.build(folder, path=index_dir, encoder=encoder, factory=factory, device=device,
-                         batch_size=batch_size, workers=workers, progress=not (quiet or as_json))
+    if ray_address is not None and not use_ray:
+        raise click.UsageError("--ray-address needs --ray")
+    if use_ray:
+        if workers is not None:
+            raise click.UsageError("--workers is for the in-process build; Ray sizes its own read tasks")
+        from siamesedb.ray_build import build_with_ray
+
+        db = build_with_ray(folder, path=index_dir, encoder=encoder, factory=factory, device=device,
+                            batch_size=batch_size, address=ray_address, progress=not (quiet or as_json))
+    else:
+        db = SiameseDB.build(folder, path=index_dir, encoder=encoder, factory=factory, device=device,
+                             batch_size=batch_size, workers=workers, progress=not (quiet or as_json))
     report = db.last_report
     for path, reason in report.skipped:
         click.echo(f"warning: skipped {path}: {reason}", err=True)
@@ -300,7 +315,7 @@ def reindex(index_dir: Path, factory: str | None, reroot: tuple[str, str] | None
     chosen = db.reindex(factory)
     if as_json:
         emit_json({"index": str(index_dir), "factory": chosen, "items": len(db),
-                   "search_defaults": db.index.search_defaults})
+                   "search_defaults": db.backend.search_defaults})
     else:
         click.echo(f"{index_dir}: rebuilt as {chosen} over {len(db)} items")
 
@@ -548,10 +563,10 @@ def info(index_dir: Path, list_labels: bool, as_json: bool) -> None:
     db = open_db(index_dir)
     summary = db.info()
     if as_json:
-        emit_json({**summary, "labels": db.store.label_counts()})
+        emit_json({**summary, "labels": db.backend.label_counts()})
         return
     if list_labels:
-        for label, count in sorted(db.store.label_counts().items()):
+        for label, count in sorted(db.backend.label_counts().items()):
             click.echo(f"{count:>8}  {label}")
         return
     calibration = summary["calibration"]

@@ -1,0 +1,109 @@
+"""`build --ray` (siamesedb/ray_build.py, issue 18): a small build on a local Ray against the in-process build.
+
+Real Omniglot images (2 alphabets x 3 characters x 20 drawings, plus one duplicate file and one empty file): the Ray
+build must store the same (label, path) set with the same vectors as `SiameseDB.build`; a build killed after its first
+committed batch resumes to that same set without duplicates; a rerun adds nothing. Skipped without Ray Data
+(`pip install 'siamesedb[ray]'`) or without the Omniglot evaluation images on this machine.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'siamesedb[ray]'")
+pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install 'siamesedb[ray]'")
+
+from siamesedb.db import SiameseDB  # noqa: E402
+from siamesedb.ray_build import build_with_ray  # noqa: E402
+
+OMNIGLOT = Path.home() / ".cache/siamesedb/omniglot/images_evaluation.d/images_evaluation"
+ALPHABETS, CHARACTERS = 2, 3
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    if not OMNIGLOT.is_dir():
+        pytest.skip(f"Omniglot evaluation images not found at {OMNIGLOT} (siamesedb datasets fetch omniglot)")
+    root = tmp_path_factory.mktemp("ray-src") / "omniglot"
+    for alphabet in sorted(OMNIGLOT.iterdir())[:ALPHABETS]:
+        for character in sorted(alphabet.iterdir())[:CHARACTERS]:
+            shutil.copytree(character, root / alphabet.name / character.name)
+    first = sorted((root / alphabet.name / character.name).iterdir())[0]
+    shutil.copyfile(first, first.with_name("zz_copy_of_" + first.name))  # same content, same label: stored once
+    (first.parent / "zz_empty.png").write_bytes(b"")  # unreadable: skipped, reported
+    return root
+
+
+def _items(db: SiameseDB) -> dict[str, tuple[str, np.ndarray]]:
+    """{path: (label, vector)} of every item, through the public export."""
+    import pyarrow.parquet as pq
+
+    target = db.path.parent / f"{db.path.name}-export.parquet"
+    db.export_vectors(target)
+    table = pq.read_table(target).to_pydict()
+    target.unlink()
+    paths = table["path"]
+    assert len(set(paths)) == len(paths), "a path stored twice"
+    return {p: (label, np.asarray(v, dtype=np.float32)) for p, label, v in zip(paths, table["label"], table["vector"])}
+
+
+def test_ray_build_matches_in_process_and_resumes(local_ray, folder, tmp_path):
+    reference = SiameseDB.build(folder, path=tmp_path / "in-process", batch_size=32, workers=0)
+    expected = _items(reference)
+    files = sum(1 for p in folder.rglob("*.png"))
+    assert len(expected) == files - 2  # the duplicate and the empty file are not stored
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_commit(rows: int) -> None:
+        raise Killed(rows)
+
+    target = tmp_path / "ray"
+    with pytest.raises(Killed):
+        build_with_ray(folder, path=target, batch_size=16, write_rows=40, _after_write=kill_after_first_commit)
+    with SiameseDB.open(target) as partial:
+        held = len(partial)
+    assert 0 < held < len(expected)  # the first batch is durable, the rest never was
+
+    db = build_with_ray(folder, path=target, batch_size=16, write_rows=40)
+    report = db.last_report
+    assert report.scanned == files
+    assert report.added == len(expected) - held
+    assert report.already_indexed == held + 1  # + the duplicate file
+    assert [reason for _, reason in report.skipped] == ["empty file"]
+    got = _items(db)
+    assert set(got) == set(expected)  # same paths (absolute), nothing lost, nothing doubled
+    for path, (label, vector) in got.items():
+        assert label == expected[path][0]
+        np.testing.assert_allclose(vector, expected[path][1], atol=1e-5)
+    assert sorted(db.labels()) == sorted(reference.labels())
+
+    again = build_with_ray(folder, path=target, batch_size=64).last_report
+    assert again.added == 0 and again.already_indexed == len(expected) + 1
+    assert len(SiameseDB.open(target)) == len(expected)
+
+
+def test_ray_build_cli_flags(tmp_path):
+    from click.testing import CliRunner
+
+    from siamesedb.cli import cli
+
+    result = CliRunner().invoke(cli, ["build", str(tmp_path), "--index", str(tmp_path / "i"), "--ray-address", "auto"])
+    assert result.exit_code != 0 and "--ray-address needs --ray" in result.output
