@@ -21,6 +21,7 @@ from siamesedb.errors import (  # noqa: E402
     CorruptIndexError,
     DimensionMismatchError,
     IndexLockedError,
+    IndexNotFoundError,
     InvalidInputError,
 )
 
@@ -233,6 +234,8 @@ def test_bad_inputs_are_refused_before_anything_is_written(lite):
         lite("index.sqlite")
     with pytest.raises(InvalidInputError, match="index type"):
         lite("other.db", index_type="IVF_PQ")
+    with pytest.raises(IndexNotFoundError, match="no Milvus collection 'elsewhere'"):
+        lite(collection="elsewhere", must_exist=True)
 
 
 def test_approximate_index_types_take_per_query_parameters(lite):
@@ -258,11 +261,13 @@ def test_a_second_process_is_told_one_process_per_lite_file(lite, tmp_path):
     holder = lite()
     fill(holder, clustered(3)[0], ["a"] * 3)
     code = f"""
+        import numpy as np
         from siamesedb.backends.milvus import MilvusBackend
         from siamesedb.errors import SiameseDBError
         try:
             backend = MilvusBackend({str(tmp_path / "index.db")!r}, "items", {DIM})
-            print("OPENED", backend.count())
+            fresh = backend.add(None, ["b"], ["q"], ["h"], np.ones((1, {DIM}), np.float32))
+            print("OPENED", backend.count(), backend.version, fresh.tolist())
         except SiameseDBError as exc:
             print(type(exc).__name__, exc)
     """
@@ -270,9 +275,10 @@ def test_a_second_process_is_told_one_process_per_lite_file(lite, tmp_path):
     assert second.stdout.startswith("IndexLockedError"), second.stdout + second.stderr
     assert "one process at a time" in second.stdout and "Milvus server" in second.stdout
     assert len(second.stdout.strip().splitlines()) == 1 and second.stderr == ""  # one line, no traceback logged
+    assert holder.remove([2]) == 1  # version 2 (add, remove), id mark 2
     holder.close()
     third = _run(code)  # once the holder closes it, another process opens the file and sees what was written
-    assert third.stdout.strip() == "OPENED 3", third.stdout + third.stderr
+    assert third.stdout.strip() == "OPENED 3 3 [3]", third.stdout + third.stderr  # id 2 is not handed out again
 
 
 def test_backend_import_is_numpy_only_and_names_the_extra_when_pymilvus_is_missing(tmp_path):
@@ -320,3 +326,146 @@ def test_real_omniglot_vectors_match_brute_force(lite):
     _, I = backend.search(vectors[:3], 20, labels=labels[0])
     assert sorted(I[0].tolist()) == list(range(20))  # the 20 drawings of the first character, and only them
     assert backend.items([0])[0].sha256 == hashes[0]
+
+
+# ---------------------------------------------------------------- the full protocol, against the SQLite store
+
+
+def _twin_items(n: int = 150, seed: int = 3) -> tuple[list[str], list[str], list[str], np.ndarray]:
+    """Items with the awkward cases: (label, hash) held twice, (label, path) held twice, paths that a reroot of
+    /data/a must and must not touch (/data/ab, a backslash path, the folder itself)."""
+    vectors, which = clustered(n, seed=seed)
+    labels = [AWKWARD_LABELS[c] for c in which]
+    folders = ["/data/a", "/data/ab", "/data/a/sub", "C:\\data\\a", "/other"]
+    paths = [f"{folders[i % len(folders)]}/{i}.png" for i in range(n)]
+    hashes = [hashlib.sha256(str(i % (n - 10)).encode()).hexdigest() for i in range(n)]  # last 10 repeat 0..9
+    labels[n - 10 : n] = labels[:10]  # ... under the same labels: (label, hash) held twice
+    paths[5], labels[5] = "/data/a", labels[4]  # the folder itself as a path
+    paths[6], labels[6] = paths[4], labels[4]  # (label, path) held twice, with another hash
+    return labels, paths, hashes, vectors
+
+
+def _same_reads(backend: MilvusBackend, store, probe: np.ndarray) -> None:
+    """Every read of the protocol gives the SQLite store's answer."""
+    assert backend.count() == store.count() and backend.label_counts() == store.label_counts()
+    assert backend.items(probe) == store.items(probe)
+    assert backend.labels_and_paths(probe) == store.labels_and_paths(probe)
+    assert backend.labels_of(probe) == store.labels_of(probe)
+    assert backend.known_label_hashes() == store.known_label_hashes()
+    assert backend.label_path_hashes() == store.label_path_hashes()
+    for columns, chunk in (("label, vector", 65536), ("sha256", 7), ("path, label, vector, sha256", 64)):
+        ours, theirs = list(backend.iter_rows(columns, chunk)), list(store.iter_rows(columns, chunk))
+        assert [len(ids) for ids, _ in ours] == [len(ids) for ids, _ in theirs]  # the same chunking
+        assert all(ids.dtype == np.int64 for ids, _ in ours)
+        np.testing.assert_array_equal(np.concatenate([i for i, _ in ours]), np.concatenate([i for i, _ in theirs]))
+        assert [row for _, rows in ours for row in rows] == [row for _, rows in theirs for row in rows]
+    ids, vectors = backend.vectors()
+    held, expected = store.vectors()
+    np.testing.assert_array_equal(ids, held)
+    np.testing.assert_array_equal(vectors, expected)
+
+
+def test_every_read_and_write_answers_as_the_sqlite_store(lite, tmp_path):
+    from siamesedb.store import ItemStore
+
+    labels, paths, hashes, vectors = _twin_items()
+    backend, store = lite(), ItemStore(tmp_path / "items.sqlite", dim=DIM)
+    try:
+        versions = [backend.version]
+        assert len(backend.add(None, [], [], [], np.empty((0, DIM), np.float32))) == 0
+        ids = backend.add(None, labels, paths, hashes, vectors)
+        assert ids.dtype == np.int64
+        np.testing.assert_array_equal(ids, store.add(labels, paths, hashes, vectors))  # 1..n, ascending
+        versions.append(backend.version)
+        probe = np.array([ids[3], -1, ids[0], 10**9, ids[3], ids[-1]])  # order, repeats, search padding, unknown
+        _same_reads(backend, store, probe)
+
+        pairs = [(labels[0], hashes[0]), (labels[-1], hashes[-1]), (labels[1], hashes[0]), ("nope", hashes[2]),
+                 ("\udcff", hashes[0]), (labels[0], hashes[0])]
+        found = backend.ids_by_label_hash(pairs)
+        assert found == store.ids_by_label_hash(pairs)
+        assert found[(labels[-1], hashes[-1])] == ids[9]  # held twice (ids 10 and n): the lowest id
+
+        assert backend.remove(np.array([ids[1], ids[1], -1, 10**9])) == store.remove_ids([ids[1], -1, 10**9]) == 1
+        versions.append(backend.version)
+        assert backend.remove([10**9]) == 0 and backend.version == versions[-1]  # nothing removed: no move
+        np.testing.assert_array_equal(backend.remove_label(labels[2]), store.remove_label(labels[2]))
+        versions.append(backend.version)
+        assert len(backend.remove_label("no such label")) == 0 and backend.version == versions[-1]
+        # Fresh ids after removals: above every id ever handed out, in both.
+        more = backend.add(None, labels[:3], paths[:3], hashes[:3], vectors[:3])
+        np.testing.assert_array_equal(more, store.add(labels[:3], paths[:3], hashes[:3], vectors[:3]))
+        assert more[0] == ids[-1] + 1
+        versions.append(backend.version)
+
+        reroots = (("/data/a/", "/mnt/x"), ("C:\\data", "D:\\d"), ("/nowhere", "/x"), ("/data/ab", "/y/"))
+        for (old, new), expected in zip(reroots, (True, True, False, True)):
+            before = backend.version
+            changed = backend.reroot_paths(old, new)
+            assert changed == store.reroot_paths(old, new) and (changed > 0) == expected, (old, new)
+            assert (backend.version > before) == expected
+        assert backend.labels_and_paths(ids[4:7])[ids[5]] == (labels[5], "/mnt/x")  # the folder itself
+        assert backend.labels_and_paths(ids[:5])[ids[0]][1] == "/mnt/x/0.png"  # not /data/ab/..., nor C:\\...
+        every = np.concatenate([ids, more, [-1]])
+        _same_reads(backend, store, every)  # vectors, labels and hashes untouched by the reroot, bit for bit
+        assert versions == sorted(set(versions))  # every write moved it
+    finally:
+        store.close()
+
+
+def test_ids_are_never_reused_and_the_version_survives_reopening(lite):
+    def add(handle, n=1, ids=None):
+        vectors, _ = clustered(n, seed=n)
+        return handle.add(ids, ["a"] * n, ["p"] * n, ["h"] * n, vectors)
+
+    first = lite()
+    np.testing.assert_array_equal(add(first, 5), [1, 2, 3, 4, 5])
+    assert first.remove([4, 5]) == 2
+    np.testing.assert_array_equal(add(first), [6])  # not 4: a removed id never comes back
+    np.testing.assert_array_equal(add(first, 2, ids=np.array([100, 4])), [100, 4])  # an import may name ids
+    second = lite()  # another handle on the same collection: the same mark and version
+    assert second.version == first.version
+    np.testing.assert_array_equal(add(second), [101])
+    assert first.version == second.version
+    np.testing.assert_array_equal(add(first), [102])
+    assert first.remove([101, 102]) == 2
+    version = first.version
+    first.close()
+    second.close()
+
+    reopened = lite()
+    assert reopened.version == version
+    np.testing.assert_array_equal(add(reopened), [103])
+    assert reopened.version == version + 1
+    with reopened.snapshot():  # a no-op on Milvus, but a context manager as the protocol says
+        assert reopened.count() == 7  # 1 2 3 4 6 100 103
+    # A collection made before the id record existed: its mark starts at the highest id held.
+    reopened._call("drop_collection", reopened.meta_collection)
+    reopened.close()
+    legacy = lite()
+    assert legacy.version == 0
+    np.testing.assert_array_equal(add(legacy), [104])
+
+
+def test_search_defaults_are_held_by_the_handle_and_used_by_searches(lite):
+    flat = lite("knobs.db", collection="flat")
+    assert flat.search_defaults == {} and flat.describe()["search_defaults"] == {}
+    with pytest.raises(InvalidInputError, match="nprobe applies to"):
+        flat.set_search_defaults(nprobe=4)
+    ivf = lite("knobs.db", collection="ivf", index_type="IVF_FLAT", build_params={"nlist": 16})
+    assert ivf.search_defaults == {"nprobe": 16}
+    ivf.set_search_defaults(nprobe=2)
+    ivf.set_search_defaults()  # None: leave as is
+    assert ivf.search_defaults == {"nprobe": 2}
+    with pytest.raises(InvalidInputError, match="ef_search applies to"):
+        ivf.set_search_defaults(ef_search=10)
+    with pytest.raises(InvalidInputError):
+        ivf.set_search_defaults(nprobe=0)
+    hnsw = lite("knobs.db", collection="hnsw", index_type="HNSW", search_defaults={"ef_search": 40, "nprobe": 3})
+    assert hnsw.search_defaults == {"ef_search": 40}  # a knob HNSW does not take is dropped at open
+    searched = []
+    hnsw._search_params = lambda k, nprobe, ef_search: searched.append((nprobe, ef_search)) or {}
+    hnsw.add(None, ["a"], ["p"], ["h"], clustered(1)[0])
+    hnsw.search(clustered(1)[0], 1)
+    hnsw.search(clustered(1)[0], 1, ef_search=90)
+    assert searched == [(None, 40), (None, 90)]  # the handle's default, unless the call names one
