@@ -315,7 +315,7 @@ def reindex(index_dir: Path, factory: str | None, reroot: tuple[str, str] | None
     chosen = db.reindex(factory)
     if as_json:
         emit_json({"index": str(index_dir), "factory": chosen, "items": len(db),
-                   "search_defaults": db.index.search_defaults})
+                   "search_defaults": db.backend.search_defaults})
     else:
         click.echo(f"{index_dir}: rebuilt as {chosen} over {len(db)} items")
 
@@ -563,10 +563,10 @@ def info(index_dir: Path, list_labels: bool, as_json: bool) -> None:
     db = open_db(index_dir)
     summary = db.info()
     if as_json:
-        emit_json({**summary, "labels": db.store.label_counts()})
+        emit_json({**summary, "labels": db.backend.label_counts()})
         return
     if list_labels:
-        for label, count in sorted(db.store.label_counts().items()):
+        for label, count in sorted(db.backend.label_counts().items()):
             click.echo(f"{count:>8}  {label}")
         return
     calibration = summary["calibration"]

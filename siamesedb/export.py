@@ -93,8 +93,8 @@ def export_vectors(db: Any, to: str | os.PathLike) -> dict[str, Any]:
     layout = _layout(to)
     if not to.parent.is_dir():
         raise InvalidInputError(f"{to.parent}: folder not found")
-    metadata = _metadata(db, db.store.count())
-    rows = db.store.iter_rows("label, path, sha256, vector", chunk=_CHUNK)
+    metadata = _metadata(db, db.backend.count())
+    rows = db.backend.iter_rows("label, path, sha256, vector", chunk=_CHUNK)
     if layout == ".parquet":
         _write_parquet(to, metadata, rows, db.dimension)
     else:
@@ -285,7 +285,7 @@ def import_vectors(db: Any, path: str | os.PathLike, force: bool = False, renumb
             f"{path}: vectors were made by encoder {theirs}, the index uses {db.encoder.fingerprint} "
             "(they are not comparable; pass --force to import anyway)"
         )
-    held = db.store.known_label_hashes()
+    held = db.backend.known_label_hashes()
     keep = np.fromiter(
         ((label, digest) not in held for label, digest in zip(exported.labels, exported.hashes)),
         dtype=bool, count=len(exported),
@@ -294,7 +294,7 @@ def import_vectors(db: Any, path: str | os.PathLike, force: bool = False, renumb
     pick = (lambda column: column) if len(rows) == len(exported) else (lambda column: [column[i] for i in rows])
     ids = None if renumber else exported.ids[rows]
     if ids is not None and len(ids):
-        taken = [item.id for item in db.store.items(ids) if item is not None]
+        taken = [item.id for item in db.backend.items(ids) if item is not None]
         if taken:
             raise InvalidInputError(
                 f"{path}: id {taken[0]} is already used by another item of {db.path} (pass --renumber for new ids)"

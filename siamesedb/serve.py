@@ -393,11 +393,11 @@ def create_app(
     @app.get("/labels", response_model=list[LabelCount], tags=["index"])
     def labels():
         """Every class and how many items it holds, sorted by label."""
-        counts = locked(db.store.label_counts)
+        counts = locked(db.backend.label_counts)
         return [{"label": label, "count": counts[label]} for label in sorted(counts)]
 
     def get_item(item_id: int) -> Any:
-        item = locked(db.store.items, [item_id])[0]
+        item = locked(db.backend.items, [item_id])[0]
         if item is None:
             raise HTTPException(404, f"{db.path}: no item with id {item_id}")
         return item
@@ -455,7 +455,7 @@ def create_app(
         """Remove one item."""
         with lock:
             db.refresh()
-            if db.store.items([item_id])[0] is None:
+            if db.backend.items([item_id])[0] is None:
                 raise HTTPException(404, f"{db.path}: no item with id {item_id}")
             removed = db.remove(ids=[item_id])
             return {"removed": removed, "items": len(db)}

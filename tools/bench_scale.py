@@ -95,7 +95,7 @@ def phase(args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         db = SiameseDB.create(args.dir, encoder=encoder, factory=args.factory)
         # Split the peak: adding (store + FAISS in memory) vs the final save of the FAISS file.
-        save = db._save_index_and_manifest
+        save = db._save
 
         def timed_save() -> None:
             out["add_peak_rss_mb"] = step_peak_mb()
@@ -103,7 +103,7 @@ def phase(args: argparse.Namespace) -> dict:
             save()
             out["save_peak_rss_mb"] = step_peak_mb()
 
-        db._save_index_and_manifest = timed_save
+        db._save = timed_save
         db.add_vectors(vectors, labels)
         db.close()
         out["build_s"] = time.perf_counter() - started

@@ -1,0 +1,321 @@
+"""FaissBackend, the embedded VectorBackend: items.sqlite is the truth, vectors.faiss a FAISS index derived from it.
+
+Write order for every change: store transaction first (the durable truth), then the FAISS file (`save`), then the
+caller's manifest, which records the store version the FAISS file mirrors. A crash between steps leaves a manifest
+that names an older store version, and the next open rebuilds the FAISS file from the store instead of trusting it.
+
+FAISS details stay here: training (IVF / PQ train once the store holds enough vectors; until then searches run
+exactly over the store), HNSW tombstones and compaction, the device a search runs on, the file's freshness.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from siamesedb import query
+from siamesedb.backends import Item, LabelFilter
+from siamesedb.errors import CorruptIndexError, DimensionMismatchError, IndexExistsError, InvalidInputError
+from siamesedb.index import METRIC_OF_ENCODER, VectorIndex
+from siamesedb.layout import STORE_FILE, VECTORS_FILE, store_has_items
+from siamesedb.store import ItemStore
+
+TRAIN_SAMPLE = 131072  # rows an untrained index (IVF...) is trained on, from the start of a bulk add
+
+
+class FaissBackend:
+    """The items of one index folder in SQLite, searched through FAISS (see the module docstring)."""
+
+    def __init__(self, path: Path, store: ItemStore, index: VectorIndex, device: str = "cpu",
+                 search_backend: str = "auto"):
+        self.path = Path(path)
+        self.store = store
+        self.index = index
+        self.dimension = index.dim
+        self.metric = "euclidean" if index.metric == "l2" else "cosine"
+        self._device = (device, search_backend)
+        # The store version the in-memory FAISS index mirrors: a write that finds the store moved on (another
+        # process wrote since) rebuilds it first, so this handle never writes a FAISS file missing their items.
+        self._index_version: int | None = None
+
+    # ------------------------------------------------------------------ creating, opening, saving
+
+    @classmethod
+    def create(cls, path: Path, index: VectorIndex, device: str = "cpu", search_backend: str = "auto") -> FaissBackend:
+        """A new, empty store beside an empty FAISS index (under the caller's write lock). An empty store left by a
+        creation cut short is started over; one holding items is refused."""
+        store_path = path / STORE_FILE
+        if store_path.exists():
+            if store_has_items(store_path):
+                raise IndexExistsError(f"{path}: {STORE_FILE} holds items but there is no manifest; move the folder aside")
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{store_path}{suffix}").unlink(missing_ok=True)
+        backend = cls(path, ItemStore(store_path, dim=index.dim), index, device, search_backend)
+        backend._index_version = backend.store.version
+        return backend
+
+    @classmethod
+    def open(cls, path: Path, manifest: dict[str, Any], device: str = "cpu", search_backend: str = "auto") -> FaissBackend:
+        """Open the store and load the FAISS file if it mirrors the store's version, else rebuild it in memory
+        (`fresh` says which; the caller saves a rebuilt one when it can take the write lock)."""
+        dim = int(manifest["dimension"])
+        if not (path / STORE_FILE).exists():
+            raise CorruptIndexError(f"{path / STORE_FILE}: missing (the store is the index's truth)")
+        store = ItemStore(path / STORE_FILE)  # reads its own dimension; compared with the manifest's below
+        if store.dim is not None and store.dim != dim:
+            store.close()
+            raise DimensionMismatchError(f"{path / STORE_FILE}: store holds {store.dim}-d vectors, manifest says {dim}")
+        metric = manifest.get("metric", "inner_product")
+        index = VectorIndex(dim, factory=manifest.get("factory", "Flat"), device=device, backend=search_backend,
+                            metric=metric)
+        backend = cls(path, store, index, device, search_backend)
+        backend.fresh = backend._load_file(manifest)
+        return backend
+
+    def _load_file(self, manifest: dict[str, Any]) -> bool:
+        """Load vectors.faiss when it mirrors the store; else rebuild from the store. Returns whether it loaded."""
+        with self.store.snapshot():  # version and count of one committed state, even while a writer commits
+            version, count = self.store.version, self.store.count()
+        vectors_path = self.path / VECTORS_FILE
+        if manifest.get("vectors_store_version") == version and vectors_path.exists():
+            try:
+                index = VectorIndex.load(vectors_path, factory=manifest.get("factory", "Flat"), **self._device_args())
+                if index.dim == self.dimension and index.ntotal == count and index.metric == self.index.metric:
+                    self.index = index
+                    self._index_version = version
+                    return True
+            except CorruptIndexError:
+                pass  # derived data: fall through and rebuild it from the store
+        self.index = self.index_from_store(manifest)
+        return False
+
+    def _device_args(self) -> dict[str, str]:
+        device, search_backend = self._device
+        return {"device": device, "backend": search_backend}
+
+    def index_from_store(self, manifest: dict[str, Any], factory: str | None = None) -> VectorIndex:
+        """A fresh FAISS index over one committed state of the store, keeping the manifest's search defaults
+        (nprobe, efSearch) for the same type; records which store version it mirrors.
+
+        A factory that needs training and cannot train on what the store holds yet (fewer vectors than IVF lists
+        or PQ centroids) stays untrained and empty: searches then run exactly over the store until it can.
+        """
+        with self.store.snapshot():
+            version = self.store.version
+            ids, vectors = self.store.vectors()
+        factory = factory or manifest.get("factory", "Flat")
+        index = VectorIndex(self.dimension, factory=factory, metric=self.index.metric, **self._device_args())
+        self._index_version = version
+        if len(ids):
+            if not index.is_trained:
+                try:
+                    index.train(vectors)
+                except InvalidInputError:
+                    return index
+            index.add(vectors, ids)
+        if factory == manifest.get("factory") and manifest.get("search_defaults"):
+            index.set_search_defaults(**manifest["search_defaults"])
+        return index
+
+    def catch_up(self, manifest: dict[str, Any]) -> None:
+        """Under the write lock: rebuild the FAISS index when the store moved on since it was made (another
+        process wrote, or a write of ours failed part-way)."""
+        if self._index_version is None or self._index_version != self.store.version:
+            self.index = self.index_from_store(manifest)
+
+    def begin_write(self) -> int | None:
+        """The store version a write starts from (under the write lock, after catch_up)."""
+        return self._index_version
+
+    def end_write(self, started_at: int | None, failed: bool) -> None:
+        """After a write under the lock: a clean one leaves the index in step with the store; a failed one that
+        changed the store (part-way) makes the next write rebuild first. A refused write changed nothing."""
+        if not failed:
+            self._index_version = self.store.version
+            return
+        try:
+            unchanged = started_at is not None and self.store.version == started_at
+        except Exception:  # noqa: BLE001 - a store that cannot say its version: rebuild to be safe
+            unchanged = False
+        if not unchanged:
+            self._index_version = None
+
+    def save(self) -> dict[str, Any]:
+        """Write vectors.faiss (atomically); returns the manifest fields that must be saved with it. OSError
+        passes to the caller (it turns the disk's refusal into a StorageError)."""
+        self.index.save(self.path / VECTORS_FILE)
+        return {"search_defaults": self.index.search_defaults, "vectors_store_version": self.store.version}
+
+    def refresh(self, manifest: dict[str, Any]) -> None:
+        """A reader catching up with another process's writes: the FAISS file when it mirrors the store's current
+        version, else a rebuild in memory (never written: a reader must not race the writer for the files).
+        Keeps this handle's search device, as open() gave it."""
+        version = self.store.version
+        index = None
+        vectors_path = self.path / VECTORS_FILE
+        if manifest.get("vectors_store_version") == version and vectors_path.exists():
+            try:
+                index = VectorIndex.load(vectors_path, factory=manifest.get("factory", "Flat"), **self._device_args())
+                if index.ntotal != self.store.count():
+                    index = None
+            except CorruptIndexError:
+                index = None
+        if index is not None:
+            self.index = index
+            self._index_version = version
+        else:
+            self.index = self.index_from_store(manifest)
+
+    def reindex(self, manifest: dict[str, Any], factory: str) -> VectorIndex:
+        """A FAISS index of type `factory` rebuilt from every stored vector (tombstones dropped); made the live one."""
+        self.index = self.index_from_store(manifest, factory)
+        return self.index
+
+    def close(self) -> None:
+        self.store.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.store.closed
+
+    # ------------------------------------------------------------------ writes
+
+    def bulk_sample(self, sample: np.ndarray) -> None:
+        """Before a bulk add into an empty, untrained index (IVF / PQ): train on up to TRAIN_SAMPLE rows of it, not
+        just the first transaction's worth. Too few rows to train: stay untrained; `add` trains once there are."""
+        if len(sample) and self.store.count() == 0 and not self.index.is_trained:
+            try:
+                self.index.train(np.asarray(sample[:TRAIN_SAMPLE], dtype=np.float32))
+            except InvalidInputError:
+                pass
+
+    def add(self, ids: np.ndarray | None, labels: Sequence[str], paths: Sequence[str], hashes: Sequence[str],
+            vectors: np.ndarray) -> np.ndarray:
+        if ids is None:
+            ids = self.store.add(labels, paths, hashes, vectors)
+        else:
+            ids = np.asarray(ids, dtype=np.int64)
+            self.store.insert_with_ids(ids, labels, paths, hashes, vectors)
+        if self.index.is_trained:
+            self.index.add(np.asarray(vectors, dtype=np.float32), ids)
+        else:
+            # Train on everything stored so far once there is enough of it (IVF / PQ); until then search is exact.
+            self.index = self.index_from_store(self._own_settings())
+        return ids
+
+    def _own_settings(self) -> dict[str, Any]:
+        """This index's type and search defaults, as a manifest would name them (for a rebuild keeping both)."""
+        return {"factory": self.index.factory, "search_defaults": self.index.search_defaults}
+
+    def remove(self, ids: np.ndarray) -> int:
+        ids = np.unique(np.atleast_1d(np.asarray(ids, dtype=np.int64)))
+        present = np.asarray([item.id for item in self.store.items(ids) if item is not None], dtype=np.int64)
+        self.store.remove_ids(present)
+        self._drop_from_index(present)
+        return int(len(present))
+
+    def remove_label(self, label: str) -> np.ndarray:
+        removed = self.store.remove_label(label)
+        self._drop_from_index(removed)
+        return removed
+
+    def _drop_from_index(self, ids: np.ndarray) -> None:
+        self.index.remove(ids)  # HNSW: tombstones, filtered out of every search
+        if self.index.needs_compaction:  # rebuild the graph without them, from the exact stored vectors
+            self.index = self.index_from_store(self._own_settings())
+
+    def reroot_paths(self, old: str, new: str) -> int:
+        return self.store.reroot_paths(old, new)
+
+    # ------------------------------------------------------------------ search
+
+    def search(self, queries: np.ndarray, k: int, labels: LabelFilter = None, *, nprobe: int | None = None,
+               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(D, I) from the FAISS index; exact over the store while a type that needs training cannot train yet,
+        and exact over the items of `labels` when given (an episode's support set is small: brute force)."""
+        if labels is not None:
+            return self._search_within([labels] if isinstance(labels, str) else list(labels), queries, k)
+        if self.index.is_trained or self.store.count() == 0:
+            return self.index.search(queries, k, nprobe=nprobe, ef_search=ef_search)
+        self.index.search(np.empty((0, self.dimension), np.float32), k, nprobe=nprobe, ef_search=ef_search)  # checks
+        ids, corpus = self.store.vectors()
+        D, rows = query.brute_force_search(queries, corpus, k, metric=self.metric)
+        return D, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
+
+    def _search_within(self, labels: list[str], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        with self.store.snapshot():
+            parts = [self.store.vectors(label=label) for label in dict.fromkeys(labels)]
+        ids = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
+        corpus = np.concatenate([p[1] for p in parts]) if parts else np.empty((0, self.dimension), np.float32)
+        order = np.argsort(ids, kind="stable")  # id order, as a search over all items sees them (ties alike)
+        ids, corpus = ids[order], corpus[order]
+        D, rows = query.brute_force_search(queries, corpus, k, metric=self.metric)
+        return D, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
+
+    @property
+    def search_defaults(self) -> dict[str, int]:
+        return self.index.search_defaults
+
+    def set_search_defaults(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        self.index.set_search_defaults(nprobe=nprobe, ef_search=ef_search)
+
+    # ------------------------------------------------------------------ reads (the store's)
+
+    @property
+    def version(self) -> int:
+        return self.store.version
+
+    def snapshot(self) -> AbstractContextManager[None]:
+        return self.store.snapshot()
+
+    def count(self) -> int:
+        return self.store.count()
+
+    def label_counts(self) -> dict[str, int]:
+        return self.store.label_counts()
+
+    def items(self, ids: np.ndarray) -> list[Item | None]:
+        return self.store.items(ids)
+
+    def labels_and_paths(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
+        return self.store.labels_and_paths(ids)
+
+    def labels_of(self, ids: np.ndarray) -> list[str | None]:
+        return self.store.labels_of(ids)
+
+    def vectors(self, label: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return self.store.vectors(label=label)
+
+    def iter_rows(self, columns: str = "label, vector", chunk: int = 65536) -> Iterator[tuple[np.ndarray, list[tuple]]]:
+        return self.store.iter_rows(columns, chunk=chunk)
+
+    def known_label_hashes(self) -> set[tuple[str, str]]:
+        return self.store.known_label_hashes()
+
+    def label_path_hashes(self) -> dict[tuple[str, str], str]:
+        return self.store.label_path_hashes()
+
+    def ids_by_label_hash(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        return self.store.ids_by_label_hash(pairs)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": "faiss",
+            "store": str(self.path / STORE_FILE),
+            "factory": self.index.factory,
+            "metric": self.metric,
+            "search_defaults": self.index.search_defaults,
+            "removed_pending": self.index.removed_pending,
+            "count": self.store.count(),
+        }
+
+    def __repr__(self) -> str:
+        return f"FaissBackend({str(self.path)!r}, {self.index.factory!r})"
+
+
+__all__ = ["FaissBackend", "METRIC_OF_ENCODER", "TRAIN_SAMPLE"]

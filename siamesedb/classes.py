@@ -1,0 +1,205 @@
+"""The classes of an index: per-class prototypes, the item -> class table, and verification thresholds.
+
+Everything here is derived from a backend's items at one version (SiameseDB caches a ClassTable per backend version)
+or from the manifest (calibrations); nothing here writes.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from siamesedb import query
+from siamesedb.errors import CorruptIndexError, EmptyIndexError, InvalidInputError, NotCalibratedError, UnknownLabelError
+from siamesedb.index import VectorIndex
+
+CLASSIFY_METHODS = ("prototype", "knn")
+# Fewer pairs than these and a calibration says how thin it is: with 2 genuine pairs an "equal-error" threshold is
+# whatever the two scores happen to be (issue 16 saw 1.0000 from two copies of one file).
+MIN_GENUINE_PAIRS = 20
+MIN_IMPOSTOR_PAIRS = 100
+_ROWS = 16384  # rows read at a time while summing prototypes
+
+
+@dataclass
+class ClassTable:
+    """Classes of an index at one backend version: sorted names, (C, D) prototypes, and each item's class code."""
+
+    version: int
+    names: list[str]
+    prototypes: np.ndarray  # (C, D) float32 class means (L2-normalised for a cosine index), row c = names[c]
+    ids: np.ndarray  # (N,) int64, ascending
+    codes: np.ndarray  # (N,) int32, codes[i] = class of item ids[i]
+    prototype_index: VectorIndex | None = None  # built on first use by a top-k prototype search
+
+    def labels_of_hits(self, I: np.ndarray) -> list[list[str | None]]:
+        """Labels of a search's (nq, k) hit ids through the sorted id column: no store query, no per-item objects.
+        None for -1 padding and for ids this table does not hold."""
+        if not len(self.ids):
+            return [[None] * I.shape[1] for _ in range(len(I))]
+        where = np.clip(np.searchsorted(self.ids, I), 0, len(self.ids) - 1)
+        known = (I >= 0) & (self.ids[where] == I)
+        codes = np.where(known, self.codes[where], -1)
+        return [[self.names[c] if c >= 0 else None for c in row] for row in codes.tolist()]
+
+    def select(self, classes: Sequence[str] | None, where: object) -> tuple[list[str], np.ndarray]:
+        """(names, (C', D) prototypes) of `classes` in the order given, or of every class; UnknownLabelError names
+        the first class the index lacks."""
+        if classes is None:
+            return self.names, self.prototypes
+        rows = []
+        for c in classes:
+            r = bisect.bisect_left(self.names, c)
+            if r == len(self.names) or self.names[r] != c:
+                raise UnknownLabelError(f"{where}: no class {c!r}")
+            rows.append(r)
+        return [self.names[r] for r in rows], self.prototypes[rows]
+
+    def rank_top(self, vectors: np.ndarray, top: int, index_metric: str) -> list[list[tuple[str, float]]]:
+        """The `top` nearest prototypes of each query via an exact FAISS search over the (C, D) prototypes,
+        in query blocks: never a (queries, classes) score matrix. Ties: FAISS order, not class order."""
+        if self.prototype_index is None:
+            index = VectorIndex(self.prototypes.shape[1], factory="Flat", metric=index_metric)
+            index.add(self.prototypes, np.arange(len(self.names), dtype=np.int64))
+            self.prototype_index = index
+        rankings: list[list[tuple[str, float]]] = []
+        for start in range(0, len(vectors), 4096):
+            D, I = self.prototype_index.search(vectors[start : start + 4096], min(top, len(self.names)))
+            rankings.extend(
+                [(self.names[c], s) for c, s in zip(row_i, row_d) if c >= 0]
+                for row_i, row_d in zip(I.tolist(), D.tolist())
+            )
+        return rankings
+
+
+def read_class_table(backend: Any, metric: str, where: object) -> ClassTable:
+    """Per-class prototypes and each item's class code, computed in one streamed pass over the backend's items.
+
+    Call inside `backend.snapshot()` (labels and vectors of one committed state). Bounded memory at any size:
+    vectors are read 16k rows at a time and summed per class code (grouped, then added into a (C, D) float64
+    array); no per-item Python objects are kept.
+    """
+    version = backend.version
+    dim = backend.dimension
+    names = sorted(backend.label_counts())  # one GROUP BY: the (C, D) sums are allocated once, exactly
+    if not names:
+        raise EmptyIndexError(f"{where}: the index holds no items")
+    code_of = {name: code for code, name in enumerate(names)}
+    sums = np.zeros((len(names), dim), dtype=np.float64)
+    id_chunks, code_chunks = [], []
+    for ids, rows in backend.iter_rows("label, vector", chunk=_ROWS):
+        try:
+            codes = np.fromiter((code_of[r[0]] for r in rows), dtype=np.int32, count=len(rows))
+        except KeyError:  # a label appeared between the two reads: another process wrote meanwhile
+            raise CorruptIndexError(f"{where}: changed while being read; try again") from None
+        blob = b"".join(r[1] for r in rows)
+        del rows
+        if len(blob) != len(codes) * dim * 4:
+            raise CorruptIndexError(f"{where}: a stored vector does not hold {dim} float32 values")
+        vectors = np.frombuffer(blob, dtype="<f4").reshape(len(codes), dim)
+        # Per-class sums of this chunk: rows grouped by code, then one reduceat in float64 (a (rows, D) float32
+        # gather and a (classes in chunk, D) float64 result; np.add.at would cast every row to float64 and is slow).
+        order = np.argsort(codes, kind="stable")
+        present, starts = np.unique(codes[order], return_index=True)
+        sums[present] += np.add.reduceat(vectors[order], starts, axis=0, dtype=np.float64)
+        del blob, vectors, order
+        id_chunks.append(ids)
+        code_chunks.append(codes)
+    # Normalise in place (cosine; Euclidean: divide by the class sizes, a plain mean), then one float32 copy.
+    # Row norms by einsum: np.linalg.norm(axis=1) would square into a second (C, D) float64 array first.
+    if metric == "cosine":
+        sums /= np.maximum(np.sqrt(np.einsum("ij,ij->i", sums, sums)), 1e-12)[:, None]
+    else:
+        sums /= np.bincount(np.concatenate(code_chunks), minlength=len(names))[:, None]
+    return ClassTable(
+        version=version,
+        names=names,
+        prototypes=sums.astype(np.float32),
+        ids=np.concatenate(id_chunks),
+        codes=np.concatenate(code_chunks),
+    )
+
+
+# ---------------------------------------------------------------------------------------- verification thresholds
+
+
+def check_rule(rule: str) -> str:
+    if rule not in query.VERIFY_RULES:
+        raise InvalidInputError(f"unknown rule {rule!r}; choose from {', '.join(query.VERIFY_RULES)}")
+    return rule
+
+
+def calibrations_of(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The verification thresholds a manifest holds, one per rule (manifest "calibrations"; an index calibrated
+    before there was one per rule holds its single one under "calibration")."""
+    found = dict(manifest.get("calibrations") or {})
+    legacy = manifest.get("calibration")
+    if legacy and legacy.get("rule") not in found:
+        found[legacy["rule"]] = legacy
+    return found
+
+
+def threshold_for(manifest: dict[str, Any], encoder_threshold: float | None, rule: str | None,
+                  where: object) -> tuple[str, float, str]:
+    """(rule, threshold, source) that `verify` uses when no threshold is passed: the index's calibration for the
+    rule, else the encoder's pair threshold; `rule` None means the rule calibrated last (else "prototype")."""
+    calibrations = calibrations_of(manifest)
+    if rule is None:
+        rule = (manifest.get("calibration") or {}).get("rule", "prototype")
+    check_rule(rule)
+    calibration = calibrations.get(rule)
+    if calibration:
+        source = f"index:{rule}:{calibration['genuine_pairs']}/{calibration['impostor_pairs']} pairs"
+        return rule, float(calibration["threshold"]), source
+    if encoder_threshold is None:
+        raise NotCalibratedError(
+            f"{where}: no threshold for rule {rule!r}: the index is not calibrated for it and its encoder "
+            f"carries none; run `siamesedb calibrate --index {where} --rule {rule}` or pass --threshold"
+        )
+    return rule, encoder_threshold, "encoder"
+
+
+def calibration_record(genuine: np.ndarray, impostor: np.ndarray, rule: str, target_far: float | None, items: int,
+                       where: object) -> dict[str, Any]:
+    """The threshold for `rule` from genuine / impostor pair scores: at the equal-error point (target_far None;
+    needs genuine pairs) or at the lowest threshold whose false-accept rate is at most `target_far`. Carries a
+    "warning" when it rests on fewer than MIN_GENUINE_PAIRS genuine or MIN_IMPOSTOR_PAIRS impostor pairs."""
+    if target_far is None:
+        if len(genuine) == 0:
+            raise InvalidInputError(
+                f"{where}: every class holds one item, so there are no genuine pairs for an equal-error "
+                "threshold; calibrate with --target-far F (impostor pairs alone fix it), or verify with the "
+                "encoder's own threshold (the default) or --threshold"
+            )
+        threshold, eer = query.eer_threshold(genuine, impostor)
+        method = "eer"
+    else:
+        threshold = query.far_threshold(impostor, target_far)
+        method = "far"
+    calibration = {
+        "threshold": float(threshold),
+        "rule": rule,
+        "method": method,
+        "target_far": target_far,
+        "far": float(np.mean(impostor >= threshold)),
+        "frr": float(np.mean(genuine < threshold)) if len(genuine) else None,  # None: unknown (one-shot)
+        "eer": float(eer) if method == "eer" else None,
+        "genuine_pairs": int(len(genuine)),
+        "impostor_pairs": int(len(impostor)),
+        "items": int(items),
+    }
+    thin = []
+    if 0 < len(genuine) < MIN_GENUINE_PAIRS:
+        thin.append(f"{len(genuine)} genuine pairs")
+    if len(impostor) < MIN_IMPOSTOR_PAIRS:
+        thin.append(f"{len(impostor)} impostor pairs")
+    if thin:
+        calibration["warning"] = (
+            f"threshold rests on only {' and '.join(thin)} (want >= {MIN_GENUINE_PAIRS} genuine and >= "
+            f"{MIN_IMPOSTOR_PAIRS} impostor): add references, or keep the encoder's threshold"
+        )
+    return calibration

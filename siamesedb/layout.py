@@ -1,0 +1,103 @@
+"""An index folder's layout and its manifest: file names, reading and checking the manifest, writing it atomically.
+
+    manifest.json  format version, dimension, metric, backend, factory, encoder fingerprint, calibrations
+    encoder/       the encoder that made the vectors (config.json + model.safetensors)
+    items.sqlite   embedded backend: the truth (id, label, path, sha256, vector of every item)
+    vectors.faiss  embedded backend: the FAISS index derived from the store
+    milvus.db      Milvus backend with Milvus Lite: the collection's file (a server URI instead keeps nothing here)
+
+The manifest is written last when an index is created: a folder without one is a creation cut short.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from siamesedb import __version__
+from siamesedb.errors import CorruptIndexError
+from siamesedb.index import _fsync_dir, _write_atomic
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+STORE_FILE = "items.sqlite"
+VECTORS_FILE = "vectors.faiss"
+ENCODER_DIR = "encoder"
+MILVUS_LITE_FILE = "milvus.db"
+DEFAULT_HOME = Path("indexes")
+BACKENDS = ("faiss", "milvus")
+
+
+def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
+    """Write, fsync, rename, fsync the folder: a crash leaves the old document or the new one, never half of one."""
+    _write_atomic(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    _fsync_dir(path.parent)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the index at `path`, checked for the fields open() relies on (CorruptIndexError otherwise)."""
+    manifest_path = path / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict):
+            raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
+        int(manifest["dimension"])
+        int(manifest["format_version"])
+        if not isinstance(manifest.get("encoder", {}), dict) or not isinstance(manifest.get("factory", "Flat"), str):
+            raise ValueError("'encoder' must be an object and 'factory' a string")
+        if not isinstance(manifest.get("calibration") or {}, dict):
+            raise ValueError("'calibration' must be an object")
+        if manifest.get("backend", "faiss") not in BACKENDS:
+            raise ValueError(f"unknown backend {manifest.get('backend')!r}")
+        if manifest.get("backend") == "milvus" and not isinstance(manifest.get("milvus"), dict):
+            raise ValueError("a Milvus index needs its 'milvus' object (uri, collection)")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptIndexError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    return manifest
+
+
+def new_manifest(dimension: int, metric: str, factory: str, requested: str, encoder: dict[str, Any],
+                 backend: str = "faiss", **fields: Any) -> dict[str, Any]:
+    """The manifest of a new, empty index (backend-specific `fields` added as given)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "siamesedb_version": __version__,
+        "dimension": dimension,
+        "metric": metric,  # "inner_product" (cosine encoders) or "l2" (Euclidean ones)
+        "backend": backend,
+        "factory": factory,
+        "factory_requested": requested,
+        "encoder": encoder,
+        "calibration": None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **fields,
+    }
+
+
+def remove_temporaries(path: Path) -> None:
+    """Under the write lock: delete the temporary files a writer killed mid-write left (manifest, FAISS, encoder)."""
+    for folder in (path, path / ENCODER_DIR):
+        for leftover in folder.glob("*.tmp"):
+            try:
+                leftover.unlink()
+            except OSError:
+                pass
+
+
+def store_has_items(store_path: Path) -> bool:
+    """Whether a store file holds any item (False for one whose creation was cut short before its tables)."""
+    try:
+        conn = sqlite3.connect(store_path, timeout=30.0)
+        try:
+            return conn.execute("SELECT EXISTS (SELECT 1 FROM items)").fetchone()[0] == 1
+        finally:
+            conn.close()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return False
+        raise CorruptIndexError(f"{store_path}: not a readable SQLite store ({exc})") from None
+    except sqlite3.DatabaseError as exc:
+        raise CorruptIndexError(f"{store_path}: not a readable SQLite store ({exc})") from None
