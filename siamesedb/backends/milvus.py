@@ -543,9 +543,6 @@ class MilvusBackend:
         if self.lite and self._unflushed:
             self._call("flush", self.collection)
             self._unflushed = False
-        if self.lite and self._meta_unflushed:
-            self._call("flush", self.meta_collection)
-            self._meta_unflushed = False
 
     def _search_params(self, k: int, nprobe: int | None, ef_search: int | None) -> dict:
         """Per-query knobs in Milvus's names: nprobe for IVF types, ef (HNSW) / itopk_size (CAGRA) for graphs.
@@ -741,6 +738,9 @@ class MilvusBackend:
             return
         try:
             self._flush_lite()
+            if self.lite and self._meta_unflushed:  # not for durability (Lite keeps unflushed rows, kill -9 too):
+                self._call("flush", self.meta_collection)  # keeps the one-row record's unsealed history short
+                self._meta_unflushed = False
         finally:
             client, self._client = self._client, None
             client.close()
