@@ -203,3 +203,20 @@ def calibration_record(genuine: np.ndarray, impostor: np.ndarray, rule: str, tar
             f"{MIN_IMPOSTOR_PAIRS} impostor): add references, or keep the encoder's threshold"
         )
     return calibration
+
+
+def calibrate_items(backend: Any, rule: str, target_far: float | None, metric: str, where: object) -> dict[str, Any]:
+    """`calibration_record` from every genuine / impostor pair of the backend's items (one committed state)."""
+    check_rule(rule)
+    if target_far is not None and not 0.0 <= target_far <= 1.0:
+        raise InvalidInputError(f"target FAR must lie in [0, 1], got {target_far}")
+    with backend.snapshot():
+        ids, vectors = backend.vectors()
+        labels = backend.labels_of(ids)
+    if len(ids) == 0:
+        raise EmptyIndexError(f"{where}: the index holds no items to calibrate on")
+    if len(set(labels)) < 2:
+        raise InvalidInputError(f"{where}: calibration needs at least two classes (impostor pairs)")
+    genuine, impostor = query.genuine_impostor_scores(vectors, labels, rule=rule, require_genuine=False,
+                                                      metric=metric)
+    return calibration_record(genuine, impostor, rule, target_far, len(ids), where)

@@ -245,6 +245,32 @@ def unit_rows(chunk: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- single images
 
 
+def ids_for_new_rows(held: dict[tuple[str, str], int], labels: list[str],
+                     hashes: list[str]) -> tuple[np.ndarray, list[int]]:
+    """(ids (n,) int64, rows to store) of an `add`: a row whose (label, hash) is `held` gets that id; the first of
+    rows repeating one (label, hash) is stored, and a later repeat gets -1 - (that first row) until
+    `resolve_repeats` gives it the stored id."""
+    ids = np.empty(len(labels), dtype=np.int64)
+    new_rows: list[int] = []
+    first_of: dict[tuple[str, str], int] = {}
+    for row, key in enumerate(zip(labels, hashes)):
+        if key in held:
+            ids[row] = held[key]
+        elif key in first_of:  # the same image twice in this call
+            ids[row] = -1 - first_of[key]
+        else:
+            first_of[key] = row
+            new_rows.append(row)
+    return ids, new_rows
+
+
+def resolve_repeats(ids: np.ndarray) -> np.ndarray:
+    """Repeats marked by `ids_for_new_rows` take the id their first row was stored under."""
+    repeats = ids < 0
+    ids[repeats] = ids[-1 - ids[repeats]]
+    return ids
+
+
 def is_single(images: Any) -> bool:
     """One image in -> one result out; a list or tuple in -> a list out (a 2-D+ array is one image)."""
     return not isinstance(images, (list, tuple))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from siamesedb import __version__
-from siamesedb.errors import CorruptIndexError
+from siamesedb.errors import CorruptIndexError, DimensionMismatchError, EncoderMismatchError
 from siamesedb.index import _fsync_dir, _write_atomic
 
 FORMAT_VERSION = 1
@@ -57,6 +57,35 @@ def read_manifest(path: Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CorruptIndexError(f"{manifest_path}: unreadable manifest ({exc})") from None
     return manifest
+
+
+def read_checked(path: Path, device: str = "auto") -> tuple[dict[str, Any], Any]:
+    """(manifest, encoder) of the index at `path`, checked against each other: format version, the encoder's
+    fingerprint, dimension and metric (CorruptIndexError, EncoderMismatchError, DimensionMismatchError)."""
+    from siamesedb.encoder import Encoder
+    from siamesedb.index import METRIC_OF_ENCODER
+
+    manifest = read_manifest(path)
+    dim = int(manifest["dimension"])
+    version = int(manifest["format_version"])
+    if version > FORMAT_VERSION:
+        raise CorruptIndexError(
+            f"{path}: written by a newer siamesedb (format {version}; this one reads up to {FORMAT_VERSION})"
+        )
+    encoder = Encoder.load(path / ENCODER_DIR, device=device)
+    expected = manifest.get("encoder", {}).get("fingerprint")
+    if expected and encoder.fingerprint != expected:
+        raise EncoderMismatchError(
+            f"{path / ENCODER_DIR}: encoder fingerprint {encoder.fingerprint} differs from the manifest's {expected}"
+        )
+    if encoder.dimension != dim:
+        raise DimensionMismatchError(f"{path}: encoder makes {encoder.dimension}-d vectors, manifest says {dim}")
+    metric = manifest.get("metric", "inner_product")
+    if METRIC_OF_ENCODER[encoder.config.metric] != metric:
+        raise EncoderMismatchError(
+            f"{path / ENCODER_DIR}: a {encoder.config.metric} encoder, but the manifest's metric is {metric}"
+        )
+    return manifest, encoder
 
 
 def new_manifest(dimension: int, metric: str, factory: str, requested: str, encoder: dict[str, Any],

@@ -157,3 +157,53 @@ class VectorBackend(Protocol):
     def close(self) -> None:
         """Release the backend (files, connections). Idempotent."""
         ...
+
+
+# ------------------------------------------------------------------------------------------ choosing a backend
+
+BACKEND_KINDS = ("faiss", "milvus")
+
+
+def check_factory(kind: str, factory: str, dimension: int) -> None:
+    """Refuse an unknown backend, or an index type the backend cannot build, before anything is written."""
+    from siamesedb.errors import InvalidInputError
+
+    if kind not in BACKEND_KINDS:
+        raise InvalidInputError(f"unknown backend {kind!r}; choose from {', '.join(BACKEND_KINDS)}")
+    if kind == "milvus":
+        from siamesedb.backends.milvus_index import milvus_index_type
+
+        milvus_index_type(factory)
+    else:
+        from siamesedb.index import VectorIndex
+
+        VectorIndex(dimension, factory=factory)
+
+
+def create_backend(kind: str, path, dimension: int, metric: str, factory: str, search_defaults: dict,
+                   device: str = "cpu", search_backend: str = "auto", milvus_uri: str | None = None):
+    """(a new, empty backend for the index folder `path`, the manifest fields that name it). `metric` is the
+    encoder's ("cosine" / "euclidean"). Under the caller's write lock."""
+    if kind == "milvus":
+        from siamesedb.backends.milvus_index import create_milvus
+
+        return create_milvus(path, dimension, metric, factory, milvus_uri, search_defaults)
+    from siamesedb.backends.faiss import FaissBackend
+    from siamesedb.index import METRIC_OF_ENCODER, VectorIndex
+
+    index = VectorIndex(dimension, factory=factory, device=device, backend=search_backend,
+                        metric=METRIC_OF_ENCODER[metric])
+    index.set_search_defaults(**search_defaults)
+    backend = FaissBackend.create(path, index, device, search_backend)
+    return backend, {"vectors_store_version": backend.version}
+
+
+def open_backend(path, manifest: dict, metric: str, device: str = "cpu", search_backend: str = "auto"):
+    """The backend the manifest of the index folder `path` names (`metric`: the encoder's)."""
+    if manifest.get("backend", "faiss") == "milvus":
+        from siamesedb.backends.milvus_index import open_milvus
+
+        return open_milvus(path, manifest, metric)
+    from siamesedb.backends.faiss import FaissBackend
+
+    return FaissBackend.open(path, manifest, device, search_backend)

@@ -10,7 +10,6 @@ exactly over the store), HNSW tombstones and compaction, the device a search run
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path

@@ -1,0 +1,356 @@
+"""IndexQueries, the reading half of SiameseDB: search, classify and verify images or vectors against an index.
+
+A base class, as sqlite-utils' Queryable is for its tables: it asks its questions through `self.backend`,
+`self.encoder` and `self.manifest`, which SiameseDB (db.py: creating, opening, writing) provides. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from siamesedb import query
+from siamesedb.classes import CLASSIFY_METHODS, ClassTable, calibrations_of, check_rule, read_class_table, threshold_for
+from siamesedb.data import DomainWarning, image_profile, profile_mismatch
+from siamesedb.encoder import DEFAULT_ENCODER, Encoder
+from siamesedb.errors import (
+    DimensionMismatchError,
+    EmptyIndexError,
+    InvalidInputError,
+    NotCalibratedError,
+    UnknownLabelError,
+)
+from siamesedb.ingest import ImageLike, is_single, read_file_objects
+from siamesedb.item_table import ItemTable
+from siamesedb.layout import STORE_FILE
+
+
+class IndexQueries:
+    """Search, classify and verify over `self.backend` (see the module docstring)."""
+
+    path: Path
+    backend: Any
+    encoder: Encoder
+    manifest: dict[str, Any]
+    _prototype_cache: ClassTable | None
+    _item_table: ItemTable | None
+    _item_lookups: tuple[int, int]
+    _unread_results: list[weakref.ref[query.SearchResults]]
+    _domain_checked: bool
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def dimension(self) -> int:
+        return int(self.manifest["dimension"])
+
+    @property
+    def index_metric(self) -> str:
+        """The FAISS metric: "inner_product" (cosine encoders) or "l2" (Euclidean ones), as the manifest names it."""
+        return self.manifest.get("metric", "inner_product")
+
+    @property
+    def metric(self) -> str:
+        """How scores are made: "cosine" (inner product of unit vectors) or "euclidean" (score = -distance)."""
+        return "euclidean" if self.index_metric == "l2" else "cosine"
+
+    def __len__(self) -> int:
+        return self.backend.count()
+
+    def labels(self) -> list[str]:
+        return sorted(self.backend.label_counts())
+
+    # ------------------------------------------------------------------ reading
+
+    def _queries(self, vectors: np.ndarray) -> np.ndarray:
+        """(nq, D) float32 query vectors for the array-level calls: NaN / infinity refused, and for a cosine index
+        scaled to unit length, so every score is a cosine in [-1, 1] whatever the caller passed (a zero row stays
+        zero and scores 0). Euclidean indexes take vectors as they are."""
+        array = _finite_queries(vectors)
+        if array.ndim != 2 or array.shape[1] != self.dimension:
+            raise DimensionMismatchError(f"query vectors have shape {array.shape}, index needs (n, {self.dimension})")
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if getattr(self.encoder.config, "metric", "cosine") == "cosine":
+            norms = np.linalg.norm(array, axis=1)
+            off = np.abs(norms - 1) >= 1e-5  # the encoder's own vectors are unit already: kept bit for bit
+            if off.any():
+                array = array.copy()
+                array[off] = query.normalize(array[off])
+        return array
+
+    def _encode(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """(N, D) float32 vectors of `images` with this index's encoder; ImageLoadError names the first bad one."""
+        return np.atleast_2d(self.encoder.encode(list(images)))
+
+    def search(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        k: int = 5,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> list[query.Hit] | list[list[query.Hit]]:
+        """Top-k most similar items for each image (highest cosine similarity first).
+
+        `nprobe` (IVF indexes) and `ef_search` (HNSW) trade speed for recall for this call only.
+        """
+        single = is_single(images)
+        hits = self.search_vectors(self._encode([images] if single else list(images)), k, nprobe, ef_search)
+        return hits[0] if single else hits
+
+    def search_vectors(
+        self, vectors: np.ndarray, k: int = 5, nprobe: int | None = None, ef_search: int | None = None
+    ) -> query.SearchResults:
+        """Array-level search: (nq, D) vectors -> one list of Hits per query (fewer than k if the index is small).
+
+        The result also holds the raw `scores` / `ids` arrays (FAISS's (D, I), -1 for none); labels and paths are
+        read from the backend in one query when a Hit is first asked for, or before this handle next writes or
+        closes, whichever comes first (an item another process removes before then is left out).
+        """
+        if k < 1:
+            raise InvalidInputError(f"k must be at least 1, got {k}")
+        D, I = self.backend.search(self._queries(vectors), k, nprobe=nprobe, ef_search=ef_search)
+        results = query.SearchResults(D, I, self._labels_and_paths, metric=self.metric)
+        self._unread_results = [r for r in self._unread_results if r() is not None and not r().fetched]
+        self._unread_results.append(weakref.ref(results))
+        return results
+
+    def _labels_and_paths(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
+        """{id: (label, path)} of search hits: from the in-memory ItemTable while it mirrors the backend's version,
+        else from the backend. Measured (200k items): SQLite ~5.4 us per id looked up, a table build ~2.9 us per
+        item, a table lookup ~1.2 us per id; so the table is (re)built once the ids looked up from SQLite at one
+        version reach half the items held (never more than about twice the cheaper choice's cost)."""
+        version = self.backend.version
+        table = self._item_table
+        if table is None or table.version != version:
+            seen_version, looked_up = self._item_lookups
+            looked_up = (looked_up if seen_version == version else 0) + len(ids)
+            self._item_lookups = (version, looked_up)
+            if looked_up < self.backend.count() / 2:
+                return self.backend.labels_and_paths(ids)
+            with self.backend.snapshot():  # ids, labels and paths of one committed state
+                table = self._item_table = ItemTable.from_store(self.backend)
+            if table.version != version:  # a writer committed in between: answer this call from the backend
+                return self.backend.labels_and_paths(ids)
+        return table.lookup(ids)
+
+    def _class_table(self) -> ClassTable:
+        """Per-class prototypes and each item's class code (classes.read_class_table), cached per backend version."""
+        version = self.backend.version
+        if self._prototype_cache is not None and self._prototype_cache.version == version:
+            return self._prototype_cache
+        with self.backend.snapshot():  # version, labels and vectors of one committed state
+            self._prototype_cache = read_class_table(self.backend, self.metric, self._items_where())
+        return self._prototype_cache
+
+    def _items_where(self) -> Path:
+        """Where the items live, for error messages: the store file, or the index folder for another backend."""
+        return self.path / STORE_FILE if hasattr(self.backend, "store") else self.path
+
+    def _prototypes(self, classes: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+        return self._class_table().select(classes, self.path)
+
+    def classify(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        method: str = "prototype",
+        k: int = 5,
+        classes: Sequence[str] | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        top: int | None = None,
+    ) -> query.Prediction | list[query.Prediction]:
+        """Which class is each image? `prototype`: nearest class mean; `knn`: score-weighted vote of the top k.
+
+        `classes` restricts the candidates (an N-way episode); by default every class in the index competes.
+        `nprobe` / `ef_search` tune the knn search over the whole index (prototype ranking is always exact).
+        `top` keeps only the best `top` classes in each ranking (with many classes, the prototype search then
+        runs through FAISS instead of ranking every class).
+        """
+        single = is_single(images)
+        predictions = self.classify_vectors(
+            self._encode([images] if single else list(images)), method, k, classes, nprobe, ef_search, top=top
+        )
+        return predictions[0] if single else predictions
+
+    def classify_vectors(
+        self,
+        vectors: np.ndarray,
+        method: str = "prototype",
+        k: int = 5,
+        classes: Sequence[str] | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        top: int | None = None,
+    ) -> list[query.Prediction]:
+        """Array-level classify of (nq, D) vectors (normalised here for a cosine index); `top` as in `classify`."""
+        vectors = self._queries(vectors)
+        if isinstance(classes, str):  # one class name, not a sequence of one-letter names
+            classes = [classes]
+        if top is not None and (int(top) != top or top < 1):
+            raise InvalidInputError(f"top must be an integer of at least 1, got {top}")
+        if method == "prototype" and classes is None and top is not None:
+            rankings = self._class_table().rank_top(vectors, int(top), self.index_metric)
+        elif method == "prototype":
+            names, protos = self._prototypes(classes)
+            rankings = query.rank_by_prototype(vectors, protos, names, metric=self.metric)
+        elif method == "knn":
+            if k < 1:
+                raise InvalidInputError(f"k must be at least 1, got {k}")
+            if len(self) == 0:
+                raise EmptyIndexError(f"{self.path}: the index holds no items")
+            if classes is not None:
+                self._prototypes(classes)  # raises UnknownLabelError for a class the index lacks
+            # `classes` filter inside the backend (Milvus: a label expression), so k hits of those classes return.
+            D, I = self.backend.search(vectors, k, classes, nprobe=nprobe, ef_search=ef_search)
+            rankings = query.rank_by_knn(self._class_table().labels_of_hits(I), D, k, metric=self.metric)
+        else:
+            raise InvalidInputError(f"unknown method {method!r}; choose from {', '.join(CLASSIFY_METHODS)}")
+        if top is not None:
+            rankings = [r[: int(top)] for r in rankings]
+        return [query.Prediction(label=r[0][0], score=r[0][1], ranking=r) for r in rankings]
+
+    def support(self, label: str) -> np.ndarray:
+        """(M, D) vectors of a class's support set."""
+        ids, vectors = self.backend.vectors(label=label)
+        if len(ids) == 0:
+            raise UnknownLabelError(f"{self.path}: no class {label!r} (see `siamesedb info --index {self.path}`)")
+        return vectors
+
+    def verify(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        label: str,
+        threshold: float | None = None,
+        rule: str | None = None,
+    ) -> query.Verification | list[query.Verification]:
+        """Is each image of class `label`? Scores it against the class's support set and compares with a threshold.
+
+        The threshold: `threshold` if given; else the index's calibration for the rule (`calibrate`); else the
+        pair threshold the encoder carries, so a fresh index of one reference per class verifies out of the box.
+        `rule` defaults to the rule calibrated last (else "prototype"). Each answer's `threshold_source` says which.
+        One image in -> one Verification out; a list in -> a list out.
+        """
+        single = is_single(images)
+        batch = read_file_objects([images] if single else list(images))
+        vectors = self._encode(batch)
+        self.check_domain(batch)
+        results = [self.verify_vector(v, label, threshold=threshold, rule=rule) for v in vectors]
+        for source, result in zip(batch, results):
+            if isinstance(source, (str, os.PathLike)):
+                result.query = str(source)
+        return results[0] if single else results
+
+    def check_domain(self, images: Sequence[ImageLike]) -> str | None:
+        """Warn (once per handle, DomainWarning) when `images` look unlike the encoder's training images (aspect,
+        colour, background, photo vs drawing: `data.profile_mismatch` against the profile its config records).
+        Returns the reason, or None. Encoders without a recorded profile are never warned about."""
+        if self._domain_checked or not self.encoder.config.data_profile:
+            return None
+        self._domain_checked = True
+        reason = profile_mismatch(self.encoder.config.data_profile, image_profile(list(images), limit=32))
+        if reason:
+            warnings.warn(
+                f"{self.path}: these images look unlike the encoder's training images ({reason}); its scores and "
+                "thresholds may not hold: train an encoder on images like these (`siamesedb train`)",
+                DomainWarning, stacklevel=3,
+            )
+        return reason
+
+    @property
+    def calibrations(self) -> dict[str, dict[str, Any]]:
+        """The index's verification thresholds, one per rule it was calibrated for (classes.calibrations_of)."""
+        return calibrations_of(self.manifest)
+
+    def threshold_for(self, rule: str | None = None) -> tuple[str, float, str]:
+        """(rule, threshold, source) that `verify` uses when no threshold is passed (see `verify`)."""
+        return threshold_for(self.manifest, self.encoder.config.pair_threshold, rule, self.path)
+
+    def verify_vector(
+        self, vector: np.ndarray, label: str, threshold: float | None = None, rule: str | None = None
+    ) -> query.Verification:
+        """Array-level verify of one (D,) vector (normalised here for a cosine index)."""
+        vector = self._queries(vector)[0]
+        if threshold is None:
+            rule, threshold, source = self.threshold_for(rule)
+        else:
+            rule = check_rule(rule or (self.manifest.get("calibration") or {}).get("rule", "prototype"))
+            threshold, source = float(threshold), "given"
+        score = query.verification_score(vector, self.support(label), rule=rule, metric=self.metric)
+        return query.Verification(label=label, accepted=bool(score >= threshold), score=float(score),
+                                  threshold=float(threshold), threshold_source=source)
+
+    def info(self) -> dict[str, Any]:
+        """Counts, classes, dimension, encoder and calibration of this index."""
+        counts = self.backend.label_counts()
+        described = self.backend.describe()
+        return {
+            "path": str(self.path),
+            "items": int(sum(counts.values())),
+            "classes": len(counts),
+            "dimension": self.dimension,
+            "metric": self.manifest.get("metric", "inner_product"),
+            "backend": self.manifest.get("backend", "faiss"),
+            "factory": self.manifest.get("factory", "Flat"),
+            "search_defaults": self.backend.search_defaults,
+            "removed_pending": described.get("removed_pending", 0),
+            "encoder": {
+                "fingerprint": self.encoder.fingerprint,
+                "backbone": self.encoder.config.backbone,
+                "name": self.manifest.get("encoder", {}).get("name", ""),
+                "image_size": list(self.encoder.config.preprocessing.size),
+                "members": self.encoder.config.members,  # > 1: an ensemble (tools/ensemble.py)
+                "whitening": self.encoder.config.whitening,
+                "test_time_shift": self.encoder.config.test_time_shift,
+                "pair_threshold": self.encoder.config.pair_threshold,  # verify's threshold where none is calibrated
+            },
+            "calibration": self.manifest.get("calibration"),  # the latest: the rule verify uses when given none
+            "calibrations": self.calibrations,  # one per rule
+            "format_version": self.manifest.get("format_version"),
+            "largest_classes": sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5],
+            **({"milvus": {k: v for k, v in described.items() if k in ("uri", "lite", "collection", "index_type")}}
+               if described.get("backend") == "milvus" else {}),
+        }
+
+
+def verify_pair(
+    image_a: ImageLike,
+    image_b: ImageLike,
+    encoder: str | os.PathLike | Encoder = DEFAULT_ENCODER,
+    threshold: float | None = None,
+    device: str = "auto",
+) -> query.Verification:
+    """Do two images show the same class? Their score (cosine, or minus the Euclidean distance for a Euclidean
+    encoder) against the encoder's calibrated pair threshold."""
+    enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder, device=device)
+    source = "given"
+    if threshold is None:
+        threshold, source = enc.config.pair_threshold, "encoder"
+        if threshold is None:
+            raise NotCalibratedError("this encoder carries no pair threshold; pass one with --threshold")
+    vectors = np.atleast_2d(enc.encode([image_a, image_b]))
+    score = float(query.scores_for(enc.config.metric, vectors[:1], vectors[1:])[0, 0])  # Euclidean: -distance
+    return query.Verification(
+        label=str(image_b), accepted=bool(score >= threshold), score=score, threshold=float(threshold),
+        threshold_source=source, query=str(image_a) if isinstance(image_a, (str, os.PathLike)) else None,
+    )
+
+
+def _finite_queries(vectors: np.ndarray) -> np.ndarray:
+    """(nq, D) query vectors, refused when any value is NaN or infinite (every score would be NaN, silently)."""
+    array = np.atleast_2d(np.asarray(vectors))
+    if np.issubdtype(array.dtype, np.number) and not np.isfinite(array).all():
+        raise InvalidInputError("query vectors contain NaN or infinity")
+    return array
+
+
+
+
+
+
+__all__ = ["IndexQueries", "verify_pair"]
