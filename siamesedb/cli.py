@@ -151,6 +151,24 @@ def finish_batch() -> None:
         raise ImageFailures(f"{failed} image(s) could not be read")
 
 
+def backend_options(command):
+    """--backend and --milvus-uri: where a new index keeps its items (build, import)."""
+
+    def check_uri(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None and ctx.params.get("backend", "faiss") != "milvus":
+            raise click.UsageError("--milvus-uri needs --backend milvus")
+        return value
+
+    command = click.option(
+        "--milvus-uri", default=None, metavar="URI", callback=check_uri,
+        help="With --backend milvus: a Milvus server (http://host:19530; token from $SIAMESEDB_MILVUS_TOKEN) or a "
+             "Milvus Lite file (*.db); default: a Milvus Lite file inside the index folder.")(command)
+    return click.option(
+        "--backend", type=click.Choice(["faiss", "milvus"]), default="faiss", show_default=True, is_eager=True,
+        help="Where a new index keeps its items: embedded SQLite + FAISS, or Milvus (pip install "
+             "'siamesedb[milvus]'). An existing index keeps the backend it was made with.")(command)
+
+
 def open_db(index_dir: Path, device: str = "auto"):
     from siamesedb.db import SiameseDB
 
@@ -189,6 +207,7 @@ def cli() -> None:
 @device_option
 @click.option("--batch-size", default=256, show_default=True, help="Images encoded per batch.")
 @click.option("--workers", type=int, default=None, help="Decoding processes (default: automatic).")
+@backend_options
 @click.option("--ray", "use_ray", is_flag=True,
               help="Run the pipeline on Ray Data: read + decode tasks, encoder actors (one per GPU). pip install 'siamesedb[ray]'.")
 @click.option("--ray-address", default=None, metavar="ADDR",
@@ -197,7 +216,8 @@ def cli() -> None:
 @quiet_option
 @json_option
 def build(folder: Path, index_dir: Path, encoder: str, factory: str, device: str, batch_size: int,
-          workers: int | None, use_ray: bool, ray_address: str | None, quiet: bool, as_json: bool) -> None:
+          workers: int | None, backend: str, milvus_uri: str | None, use_ray: bool, ray_address: str | None,
+          quiet: bool, as_json: bool) -> None:
     """Build (or resume building) an index from a labelled FOLDER.
 
     Each image's label is its parent folder's path relative to FOLDER (Latin/character07);
@@ -209,11 +229,14 @@ def build(folder: Path, index_dir: Path, encoder: str, factory: str, device: str
       siamesedb build ~/omniglot/images_evaluation --index indexes/omniglot
       siamesedb build ~/photos --index indexes/photos --factory auto
       siamesedb build ~/photos --index indexes/photos --ray --ray-address auto
+      siamesedb build ~/photos --index indexes/photos --backend milvus --milvus-uri http://milvus:19530
     """
     from siamesedb.db import SiameseDB
 
     if ray_address is not None and not use_ray:
         raise click.UsageError("--ray-address needs --ray")
+    if use_ray and backend != "faiss":
+        raise click.UsageError("--ray builds into an index's backend once it exists: create it with --backend first")
     if use_ray:
         if workers is not None:
             raise click.UsageError("--workers is for the in-process build; Ray sizes its own read tasks")
@@ -223,7 +246,8 @@ def build(folder: Path, index_dir: Path, encoder: str, factory: str, device: str
                             batch_size=batch_size, address=ray_address, progress=not (quiet or as_json))
     else:
         db = SiameseDB.build(folder, path=index_dir, encoder=encoder, factory=factory, device=device,
-                             batch_size=batch_size, workers=workers, progress=not (quiet or as_json))
+                             batch_size=batch_size, workers=workers, progress=not (quiet or as_json),
+                             backend=backend, milvus_uri=milvus_uri)
     report = db.last_report
     for path, reason in report.skipped:
         click.echo(f"warning: skipped {path}: {reason}", err=True)
@@ -380,8 +404,10 @@ def export_command(index_dir: Path, to: Path, as_json: bool) -> None:
               help="Encoder of a new index (when --index does not exist yet); must match the file's fingerprint.")
 @click.option("--force", is_flag=True, help="Import even if the file's encoder fingerprint differs from the index's.")
 @click.option("--renumber", is_flag=True, help="Give the items new ids instead of keeping the file's.")
+@backend_options
 @json_option
-def import_command(file: Path, index_dir: Path, encoder: str, force: bool, renumber: bool, as_json: bool) -> None:
+def import_command(file: Path, index_dir: Path, encoder: str, force: bool, renumber: bool, backend: str,
+                   milvus_uri: str | None, as_json: bool) -> None:
     """Import an export (FILE.parquet or FILE.npy + FILE.json) into an index, creating it if needed.
 
     Items the index already holds (same label and content hash) are skipped; the file's ids are kept.
@@ -390,21 +416,10 @@ def import_command(file: Path, index_dir: Path, encoder: str, force: bool, renum
     Example:
       siamesedb import omniglot.parquet --index indexes/omniglot-copy
     """
-    from siamesedb.db import MANIFEST_FILE, SiameseDB
-    from siamesedb.encoder import Encoder
-    from siamesedb.errors import EncoderMismatchError
-    from siamesedb.export import read_metadata
+    from siamesedb.export import import_into
 
-    if (index_dir / MANIFEST_FILE).exists():
-        db = open_db(index_dir)
-    else:
-        enc = Encoder.load(encoder)
-        theirs = read_metadata(file)["encoder"].get("fingerprint")
-        if theirs != enc.fingerprint and not force:  # refuse before creating anything
-            raise EncoderMismatchError(f"{file}: vectors were made by encoder {theirs}, not {encoder!r} "
-                                       f"({enc.fingerprint}); pass the right --encoder, or --force")
-        db = SiameseDB.create(index_dir, encoder=enc)
-    result = db.import_vectors(file, force=force, renumber=renumber)
+    db, result = import_into(index_dir, file, encoder=encoder, force=force, renumber=renumber, backend=backend,
+                             milvus_uri=milvus_uri)
     if as_json:
         emit_json({"index": str(index_dir), **result, "total": len(db)})
     else:
@@ -573,8 +588,13 @@ def info(index_dir: Path, list_labels: bool, as_json: bool) -> None:
     click.echo(f"index      {summary['path']}")
     click.echo(f"items      {summary['items']} in {summary['classes']} classes")
     defaults = ", ".join(f"{key} {value}" for key, value in summary.get("search_defaults", {}).items())
-    click.echo(f"vectors    {summary['dimension']}-d, {summary['metric']}, FAISS {summary['factory']}"
+    kind = f"Milvus {summary['milvus']['index_type']}" if "milvus" in summary else f"FAISS {summary['factory']}"
+    click.echo(f"vectors    {summary['dimension']}-d, {summary['metric']}, {kind}"
                + (f" ({defaults})" if defaults else ""))
+    if "milvus" in summary:
+        milvus = summary["milvus"]
+        click.echo(f"backend    Milvus {'Lite ' if milvus['lite'] else ''}{milvus['uri']}, collection "
+                   f"{milvus['collection']}, {milvus['index_type']}")
     enc = summary["encoder"]
     extras = "".join([f", {enc['members']} members" if enc["members"] > 1 else "",
                       ", whitened" if enc["whitening"] else "",

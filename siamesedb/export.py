@@ -314,3 +314,26 @@ def import_vectors(db: Any, path: str | os.PathLike, force: bool = False, renumb
 
 
 __all__ = ["ExportedVectors", "export_vectors", "import_vectors", "read_export", "read_metadata", "sidecar_of"]
+
+
+def import_into(index: str | os.PathLike, path: str | os.PathLike, encoder: str = "default", force: bool = False,
+                renumber: bool = False, **create: Any) -> tuple[Any, dict[str, Any]]:
+    """Import an export into the index at `index`, creating it (with `encoder`, and `create` options such as
+    backend="milvus") when it does not exist yet. Returns (the SiameseDB, `import_vectors`' result).
+
+    A new index is refused before anything is created when the file's vectors come from another encoder (unless
+    `force`): an index made just to hold them would be useless."""
+    from siamesedb.db import MANIFEST_FILE, SiameseDB
+    from siamesedb.encoder import Encoder
+
+    index = Path(index)
+    if (index / MANIFEST_FILE).exists():
+        db = SiameseDB.open(index)
+    else:
+        enc = Encoder.load(encoder)
+        theirs = read_metadata(path)["encoder"].get("fingerprint")
+        if theirs != enc.fingerprint and not force:
+            raise EncoderMismatchError(f"{path}: vectors were made by encoder {theirs}, not {encoder!r} "
+                                       f"({enc.fingerprint}); pass the right --encoder, or --force")
+        db = SiameseDB.create(index, encoder=enc, **create)
+    return db, db.import_vectors(path, force=force, renumber=renumber)
