@@ -44,7 +44,8 @@ from siamesedb.errors import EncoderError, EncoderMismatchError, IndexExistsErro
 MANIFEST_FILE = "manifest.json"
 DEFAULT_HOME = Path("indexes")
 NOT_UTF8 = "file or folder name is not valid UTF-8 (rename it)"
-WRITE_ROWS = 4096  # rows per add_vectors call: one transaction (and one FAISS save) per this many new images
+WRITE_ROWS = 4096  # new rows per add_vectors call (at least): one commit, and one FAISS save, each
+MAX_COMMIT_ROWS = 1 << 20  # bounds the vectors the driver holds uncommitted (256 MiB at D = 64)
 DECODE_TASK_MEMORY = 384 << 20  # bytes reserved per read + decode task (its worker process: about 250 MB measured)
 # Row states in the pipeline's `status` column.
 NEW, HELD, SKIPPED = 0, 1, 2
@@ -215,6 +216,13 @@ def _encoder_plan(ray: Any, device: str, actors: int | None, threads: int | None
             "threads": threads or max(1, cpus // count)}
 
 
+def _commit_rows(write_rows: int, items: int) -> int:
+    """New rows per commit: `write_rows`, or an eighth of the index once that is more (at most MAX_COMMIT_ROWS).
+    `add_vectors` saves the FAISS file after each call (the in-process build saves once, at the end); growing the
+    commits with the index keeps those saves to about 9x the final file in all, not one full file per 4096 rows."""
+    return min(max(write_rows, items // 8), MAX_COMMIT_ROWS)
+
+
 # ------------------------------------------------------------------------------------------------ the build
 
 
@@ -237,8 +245,8 @@ def build_with_ray(
 
     `address`: None starts a local Ray (unless one is already initialised in this process, or $RAY_ADDRESS names a
     cluster), "auto" or "ray://host:10001" joins a cluster. `actors`: encoder actors (default: one per GPU, else one
-    per 8 CPUs). `write_rows`: new images per committed transaction. `_after_write(rows committed so far)` is a test
-    hook called after each commit.
+    per 8 CPUs). `write_rows`: new images per commit (more once the index is large, see `_commit_rows`).
+    `_after_write(rows committed so far)` is a test hook called after each commit.
     """
     if batch_size < 1:
         raise InvalidInputError(f"batch size must be positive, got {batch_size}")
@@ -318,6 +326,7 @@ def _run(ray: Any, db: SiameseDB, images: list[LabelledImage], device: str, batc
         batch_size=batch_size, batch_format="numpy", num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"] or None,
     )
 
+    stored = len(db)
     bar = tqdm(total=len(images), unit="img", disable=not progress, desc="build (ray)")
     pending: dict[str, list] = {"vectors": [], "labels": [], "paths": [], "hashes": []}
 
@@ -355,7 +364,7 @@ def _run(ray: Any, db: SiameseDB, images: list[LabelledImage], device: str, batc
             if rows:
                 pending["vectors"].append(np.asarray(batch["vector"][rows], dtype=np.float32))
             bar.update(len(status))
-            if len(pending["labels"]) >= write_rows:
+            if len(pending["labels"]) >= _commit_rows(write_rows, stored + report.added):
                 commit()
         commit()
     finally:

@@ -15,7 +15,10 @@ Large photos (--photos N): N generated 4000x3000 photo-like JPEGs (smooth colour
 smallest DCT scale covering 2x the input, `Preprocessing.draft_size`), their mean pixel difference after the resize,
 and a build of the folder. --photos-only skips the Omniglot part.
 
-Run:  python tools/bench_build.py [--data PATH] [--runs 5] [--workers 0 1 2] [--photos 24 [--photos-only]]
+Ray (--ray, issue 18): the in-process build (default workers) against `build_with_ray` on a local Ray started once
+(its start-up timed apart), in rounds as above; the Ray build's vectors are compared with the in-process build's.
+
+Run:  python tools/bench_build.py [--data PATH] [--runs 5] [--workers 0 1 2] [--photos 24 [--photos-only]] [--ray]
 """
 
 from __future__ import annotations
@@ -101,6 +104,51 @@ def bench_photos(count: int, encoder: Encoder, runs: int, batch_size: int) -> No
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def bench_ray(folder: Path, n: int, encoder: Encoder, runs: int, batch_size: int) -> None:
+    """In-process build vs Ray build of one folder, in rounds after a warm-up round; vectors compared."""
+    import ray
+
+    from siamesedb.ray_build import build_with_ray
+
+    started = time.perf_counter()
+    ray.init(include_dashboard=False, logging_level="WARNING")
+    init_seconds = time.perf_counter() - started
+    resources = ray.cluster_resources()
+    print(f"# {n} images, encoder {encoder.fingerprint}, {os.cpu_count()} cpus, {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"ray {ray.__version__} local: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU; "
+          f"load average at start {os.getloadavg()[0]:.1f}")
+    scratch = Path(tempfile.mkdtemp(prefix="bench-build-ray-"))
+    settings = {
+        "in-process build (default workers)": lambda path: SiameseDB.build(folder, path=path, encoder=encoder,
+                                                                          batch_size=batch_size),
+        "ray build (local)": lambda path: build_with_ray(folder, path=path, encoder=encoder, batch_size=batch_size),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in settings}
+    vectors: dict[str, np.ndarray] = {}
+    try:
+        for round_ in range(runs + 1):
+            for name, build in settings.items():
+                shutil.rmtree(scratch / "index", ignore_errors=True)
+                started = time.perf_counter()
+                with build(scratch / "index") as db:
+                    elapsed = time.perf_counter() - started
+                    assert len(db) == n and db.last_report.added == n, (len(db), db.last_report.added)
+                    vectors[name] = db.store.vectors()[1]  # id order = scan order in both
+                if round_:
+                    seconds[name].append(elapsed)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"ray.init (local, once)        {init_seconds:8.1f} s")
+    for name, times in seconds.items():
+        median = statistics.median(times)
+        print(f"{name:<36} {n / median:8.0f} images/s  ({median:.2f} s; rounds {', '.join(f'{t:.1f}' for t in times)})")
+    base, other = vectors.values()
+    print(f"ray / in-process: {statistics.median(seconds['in-process build (default workers)']) / statistics.median(seconds['ray build (local)']):.2f}x; "
+          f"vectors identical: {np.array_equal(base, other)} (max |difference| {float(np.abs(base - other).max()):.2g})")
+    print(f"# load average at end {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="Folder holding omniglot/images_evaluation.zip (or the zip).")
@@ -111,6 +159,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="Only the first N images (a quick look).")
     parser.add_argument("--photos", type=int, default=0, help="Also time N generated 4000x3000 JPEGs (draft decode).")
     parser.add_argument("--photos-only", action="store_true", help="Only the large-photo part.")
+    parser.add_argument("--ray", action="store_true", help="Only: in-process build vs a local-Ray build (issue 18).")
     args = parser.parse_args()
     if args.photos:
         bench_photos(args.photos, Encoder.load(args.encoder, device="cpu"), args.runs, args.batch_size)
@@ -129,6 +178,11 @@ def main() -> None:
         folder, images = subset, scan_folder(subset)
     encoder = Encoder.load(args.encoder, device="cpu")
     n = len(images)
+    if args.ray:
+        bench_ray(folder, n, encoder, args.runs, args.batch_size)
+        if args.limit:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
     print(f"# {n} images, encoder {encoder.fingerprint} ({encoder.config.backbone}, input "
           f"{encoder.config.preprocessing.size}), torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} cpus, {platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}, "
