@@ -27,45 +27,15 @@ from siamesedb.backends import check_factory, create_backend, open_backend
 from siamesedb.classes import CLASSIFY_METHODS, MIN_GENUINE_PAIRS, MIN_IMPOSTOR_PAIRS, ClassTable, calibrate_items
 from siamesedb.data import scan_folder
 from siamesedb.encoder import DEFAULT_ENCODER, Encoder
-from siamesedb.errors import (
-    EncoderMismatchError,
-    IndexExistsError,
-    IndexNotFoundError,
-    InvalidInputError,
-    StorageError,
-    UnknownLabelError,
-)
+from siamesedb.errors import (EncoderMismatchError, IndexExistsError, IndexNotFoundError, InvalidInputError,
+                              StorageError, UnknownLabelError)
 from siamesedb.index import AUTO, METRIC_OF_ENCODER, VectorIndex, auto_search_defaults, choose_factory
-from siamesedb.ingest import (
-    VECTOR_CHUNK,
-    BuildReport,
-    ImageLike,
-    add_images,
-    array_sha256,
-    checked_vector_batch,
-    content_sha256,
-    ids_for_new_rows,
-    is_single,
-    read_file_objects,
-    resolve_repeats,
-    split_unindexable,
-    stored_path,
-    unit_rows,
-)
+from siamesedb.ingest import (BuildReport, ImageLike, add_images, checked_vector_batch, content_sha256, ids_for_new_rows,
+                              is_single, read_file_objects, resolve_repeats, split_unindexable, stored_path, unit_rows,
+                              vector_chunks)
 from siamesedb.item_table import ItemTable
-from siamesedb.layout import (
-    DEFAULT_HOME,
-    ENCODER_DIR,
-    FORMAT_VERSION,
-    MANIFEST_FILE,
-    STORE_FILE,
-    VECTORS_FILE,
-    new_manifest,
-    read_checked,
-    read_manifest,
-    remove_temporaries,
-    write_json_atomic,
-)
+from siamesedb.layout import (DEFAULT_HOME, ENCODER_DIR, FORMAT_VERSION, MANIFEST_FILE, STORE_FILE, VECTORS_FILE,
+                              new_manifest, read_checked, read_manifest, remove_temporaries, write_json_atomic)
 from siamesedb.locking import IndexWriteLock
 from siamesedb.reading import IndexQueries, verify_pair
 
@@ -440,16 +410,10 @@ class SiameseDB(IndexQueries):
             sample = vectors[: 131072]
             _hook(self.backend, "bulk_sample", unit_rows(sample) if cosine else np.asarray(sample, np.float32))
         try:
-            for start in range(0, n, VECTOR_CHUNK):
-                stop = min(n, start + VECTOR_CHUNK)
-                chunk = unit_rows(vectors[start:stop]) if cosine else np.ascontiguousarray(vectors[start:stop],
-                                                                                          dtype=np.float32)
-                chunk_paths = [str(x) for x in paths[start:stop]] if paths is not None else [""] * (stop - start)
-                chunk_hashes = (
-                    [str(x) for x in hashes[start:stop]] if hashes is not None else [array_sha256(v) for v in chunk]
-                )
-                out[start:stop] = self._commit([str(x) for x in labels[start:stop]], chunk_paths, chunk_hashes, chunk,
-                                               ids=None if ids is None else ids[start:stop])
+            for rows, chunk_labels, chunk_paths, chunk_hashes, chunk in vector_chunks(vectors, labels, paths, hashes,
+                                                                                      cosine):
+                out[rows] = self._commit(chunk_labels, chunk_paths, chunk_hashes, chunk,
+                                         ids=None if ids is None else ids[rows])
         finally:
             if n:
                 self._save()

@@ -234,6 +234,18 @@ def checked_vector_batch(
     return vectors, ids
 
 
+def vector_chunks(vectors: np.ndarray, labels: Sequence[str], paths: Sequence[str] | None,
+                  hashes: Sequence[str] | None, cosine: bool):
+    """(rows slice, labels, paths, hashes, (rows, D) float32 vectors) of a checked `add_vectors` call, VECTOR_CHUNK
+    rows at a time: unit rows for a cosine index, "" paths and vector hashes where none were given."""
+    for start in range(0, len(vectors), VECTOR_CHUNK):
+        rows = slice(start, min(len(vectors), start + VECTOR_CHUNK))
+        chunk = unit_rows(vectors[rows]) if cosine else np.ascontiguousarray(vectors[rows], dtype=np.float32)
+        chunk_paths = [str(x) for x in paths[rows]] if paths is not None else [""] * len(chunk)
+        chunk_hashes = [str(x) for x in hashes[rows]] if hashes is not None else [array_sha256(v) for v in chunk]
+        yield rows, [str(x) for x in labels[rows]], chunk_paths, chunk_hashes, chunk
+
+
 def unit_rows(chunk: np.ndarray) -> np.ndarray:
     """float32 rows scaled to unit length; rows already of unit length (float32 rounding) are kept bit for bit, so
     an exported index imports unchanged."""
