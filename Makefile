@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test train-default bench-build bench-search bench-scale serve torture bench-resume clean
+.PHONY: install demo test train-default distill-default bench-build bench-search bench-scale serve torture bench-resume clean
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ test: install
 # Train the shipped default encoder again from scratch (five stages, about an hour on 2 quiet CPU cores) and install it.
 train-default: install
 	$(BIN)/python tools/train_default.py --install-to siamesedb/models/default
+
+# Distil the five-view default into a one-view student (one forward pass per image instead of five; about 25 minutes
+# on 2 quiet CPU cores): writes runs/distill-default/student; BENCHMARKS.md "One-view student" has its figures.
+distill-default: install
+	$(BIN)/python tools/distill_default.py --out runs/distill-default
 
 # The web page and HTTP API over the demo's index (run `make demo` first).
 serve: install
