@@ -71,7 +71,7 @@ def test_a_few_steps_on_real_characters_bring_the_one_view_student_closer_to_the
     student = student_of(teacher)
     assert student.config.test_time_shift == 0 and student.fingerprint != teacher.fingerprint
     before = mean_cosine(student, tensor, targets)
-    config = DistillConfig(steps=25, warmup=5, lr=1e-3, way=10, queries=3, within_group=0.0, proto=0.0,
+    config = DistillConfig(steps=25, warmup=5, relational=3.0, lr=3e-4, way=10, queries=3, within_group=0.0, proto=0.0,
                            augment_fraction=0.0, eval_every=1000)
     trained, history = distill(teacher, tensor, targets, labels, config=config, student=student)
     after = mean_cosine(trained, tensor, targets)
