@@ -1,14 +1,16 @@
-"""Milvus Lite (siamesedb.backends.milvus, index FLAT) against the FAISS backend's exact index (siamesedb's
-VectorIndex "Flat") and raw numpy brute force, on the same clustered vectors: inserts/s, queries/s at batch 1 and
-batch 100, recall@10 against exact search.
+"""Milvus Lite (siamesedb.backends.milvus) against the FAISS backend's index (siamesedb's VectorIndex) and raw numpy
+brute force, on the same clustered vectors: inserts/s, queries/s at batch 1 and batch 100, recall@10 against exact
+search — for each index type pair (--index-types): Milvus FLAT vs FAISS "Flat"; Milvus IVF_FLAT (nlist 1024) vs
+FAISS "IVF1024,Flat", both nprobe 16; Milvus HNSW (M 32, efConstruction 200) vs FAISS "HNSW32" (what `auto` picks at
+100k), both ef_search 64 (the FAISS backend's auto defaults, which MilvusBackend starts with too).
 
 Data: tools/bench_search.py's clustered unit vectors (Gaussian blobs, classes gathered in groups), 100,000 x 64 and
 1,000 fresh queries from the same blobs by default; k = 10. Truth: float64 numpy brute force.
 Timing: one warm-up per engine, then --runs timed runs in rotating order (load drift hits all alike), median.
 Batch 1 times the first --single queries one at a time; batch 100 times all queries in batches of 100.
 
-Run:  python tools/bench_milvus.py                 # 100k x 64
-      python tools/bench_milvus.py --n 20000 --runs 3
+Run:  python tools/bench_milvus.py                 # 100k x 64, FLAT + IVF_FLAT + HNSW
+      python tools/bench_milvus.py --n 20000 --runs 3 --index-types FLAT
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ from siamesedb.backends.milvus import MilvusBackend
 from siamesedb.index import VectorIndex
 
 K = 10
+NLIST = 1024
+# Milvus index type -> (its build params, the FAISS factory it is compared with, the search knob both use)
+PAIRS = {
+    "FLAT": ({}, "Flat", {}),
+    "IVF_FLAT": ({"nlist": NLIST}, f"IVF{NLIST},Flat", {"nprobe": 16}),
+    "HNSW": ({"M": 32, "efConstruction": 200}, "HNSW32", {"ef_search": 64}),
+}
 
 
 def exact_top_k(corpus: np.ndarray, queries: np.ndarray, k: int = K) -> np.ndarray:
@@ -80,7 +89,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--insert-batch", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--index-types", default="FLAT,IVF_FLAT,HNSW", help=f"Comma-separated, of {', '.join(PAIRS)}.")
     args = parser.parse_args()
+    kinds = [kind.strip() for kind in args.index_types.split(",")]
+    if any(kind not in PAIRS for kind in kinds):
+        parser.error(f"--index-types: choose from {', '.join(PAIRS)}")
 
     import faiss
     import milvus_lite
@@ -102,41 +115,53 @@ def main() -> None:
     paths = [f"/data/{i}.png" for i in range(args.n)]
     hashes = ["0" * 64] * args.n
 
+    engines: dict = {}
+    built: dict[str, str] = {}
+    backends: list[MilvusBackend] = []
     with tempfile.TemporaryDirectory(prefix="bench_milvus_") as folder:
-        milvus = MilvusBackend(Path(folder) / "bench.db", "items", args.dim, metric="cosine", index_type="FLAT")
-        started = time.perf_counter()
-        for start in range(0, args.n, args.insert_batch):
-            stop = start + args.insert_batch
-            milvus.add(ids[start:stop], labels[start:stop], paths[start:stop], hashes[start:stop], corpus[start:stop])
-        milvus_insert = args.n / (time.perf_counter() - started)
-        started = time.perf_counter()
-        milvus.search(queries[:1], K)  # the first search after writes flushes Milvus Lite (see backends/milvus.py)
-        flush_s = time.perf_counter() - started
-        assert milvus.count() == args.n
+        for kind in kinds:
+            build_params, factory, knobs = PAIRS[kind]
+            milvus = MilvusBackend(Path(folder) / "bench.db", kind.lower(), args.dim, metric="cosine",
+                                   index_type=kind, build_params=build_params, search_defaults=knobs)
+            backends.append(milvus)
+            started = time.perf_counter()
+            for start in range(0, args.n, args.insert_batch):
+                stop = start + args.insert_batch
+                milvus.add(ids[start:stop], labels[start:stop], paths[start:stop], hashes[start:stop],
+                           corpus[start:stop])
+            milvus_insert = args.n / (time.perf_counter() - started)
+            started = time.perf_counter()
+            milvus.search(queries[:1], K)  # the first search after writes flushes Lite (and builds its index)
+            flush_s = time.perf_counter() - started
+            assert milvus.count() == args.n and milvus.search_defaults == knobs
 
-        flat = VectorIndex(args.dim, "Flat")
-        started = time.perf_counter()
-        for start in range(0, args.n, args.insert_batch):
-            flat.add(corpus[start : start + args.insert_batch], ids[start : start + args.insert_batch])
-        faiss_insert = args.n / (time.perf_counter() - started)
-        print(f"inserts/s (batches of {args.insert_batch:,}): Milvus Lite {milvus_insert:,.0f} (then {flush_s:.1f} s "
-              f"for the flush before the first search), FAISS Flat {faiss_insert:,.0f} "
-              f"({faiss_insert / milvus_insert:.0f}x)")
+            index = VectorIndex(args.dim, factory)
+            started = time.perf_counter()
+            if not index.is_trained:
+                index.train(corpus)
+            for start in range(0, args.n, args.insert_batch):
+                index.add(corpus[start : start + args.insert_batch], ids[start : start + args.insert_batch])
+            if knobs:
+                index.set_search_defaults(**knobs)
+            faiss_insert = args.n / (time.perf_counter() - started)
+            print(f"{kind}: inserts/s (batches of {args.insert_batch:,}): Milvus Lite {milvus_insert:,.0f} (then "
+                  f"{flush_s:.1f} s for the flush + index before the first search), FAISS {factory} "
+                  f"{faiss_insert:,.0f} incl. training ({faiss_insert / milvus_insert:.0f}x)", flush=True)
+            knob = " ".join(f"{name} {value}" for name, value in knobs.items())
+            engines[f"milvus-lite {kind}"] = (lambda m: lambda q: m.search(q, K)[1])(milvus)
+            engines[f"faiss {factory}"] = (lambda i: lambda q: i.search(q, K)[1])(index)
+            built[f"milvus-lite {kind}"] = f"{milvus_insert:,.0f} + {flush_s:.1f} s {knob}".rstrip()
+            built[f"faiss {factory}"] = f"{faiss_insert:,.0f} {knob}".rstrip()
+        engines["numpy"] = numpy_search(corpus)
+        built["numpy"] = "-"
 
-        engines = {
-            "milvus-lite FLAT": lambda q: milvus.search(q, K)[1],
-            "faiss Flat": lambda q: flat.search(q, K)[1],
-            "numpy": numpy_search(corpus),
-        }
         recalls = {name: recall_at_k(search(queries), truth) for name, search in engines.items()}
         measured = rates(engines, queries, args.single, args.runs)
-        base1, base100 = measured["milvus-lite FLAT"]
-        print(f"{'engine':<18} {'q/s batch 1':>12} {'q/s batch 100':>14} {'recall@10':>10}   vs Milvus Lite (1 / 100)")
+        print(f"{'engine':<24} {'inserts/s':>26} {'q/s batch 1':>12} {'q/s batch 100':>14} {'recall@10':>10}")
         for name, (one, hundred) in measured.items():
-            print(f"{name:<18} {one:>12,.0f} {hundred:>14,.0f} {recalls[name]:>10.4f}   "
-                  f"{one / base1:.1f}x / {hundred / base100:.1f}x")
-        milvus.close()
-
+            print(f"{name:<24} {built[name]:>26} {one:>12,.0f} {hundred:>14,.0f} {recalls[name]:>10.4f}")
+        for milvus in backends:
+            milvus.close()
 
 if __name__ == "__main__":
     main()
