@@ -101,15 +101,14 @@ def build(folder: Path, index_dir: Path, encoder: str, factory: str, device: str
 
     if ray_address is not None and not use_ray:
         raise click.UsageError("--ray-address needs --ray")
-    if use_ray and backend != "faiss":
-        raise click.UsageError("--ray builds into an index's backend once it exists: create it with --backend first")
     if use_ray:
         if workers is not None:
             raise click.UsageError("--workers is for the in-process build; Ray sizes its own read tasks")
         from siamesedb.ray_build import build_with_ray
 
         db = build_with_ray(folder, path=index_dir, encoder=encoder, factory=factory, device=device,
-                            batch_size=batch_size, address=ray_address, progress=not (quiet or as_json))
+                            batch_size=batch_size, address=ray_address, progress=not (quiet or as_json),
+                            backend=backend, milvus_uri=milvus_uri)
     else:
         db = SiameseDB.build(folder, path=index_dir, encoder=encoder, factory=factory, device=device,
                              batch_size=batch_size, workers=workers, progress=not (quiet or as_json),

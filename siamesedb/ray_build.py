@@ -9,7 +9,7 @@ Stages (issue 18 part 3):
   3. encode: a pool of encoder actors (`ActorPoolStrategy`): one per GPU, `num_gpus=1`, where Ray reports GPUs;
              a few CPU actors otherwise. The weights travel through Ray's object store (a remote node needs
              siamesedb installed, not the index folder), and each actor checks the encoder's fingerprint.
-  4. write:  the driver commits batches through `SiameseDB.add_vectors` (one SQLite transaction each), skipping
+  4. write:  the driver commits batches through `SiameseDB.add_vectors` into the index's backend, skipping
              (label, sha256) pairs already held or seen earlier in this build, under the index's write lock for the
              whole build, as the in-process build.
 
@@ -109,12 +109,14 @@ def _split_and_absolute(images: list[LabelledImage]) -> tuple[list[LabelledImage
 
 
 def _create_or_open(path: Path, encoder: Any, factory: str, device: str, expected_items: int,
-                    lock_timeout: float | None) -> SiameseDB:
-    """The index at `path`: opened when it exists (refusing another encoder than its own), else created."""
+                    lock_timeout: float | None, backend: str, milvus_uri: str | None) -> SiameseDB:
+    """The index at `path`: opened when it exists (refusing another encoder than its own; its manifest names its
+    backend), else created on `backend`."""
     if not (path / MANIFEST_FILE).exists():
+        where = {} if backend == "faiss" and milvus_uri is None else {"backend": backend, "milvus_uri": milvus_uri}
         try:
             return SiameseDB.create(path, encoder=encoder, factory=factory, device=device,
-                                    expected_items=expected_items, lock_timeout=lock_timeout)
+                                    expected_items=expected_items, lock_timeout=lock_timeout, **where)
         except IndexExistsError:
             if not (path / MANIFEST_FILE).exists():
                 raise
@@ -239,6 +241,8 @@ def build_with_ray(
     write_rows: int = WRITE_ROWS,
     progress: bool = False,
     lock_timeout: float | None = None,
+    backend: str = "faiss",
+    milvus_uri: str | None = None,
     _after_write: Callable[[int], None] | None = None,
 ) -> SiameseDB:
     """`SiameseDB.build` on Ray Data: same index, same resume rule, same `db.last_report` (a BuildReport).
@@ -246,6 +250,7 @@ def build_with_ray(
     `address`: None starts a local Ray (unless one is already initialised in this process, or $RAY_ADDRESS names a
     cluster), "auto" or "ray://host:10001" joins a cluster. `actors`: encoder actors (default: one per GPU, else one
     per 8 CPUs). `write_rows`: new images per commit (more once the index is large, see `_commit_rows`).
+    `backend` / `milvus_uri`: for a new index, as `SiameseDB.create` (an existing one keeps its own).
     `_after_write(rows committed so far)` is a test hook called after each commit.
     """
     if batch_size < 1:
@@ -257,7 +262,7 @@ def build_with_ray(
     scanned = scan_folder(folder)  # FolderError for a missing / empty folder, before anything is created
     images, unstorable = _split_and_absolute(scanned)
     path = Path(path) if path is not None else DEFAULT_HOME / folder.resolve().name
-    db = _create_or_open(path, encoder, factory, device, len(images), lock_timeout)
+    db = _create_or_open(path, encoder, factory, device, len(images), lock_timeout, backend, milvus_uri)
     db.check_domain([image.path for image in images])
 
     started_ray = False

@@ -2,7 +2,8 @@
 
 Real Omniglot images (2 alphabets x 3 characters x 20 drawings, plus one duplicate file and one empty file): the Ray
 build must store the same (label, path) set with the same vectors as `SiameseDB.build`; a build killed after its first
-committed batch resumes to that same set without duplicates; a rerun adds nothing. Skipped without Ray Data
+committed batch resumes to that same set without duplicates; a rerun adds nothing; a Ray build into a Milvus Lite
+index holds the same items too. Skipped without Ray Data
 (`pip install 'siamesedb[ray]'`) or without the Omniglot evaluation images on this machine.
 """
 
@@ -71,9 +72,23 @@ def _items(db: SiameseDB) -> dict[str, tuple[str, np.ndarray]]:
     return {p: (label, np.asarray(v, dtype=np.float32)) for p, label, v in zip(paths, table["label"], table["vector"])}
 
 
-def test_ray_build_matches_in_process_and_resumes(local_ray, folder, tmp_path):
-    reference = SiameseDB.build(folder, path=tmp_path / "in-process", batch_size=32, workers=0)
-    expected = _items(reference)
+@pytest.fixture(scope="module")
+def reference(folder, tmp_path_factory) -> tuple[dict[str, tuple[str, np.ndarray]], list[str]]:
+    """The in-process build of `folder`: its {path: (label, vector)} and labels."""
+    with SiameseDB.build(folder, path=tmp_path_factory.mktemp("in-process") / "index", batch_size=32,
+                         workers=0) as db:
+        return _items(db), db.labels()
+
+
+def _assert_same(got: dict[str, tuple[str, np.ndarray]], expected: dict[str, tuple[str, np.ndarray]]) -> None:
+    assert set(got) == set(expected)  # same paths (absolute), nothing lost, nothing doubled
+    for path, (label, vector) in got.items():
+        assert label == expected[path][0]
+        np.testing.assert_allclose(vector, expected[path][1], atol=1e-5)
+
+
+def test_ray_build_matches_in_process_and_resumes(local_ray, folder, reference, tmp_path):
+    expected, labels = reference
     files = sum(1 for p in folder.rglob("*.png"))
     assert len(expected) == files - 2  # the duplicate and the empty file are not stored
 
@@ -96,16 +111,23 @@ def test_ray_build_matches_in_process_and_resumes(local_ray, folder, tmp_path):
     assert report.added == len(expected) - held
     assert report.already_indexed == held + 1  # + the duplicate file
     assert [reason for _, reason in report.skipped] == ["empty file"]
-    got = _items(db)
-    assert set(got) == set(expected)  # same paths (absolute), nothing lost, nothing doubled
-    for path, (label, vector) in got.items():
-        assert label == expected[path][0]
-        np.testing.assert_allclose(vector, expected[path][1], atol=1e-5)
-    assert sorted(db.labels()) == sorted(reference.labels())
+    _assert_same(_items(db), expected)
+    assert db.labels() == labels
 
-    again = build_with_ray(folder, path=target, batch_size=64).last_report
+    with build_with_ray(folder, path=target, batch_size=64) as rerun:
+        again = rerun.last_report
     assert again.added == 0 and again.already_indexed == len(expected) + 1
-    assert len(SiameseDB.open(target)) == len(expected)
+    db.close()
+    with SiameseDB.open(target) as reopened:
+        assert len(reopened) == len(expected)
+
+
+def test_ray_build_into_milvus_lite(local_ray, folder, reference, tmp_path):
+    pytest.importorskip("pymilvus", reason="the Milvus backend is not installed: pip install 'siamesedb[milvus]'")
+    pytest.importorskip("milvus_lite", reason="Milvus Lite is not installed: pip install 'siamesedb[milvus]'")
+    with build_with_ray(folder, path=tmp_path / "milvus", batch_size=32, backend="milvus") as db:
+        assert db.last_report.added == len(reference[0])
+        _assert_same(_items(db), reference[0])
 
 
 def test_ray_build_cli_flags(tmp_path):
