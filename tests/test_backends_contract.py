@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,9 @@ from siamesedb.cli import cli
 from siamesedb.db import SiameseDB
 from siamesedb.export import import_into
 
+from omniglot_zip import unpack  # noqa: E402 - tests/omniglot_zip.py
+
 ROOT = Path(__file__).resolve().parents[1]
-OMNIGLOT_EVALUATION = ROOT.parent / "shared" / "data" / "omniglot" / "images_evaluation.zip"
 SERVER_URI = os.environ.get("SIAMESEDB_MILVUS_URI")
 ITEMS = 36  # 12 characters x drawers 1-3
 
@@ -51,29 +51,10 @@ def build(folder: Path, where: Path, kind: str) -> SiameseDB:
 @pytest.fixture(scope="module")
 def drawings(tmp_path_factory) -> tuple[Path, list[Path]]:
     """(support folder: 12 characters of two evaluation alphabets, drawers 1-3; queries: their drawer-4 images)."""
-    if not OMNIGLOT_EVALUATION.exists():
-        pytest.skip(f"{OMNIGLOT_EVALUATION} not present")
     root = tmp_path_factory.mktemp("omniglot")
     support, queries = root / "support", root / "queries"
-    alphabets: dict[str, set[str]] = {}
-    with zipfile.ZipFile(OMNIGLOT_EVALUATION) as archive:
-        for name in sorted(archive.namelist()):
-            parts = name.split("/")
-            if len(parts) != 4 or not parts[3].endswith(".png"):
-                continue
-            _, alphabet, character, filename = parts
-            if alphabet not in alphabets and len(alphabets) == 2:
-                continue
-            chars = alphabets.setdefault(alphabet, set())
-            if character not in chars and len(chars) == 6:
-                continue
-            drawer = int(filename[-6:-4])
-            if drawer > 4:
-                continue
-            chars.add(character)
-            target = (support if drawer <= 3 else queries) / alphabet / character / filename
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(archive.read(name))
+    unpack(lambda alphabet, character, filename, drawer:
+           (support if drawer <= 3 else queries) / alphabet / character / filename, characters=6)
     return support, sorted(queries.rglob("*.png"))
 
 

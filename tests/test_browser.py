@@ -13,13 +13,13 @@ import socket
 import threading
 import time
 import urllib.request
-import zipfile
 from pathlib import Path
 
 import pytest
 
+from omniglot_zip import unpack  # tests/omniglot_zip.py
+
 ROOT = Path(__file__).resolve().parents[1]
-OMNIGLOT_EVALUATION = ROOT.parent / "shared" / "data" / "omniglot" / "images_evaluation.zip"
 ARTIFACTS = Path(os.environ.get("SIAMESEDB_ARTIFACTS") or ROOT / "test-artifacts")
 
 
@@ -37,35 +37,12 @@ def find_browser() -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def omniglot_index(tmp_path_factory):
     """Support set: 2 evaluation alphabets x 10 characters x drawers 01-03; queries: drawer 04 of each character."""
-    if not OMNIGLOT_EVALUATION.exists():
-        pytest.skip(f"{OMNIGLOT_EVALUATION} not present")
     from siamesedb.db import SiameseDB
 
     support = tmp_path_factory.mktemp("support")
     queries = tmp_path_factory.mktemp("queries")
-    chosen: dict[str, list[str]] = {}
-    with zipfile.ZipFile(OMNIGLOT_EVALUATION) as archive:
-        for name in sorted(archive.namelist()):
-            parts = name.split("/")
-            if len(parts) != 4 or not parts[3].endswith(".png"):
-                continue
-            _, alphabet, character, filename = parts
-            if alphabet not in chosen and len(chosen) == 2:
-                continue
-            characters = chosen.setdefault(alphabet, [])
-            if character not in characters:
-                if len(characters) == 10:
-                    continue
-                characters.append(character)
-            drawer = int(filename[-6:-4])
-            if drawer <= 3:
-                target = support / alphabet / character / filename
-            elif drawer == 4:
-                target = queries / f"{alphabet}__{character}__{filename}"
-            else:
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(archive.read(name))
+    unpack(lambda alphabet, character, filename, drawer: support / alphabet / character / filename if drawer <= 3
+           else queries / f"{alphabet}__{character}__{filename}")
     path = tmp_path_factory.mktemp("index") / "omniglot"
     with SiameseDB.build(support, path=path, device="cpu") as db:
         db.calibrate()

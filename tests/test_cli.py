@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import click
@@ -15,8 +14,9 @@ from click.testing import CliRunner
 from siamesedb import __version__
 from siamesedb.cli import cli
 
+from omniglot_zip import unpack  # noqa: E402 - tests/omniglot_zip.py
+
 ROOT = Path(__file__).resolve().parents[1]
-OMNIGLOT_EVALUATION = ROOT.parent / "shared" / "data" / "omniglot" / "images_evaluation.zip"
 
 
 def all_commands(group: click.Group = cli, prefix: tuple[str, ...] = ()):
@@ -89,28 +89,8 @@ def test_empty_folder_is_a_clear_error(tmp_path):
 @pytest.fixture(scope="module")
 def omniglot_subset(tmp_path_factory) -> Path:
     """20 real characters of two evaluation alphabets, 4 drawings each, unpacked from the official zip."""
-    if not OMNIGLOT_EVALUATION.exists():
-        pytest.skip(f"{OMNIGLOT_EVALUATION} not present")
     root = tmp_path_factory.mktemp("omniglot")
-    wanted_alphabets: dict[str, set[str]] = {}
-    with zipfile.ZipFile(OMNIGLOT_EVALUATION) as archive:
-        for name in sorted(archive.namelist()):
-            parts = name.split("/")
-            if len(parts) != 4 or not parts[3].endswith(".png"):
-                continue
-            _, alphabet, character, filename = parts
-            if alphabet not in wanted_alphabets and len(wanted_alphabets) == 2:
-                continue
-            chars = wanted_alphabets.setdefault(alphabet, set())
-            if character not in chars and len(chars) == 10:
-                continue
-            drawer = int(filename[-6:-4])
-            if drawer > 4:
-                continue
-            chars.add(character)
-            target = root / alphabet / character / filename
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(archive.read(name))
+    unpack(lambda alphabet, character, filename, drawer: root / alphabet / character / filename)
     return root
 
 
