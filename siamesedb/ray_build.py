@@ -271,6 +271,8 @@ def build_with_ray(
                  log_to_driver=True, configure_logging=True)
         started_ray = True
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # "Progress bars disabled": ours is the driver's tqdm bar (Ray Data's per-operator bars are off on purpose).
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     try:
         # The whole build holds the index's write lock, as the in-process build does: the held set read below stays
         # true until the last commit, so two builds of one folder cannot both add a file.
@@ -308,7 +310,8 @@ def _run(ray: Any, db: SiameseDB, images: list[LabelledImage], device: str, batc
 
     enc = db.encoder
     plan = _encoder_plan(ray, device, actors, threads)
-    # The weights (a few MB) go with the actors' constructor arguments: no index folder needed on a remote node.
+    # The weights (a few MB) go with the actors' constructor arguments: no node needs the index folder. (Ray logs a
+    # "constructor arguments in the object store" line for Ray Data's actors whatever is passed: harmless here.)
     state = {k: v.detach().cpu().contiguous().numpy() for k, v in enc.net.state_dict().items()}
     blocks = max(1, -(-len(images) // batch_size))
     dataset = ray.data.from_items(
