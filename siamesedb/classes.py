@@ -115,10 +115,12 @@ def read_class_table(backend: Any, metric: str, where: object) -> ClassTable:
         sums /= np.maximum(np.sqrt(np.einsum("ij,ij->i", sums, sums)), 1e-12)[:, None]
     else:
         sums /= np.bincount(np.concatenate(code_chunks), minlength=len(names))[:, None]
+    prototypes = sums.astype(np.float32)
+    prototypes.setflags(write=False)  # shared, not copied, by every lazy query.Ranking read from it
     return ClassTable(
         version=version,
         names=names,
-        prototypes=sums.astype(np.float32),
+        prototypes=prototypes,
         ids=np.concatenate(id_chunks),
         codes=np.concatenate(code_chunks),
     )

@@ -182,6 +182,8 @@ def json_default(obj: Any) -> Any:
         return obj.to_dict()
     if isinstance(obj, SearchResults):
         return [[hit.to_dict() for hit in row] for row in obj]
+    if isinstance(obj, Ranking):
+        return [list(pair) for pair in obj]
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -262,22 +264,131 @@ def class_prototypes(
     return [str(c) for c in classes], prototypes_from_sums(metric, sums, counts)
 
 
-def _rank(scores: np.ndarray, classes: Sequence[str]) -> list[list[tuple[str, float]]]:
-    order = np.argsort(-scores, axis=1, kind="stable")
-    return [[(classes[j], float(row[j])) for j in idx] for row, idx in zip(scores, order)]
+class Ranking(Sequence[tuple[str, float]]):
+    """Every candidate class of one query, best first, as (label, score) pairs: built when first read.
+
+    Entry 0, the best class, is known at once (`rank_by_prototype` finds every query's best class with one
+    blocked matrix product and an argmax); the other entries are scored and sorted the first time any of them is
+    read, so a caller that only wants the label never ranks 100k classes. Reading a prefix (`ranking[:5]`) sorts
+    only that many. Ties: class order, except that the best class always comes first. The recomputed scores go
+    through the same BLAS matrix kernel as the batch (two rows, never the one-row kernel), so they are the batch's
+    own; where a small-matrix kernel rounds a near-tie a few ulps differently, a score is capped at the best
+    class's so the ranking stays best first. Compares equal to the list it stands for; pickles as that list.
+    """
+
+    __slots__ = ("_best", "_best_score", "_query", "_prototypes", "_classes", "_metric", "_entries")
+
+    def __init__(self, best: int, best_score: float, query: np.ndarray, prototypes: np.ndarray,
+                 classes: Sequence[str], metric: str = "cosine"):
+        self._best = int(best)
+        self._best_score = float(best_score)
+        self._query = query  # (D,) float32
+        self._prototypes = prototypes  # (C, D) float32, shared by the batch
+        self._classes = classes
+        self._metric = metric
+        self._entries: list[tuple[str, float]] | None = None
+
+    def __len__(self) -> int:
+        return len(self._classes)
+
+    def _scores(self) -> np.ndarray:
+        s = scores_for(self._metric, np.vstack([self._query, self._query]), self._prototypes)[0]
+        s[self._best] = self._best_score
+        return np.minimum(s, np.float32(self._best_score), out=s)
+
+    def _order(self, s: np.ndarray, count: int) -> np.ndarray:
+        """Class indices of the first `count` entries, from the capped scores `s`."""
+        n, best = len(self), self._best
+        if count >= n // 8:
+            order = np.argsort(-s, kind="stable")
+            return order if order[0] == best else np.concatenate(([best], order[order != best]))
+        kth = s[np.argpartition(-s, count - 1)[:count]].min()
+        above, tied = np.flatnonzero(s > kth), np.flatnonzero(s == kth)
+        candidates = np.unique(np.concatenate(([best], above, tied[: count - len(above)])))
+        keys = (candidates, -s[candidates], candidates != best)  # best first, then by score, then class order
+        return candidates[np.lexsort(keys)][:count]
+
+    def _all(self) -> list[tuple[str, float]]:
+        if self._entries is None:
+            s = self._scores()
+            order = self._order(s, len(self))
+            self._entries = [(self._classes[j], float(s[j])) for j in order.tolist()]
+        return self._entries
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if self._entries is None and step == 1 and 0 <= start < stop < len(self) // 8:
+                s = self._scores()
+                return [(self._classes[j], float(s[j])) for j in self._order(s, stop)[start:].tolist()]
+            return self._all()[i]
+        i = int(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"ranking index {i} out of range for {len(self)} classes")
+        if i in (0, -len(self)):
+            return (self._classes[self._best], self._best_score)
+        return self._all()[i]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (Ranking, list, tuple)):
+            return self._all() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-sequence semantics, like the list it stands for
+
+    def __repr__(self) -> str:
+        return repr(self._all())
+
+    def __reduce__(self):
+        return (list, (self._all(),))
+
+
+def _best_prototypes(queries: np.ndarray, prototypes: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(best class (nq,) int64, its score (nq,) float32) of each query: blocks of queries through one matrix
+    product each (never fewer than two rows: the one-row BLAS kernel rounds differently from the one a lazy
+    `Ranking` recomputes with), argmax = the first best class, as a stable sort would rank it."""
+    nq = len(queries)
+    best, best_scores = np.zeros(nq, np.int64), np.zeros(nq, np.float32)
+    step = max(2, _BLOCK // max(1, len(prototypes)))
+    for start in range(0, nq, step):
+        block = queries[start : start + step]
+        rows = len(block)
+        scores = scores_for(metric, block if rows > 1 else np.vstack([block, block]), prototypes)[:rows]
+        top = scores.argmax(axis=1)
+        best[start : start + rows] = top
+        best_scores[start : start + rows] = scores[np.arange(rows), top]
+    return best, best_scores
 
 
 def rank_by_prototype(
     queries: np.ndarray, prototypes: np.ndarray, classes: Sequence[str], metric: str = "cosine"
-) -> list[list[tuple[str, float]]]:
-    """For each query, every class ranked by its score against the class prototype, best first (ties: class order)."""
+) -> list[Ranking]:
+    """For each query, every class ranked by its score against the class prototype, best first (ties: class order).
+
+    Each ranking is a lazy `Ranking`: the best class of every query is found here; the rest are ranked when read.
+    The rankings read `prototypes` again later: a writeable float32 array of the caller's is copied first (a
+    read-only one, like the index's class table, is shared).
+    """
+    given = prototypes
     prototypes = _as_vectors(prototypes, what="prototypes")
     if len(prototypes) == 0:
         raise InvalidInputError("no classes to rank")
     if len(classes) != len(prototypes):
         raise InvalidInputError(f"{len(prototypes)} prototypes but {len(classes)} class names")
-    queries = _as_vectors(queries, prototypes.shape[1], "queries")
-    return _rank(scores_for(metric, queries, prototypes), classes)  # (nq, C) scores
+    queries = np.array(_as_vectors(queries, prototypes.shape[1], "queries"), dtype=np.float32)  # a private copy
+    if prototypes.flags.writeable:
+        if isinstance(given, np.ndarray) and np.may_share_memory(prototypes, given):
+            prototypes = prototypes.copy()
+        prototypes.setflags(write=False)
+    metric = check_metric(metric)
+    best, best_scores = _best_prototypes(queries, prototypes, metric)
+    return [
+        Ranking(b, s, q, prototypes, classes, metric)
+        for b, s, q in zip(best.tolist(), best_scores.tolist(), queries)
+    ]
 
 
 def rank_by_knn(

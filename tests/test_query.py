@@ -305,3 +305,55 @@ def test_search_results_build_hits_lazily_with_one_lookup():
         results[2]
     with pytest.raises(InvalidInputError):
         query.SearchResults(scores, ids[:, :2], lookup)
+
+
+def full_sort(queries, protos, names, metric="cosine"):
+    """The ranking as it was built before it became lazy: one stable sort of every class per query."""
+    scores = query.scores_for(metric, queries, protos)
+    return [[(names[j], float(row[j])) for j in np.argsort(-row, kind="stable")] for row in scores]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_lazy_rankings_match_a_full_sort(metric, monkeypatch):
+    rng = np.random.default_rng(11)
+    protos = unit(rng, 300, d=16)
+    protos[7] = protos[3]  # an exact tie: class order decides
+    queries = unit(rng, 9, d=16)
+    queries[4] = protos[3]
+    names = [f"c{j:03d}" for j in range(300)]
+    expected = full_sort(queries, protos, names, metric)
+    monkeypatch.setattr(query, "_BLOCK", 300 * 4)  # 4 queries per block, the last block a lone row
+    rankings = query.rank_by_prototype(queries, protos, names, metric=metric)
+    for ranking, want in zip(rankings, expected):
+        assert isinstance(ranking, query.Ranking) and len(ranking) == 300
+        assert ranking[0][0] == want[0][0] and ranking[0][1] == pytest.approx(want[0][1], abs=1e-6)
+        prefix = ranking[:10]  # partial sort only
+        assert [c for c, _ in prefix] == [c for c, _ in want[:10]]
+        assert ranking[2:5] == prefix[2:5]
+        assert ranking._entries is None  # nothing but the prefix was sorted so far
+        assert [c for c, _ in ranking] == [c for c, _ in want]
+        assert np.allclose([s for _, s in ranking], [s for _, s in want], atol=1e-6)
+        scores = [s for _, s in ranking]
+        assert scores == sorted(scores, reverse=True) and scores[0] == ranking[0][1]
+        assert ranking[-1] == want[-1] and ranking == list(ranking) and list(ranking) == ranking
+    assert [c for c, _ in rankings[4][:2]] == ["c003", "c007"]
+
+
+def test_lazy_ranking_reads_its_own_copy_and_serialises_as_a_list():
+    import json
+    import pickle
+
+    rng = np.random.default_rng(12)
+    protos, queries = unit(rng, 50), unit(rng, 1)
+    names = [f"n{j}" for j in range(50)]
+    ranking = query.rank_by_prototype(queries, protos, names)[0]
+    want = full_sort(queries, protos, names)[0]
+    protos[:] = 0  # the caller changes its array afterwards: the ranking kept its own copy
+    queries[:] = 0
+    assert [c for c, _ in ranking] == [c for c, _ in want]
+    assert type(pickle.loads(pickle.dumps(ranking))) is list and pickle.loads(pickle.dumps(ranking)) == ranking
+    pred = query.Prediction(label=ranking[0][0], score=ranking[0][1], ranking=ranking)
+    assert json.loads(json.dumps(pred.to_dict()))["ranking"][0]["label"] == want[0][0]
+    assert json.loads(json.dumps(ranking, default=query.json_default))[1][0] == want[1][0]
+    with pytest.raises(IndexError):
+        ranking[50]
