@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test train-default distill-default bench-build bench-search bench-scale serve torture bench-resume clean
+.PHONY: install demo test train-default distill-default bench-build bench-search bench-scale serve torture torture-milvus bench-resume clean
 
 install: $(STAMP)
 
@@ -47,6 +47,9 @@ bench-scale: install
 
 torture: install
 	$(BIN)/python tools/torture.py --trials 400 --data $(DATA)
+
+torture-milvus: install
+	$(BIN)/python tools/torture.py --backend milvus --trials 100 --data $(DATA)
 
 bench-resume: install
 	$(BIN)/python tools/bench_resume.py --data $(DATA)

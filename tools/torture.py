@@ -1,23 +1,30 @@
 """Crash-safety torture: randomized kill -9 trials against build / add / remove / calibrate on real Omniglot images.
 
 Each trial starts a child that works on a small index (a few dozen images, a small batch size, so there are many
-commit points) and logs, after every store commit, exactly what it committed (one JSON line per event, written with
-a single O_APPEND write, which survives the child's death). At a random moment the parent kills the child with
-SIGKILL, then checks, in a fresh process:
+commit points) and logs, after every backend write returned, exactly what it committed (one JSON line per event,
+written with a single O_APPEND write, which survives the child's death). At a random moment the parent kills the
+child with SIGKILL, then checks, in a fresh process:
 
   unopenable   the index does not open (only counted once the child had finished creating it)
   lost         an item the child logged as committed is missing (or an item logged as removed is back)
   duplicated   an item is stored more than once
   half         a batch that was in flight is partly stored (a batch is one transaction: all of it or none)
   stray        an item is stored that no batch ever held
-  inconsistent the FAISS index that open() gives does not hold exactly the store's ids
+  inconsistent faiss: the FAISS index that open() gives does not hold exactly the store's ids;
+               milvus (no derived file, so no FAISS/store check): count(*) differs from the rows read, an id comes
+               back twice, or the id mark in <collection>_meta is below a held id (a later add would reuse it)
   unresumable  (build trials) re-running the same build does not end with every image stored exactly once
   failed checks the checking process itself raised on what the kill left
 
 and prints `N trials, L lost, D duplicated, U unopenable` plus the other counts and where the kills landed.
 Exit status 1 when any count is not zero.
 
-Run:  python tools/torture.py [--trials 200] [--classes 6] [--per-class 6] [--batch-size 3] [--seed 0]
+--backend milvus builds every index with backend="milvus" (a Milvus Lite file inside the index folder) and logs
+MilvusBackend's writes; each Milvus process pays Lite's start-up (about 1-2 s), so its trials are slower. Every
+stored row is read back (faiss: items.sqlite with plain sqlite3; milvus: iter_rows over the collection, ids counted).
+
+Run:  python tools/torture.py [--trials 200] [--backend faiss|milvus] [--classes 6] [--per-class 6]
+                              [--batch-size 3] [--seed 0]
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import time
 from pathlib import Path
 
 OPERATIONS = ("build", "add", "remove", "calibrate")
+BACKENDS = ("faiss", "milvus")
 
 
 # ---------------------------------------------------------------------------------------------- in the children
@@ -52,27 +60,38 @@ def _quiet_child() -> None:
     tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock, which a killed child would leak
 
 
-def _log_commits(log_path: str) -> None:
-    """Make every store write report itself: 'begin' before the transaction, 'commit' after it returned."""
-    from siamesedb.store import ItemStore
+def _backend_class(backend: str):
+    if backend == "milvus":
+        from siamesedb.backends.milvus import MilvusBackend
 
+        return MilvusBackend
+    from siamesedb.backends.faiss import FaissBackend
+
+    return FaissBackend
+
+
+def _log_commits(log_path: str, backend: str) -> None:
+    """Make every backend write report itself: 'begin' before the call, 'commit' only after the call returned (for
+    faiss the SQLite transaction has committed by then; for milvus the insert / delete and the version bump are in)."""
+    cls = _backend_class(backend)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def log(event: dict) -> None:
         os.write(fd, (json.dumps(event) + "\n").encode())  # one write(2): whole lines only, kept after a kill
 
-    original_add, original_remove_ids, original_remove_label = ItemStore.add, ItemStore.remove_ids, ItemStore.remove_label
+    original_add, original_remove, original_remove_label = cls.add, cls.remove, cls.remove_label
 
-    def add(self, labels, paths, hashes, vectors):
+    def add(self, ids, labels, paths, hashes, vectors):
         log({"event": "begin_add", "items": [[str(lab), str(p)] for lab, p in zip(labels, paths)]})
-        ids = original_add(self, labels, paths, hashes, vectors)
-        log({"event": "commit_add", "ids": [int(i) for i in ids]})
-        return ids
+        new_ids = original_add(self, ids, labels, paths, hashes, vectors)
+        log({"event": "commit_add", "ids": [int(i) for i in new_ids]})
+        return new_ids
 
-    def remove_ids(self, ids):
-        log({"event": "begin_remove", "ids": [int(i) for i in ids]})
-        n = original_remove_ids(self, ids)
-        log({"event": "commit_remove", "ids": [int(i) for i in ids]})
+    def remove(self, ids):
+        asked = [int(i) for i in ids]
+        log({"event": "begin_remove", "ids": asked})
+        n = original_remove(self, ids)
+        log({"event": "commit_remove", "ids": asked})
         return n
 
     def remove_label(self, label):
@@ -82,31 +101,30 @@ def _log_commits(log_path: str) -> None:
         log({"event": "commit_remove", "ids": [int(i) for i in removed]})
         return removed
 
-    ItemStore.add, ItemStore.remove_ids, ItemStore.remove_label = add, remove_ids, remove_label
+    cls.add, cls.remove, cls.remove_label = add, remove, remove_label
     _log_commits.log = log  # type: ignore[attr-defined]
 
 
-def run_operation(operation: str, index: str, source: str, extra: str, log_path: str, batch_size: int, seed: int) -> None:
+def run_operation(operation: str, index: str, source: str, extra: str, log_path: str, batch_size: int, seed: int,
+                  backend: str = "faiss") -> None:
     """The child that gets killed: one operation on `index`, every commit logged to `log_path`."""
     _quiet_child()
-    _log_commits(log_path)
+    _log_commits(log_path, backend)
     log = _log_commits.log  # type: ignore[attr-defined]
     from siamesedb.data import scan_folder
     from siamesedb.db import SiameseDB
 
     rng = random.Random(seed)
     if operation == "build":
-        from siamesedb import db as db_module
-
-        original_create = db_module.SiameseDB._create_locked.__func__
+        original_create = SiameseDB.create.__func__
 
         def create(cls, *args, **kwargs):  # report when the index exists (manifest written): from then on it must open
             made = original_create(cls, *args, **kwargs)
             log({"event": "created"})
             return made
 
-        db_module.SiameseDB._create_locked = classmethod(create)
-        SiameseDB.build(source, path=index, batch_size=batch_size, workers=0)
+        SiameseDB.create = classmethod(create)  # build calls cls.create(...) for a new index
+        SiameseDB.build(source, path=index, batch_size=batch_size, workers=0, backend=backend)
     elif operation == "add":
         with SiameseDB.open(index) as db:
             images = scan_folder(extra)
@@ -131,8 +149,18 @@ def run_operation(operation: str, index: str, source: str, extra: str, log_path:
     log({"event": "done"})
 
 
+def stored_rows(db, backend: str) -> list[tuple[int, str, str]]:
+    """(id, label, path) of every stored row, duplicates included. faiss: items.sqlite read with plain sqlite3 (not
+    through the store); milvus: every row the collection returns, read through the backend's iter_rows."""
+    if backend == "milvus":
+        return [(int(i), label, path) for ids, rows in db.backend.iter_rows("label, path", chunk=4096)
+                for i, (label, path) in zip(ids.tolist(), rows)]
+    with sqlite3.connect(Path(db.path) / "items.sqlite") as raw:
+        return raw.execute("SELECT id, label, path FROM items").fetchall()
+
+
 def check_index(operation: str, index: str, source: str, log_path: str, before: list, resume: bool,
-                batch_size: int) -> dict:
+                batch_size: int, backend: str = "faiss") -> dict:
     """In a fresh process: open the index the killed child left and compare it with what the child logged."""
     _quiet_child()
     import numpy as np
@@ -161,13 +189,17 @@ def check_index(operation: str, index: str, source: str, log_path: str, before: 
         return dict(counts)
 
     if db is not None:
-        with sqlite3.connect(Path(index) / "items.sqlite") as raw:  # every row, duplicates included
-            rows = raw.execute("SELECT id, label, path FROM items").fetchall()
+        rows = stored_rows(db, backend)  # every row, duplicates included
         present = collections.Counter((label, path) for _, label, path in rows)
         ids_present = {i for i, _, _ in rows}
         counts["duplicated"] += sum(n - 1 for n in present.values() if n > 1)
-        counts["inconsistent"] += int(sorted(db.index.ids().tolist()) != sorted(ids_present)
-                                      or db.index.ntotal != len(rows))
+        if backend == "milvus":  # no derived file; instead: count(*), ids held once, the id mark above every id
+            mark, _ = db.backend._read_meta()
+            counts["inconsistent"] += int(db.backend.count() != len(rows) or len(ids_present) != len(rows)
+                                          or (bool(ids_present) and mark < max(ids_present)))
+        else:
+            counts["inconsistent"] += int(sorted(db.index.ids().tolist()) != sorted(ids_present)
+                                          or db.index.ntotal != len(rows))
 
         # Replay the log: what must be there, what must be gone, what may be either (the one batch in flight).
         expected = collections.Counter((label, path) for _, label, path in before)
@@ -207,26 +239,34 @@ def check_index(operation: str, index: str, source: str, log_path: str, before: 
         db.close()
 
     if resume and operation == "build":
-        again = SiameseDB.build(source, path=index, batch_size=batch_size, workers=0)
-        with sqlite3.connect(Path(index) / "items.sqlite") as raw:
-            final = collections.Counter(raw.execute("SELECT label, path FROM items").fetchall())
-        wanted = collections.Counter((im.label, str(im.path)) for im in scan_folder(source))
-        counts["unresumable"] += int(final != wanted or again.index.ntotal != sum(wanted.values()))
-        again.close()
+        again = SiameseDB.build(source, path=index, batch_size=batch_size, workers=0, backend=backend)
+        try:
+            final = collections.Counter((label, path) for _, label, path in stored_rows(again, backend))
+            wanted = collections.Counter((im.label, str(im.path)) for im in scan_folder(source))
+            held = again.backend.count() if backend == "milvus" else again.index.ntotal
+            counts["unresumable"] += int(final != wanted or held != sum(wanted.values()))
+        finally:
+            again.close()
     return dict(counts)
 
 
-def snapshot_items(index: str) -> list:
-    """(id, label, path) of every item of an index at rest, read with plain sqlite3 (no torch in the parent)."""
+def snapshot_items(index: str, backend: str = "faiss") -> list:
+    """(id, label, path) of every item of an index at rest: faiss with plain sqlite3 (no torch in the parent);
+    milvus through the backend, to be run in a child (the parent must never hold the Lite file open)."""
+    if backend == "milvus":
+        from siamesedb.db import SiameseDB
+
+        with SiameseDB.open(index) as db:
+            return [list(r) for r in sorted(stored_rows(db, backend))]
     with sqlite3.connect(Path(index) / "items.sqlite") as raw:
         return [list(r) for r in raw.execute("SELECT id, label, path FROM items ORDER BY id")]
 
 
-def build_base(index: str, source: str, batch_size: int) -> None:
+def build_base(index: str, source: str, batch_size: int, backend: str = "faiss") -> None:
     _quiet_child()
     from siamesedb.db import SiameseDB
 
-    SiameseDB.build(source, path=index, batch_size=batch_size, workers=0).close()
+    SiameseDB.build(source, path=index, batch_size=batch_size, workers=0, backend=backend).close()
 
 
 # ---------------------------------------------------------------------------------------------- the parent
@@ -247,7 +287,8 @@ def pick_images(omniglot_root: Path, target: Path, classes: int, per_class: int,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=200)
+    parser.add_argument("--trials", type=int, default=None, help="Default 200 (faiss) / 100 (milvus).")
+    parser.add_argument("--backend", choices=BACKENDS, default="faiss", help="Where the items live (default faiss).")
     parser.add_argument("--classes", type=int, default=6, help="Omniglot characters in the build folder.")
     parser.add_argument("--per-class", type=int, default=6, help="Drawings per character.")
     parser.add_argument("--batch-size", type=int, default=3, help="Images per commit (small: many commit points).")
@@ -257,6 +298,8 @@ def main() -> int:
     parser.add_argument("--data", default=None, help="Folder holding omniglot/images_evaluation.zip (or the zip).")
     parser.add_argument("--no-resume", action="store_true", help="Skip re-running interrupted builds.")
     args = parser.parse_args()
+    if args.trials is None:
+        args.trials = 100 if args.backend == "milvus" else 200  # a Milvus trial pays Lite's start-up twice or more
     operations = [op.strip() for op in args.operations.split(",") if op.strip()]
     if any(op not in OPERATIONS for op in operations):
         parser.error(f"--operations: choose from {', '.join(OPERATIONS)}")
@@ -275,18 +318,27 @@ def main() -> int:
 
     # Children fork from a server that has imported torch and siamesedb once: a trial costs a fork, not an import.
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "siamesedb.db", "siamesedb.encoder", "faiss"])
+    preload = ["torch", "siamesedb.db", "siamesedb.encoder", "faiss"]
+    if args.backend == "milvus":
+        preload += ["pymilvus", "siamesedb.backends.milvus"]
+    ctx.set_forkserver_preload(preload)
     from concurrent.futures import ProcessPoolExecutor
 
-    checker = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+    # milvus: a fresh checking process per task, so no Lite server of a trial's file outlives its check.
+    checker = ProcessPoolExecutor(max_workers=1, mp_context=ctx,
+                                  max_tasks_per_child=1 if args.backend == "milvus" else None)
     base = work / "base"
     shutil.rmtree(base, ignore_errors=True)
-    checker.submit(build_base, str(base), str(source), args.batch_size).result()
-    base_items = snapshot_items(str(base))
+    checker.submit(build_base, str(base), str(source), args.batch_size, args.backend).result()
+    if args.backend == "milvus":
+        base_items = checker.submit(snapshot_items, str(base), args.backend).result()
+    else:
+        base_items = snapshot_items(str(base))
 
     def run_child(operation: str, index: Path, log_path: Path, seed: int, kill_after: float | None) -> tuple[float, bool]:
         child = ctx.Process(target=run_operation,
-                            args=(operation, str(index), str(source), str(extra), str(log_path), args.batch_size, seed))
+                            args=(operation, str(index), str(source), str(extra), str(log_path), args.batch_size, seed,
+                                  args.backend))
         started = time.perf_counter()
         child.start()
         child.join(kill_after)
@@ -334,7 +386,7 @@ def main() -> int:
         _, killed = run_child(operation, index, log_path, trial, kill_after)
         try:
             result = checker.submit(check_index, operation, str(index), str(source), str(log_path), before,
-                                    not args.no_resume, args.batch_size).result()
+                                    not args.no_resume, args.batch_size, args.backend).result()
         except Exception as exc:  # noqa: BLE001 - the check itself failed on what the kill left: count it, go on
             result = {"check_failed": 1, f"error: {type(exc).__name__}: {exc}"[:160]: 1}
         for key, value in result.items():
@@ -354,14 +406,20 @@ def main() -> int:
 
     n = args.trials
     print(f"{n} trials, {totals['lost']} lost, {totals['duplicated']} duplicated, {totals['unopenable']} unopenable")
-    print(f"  half batches {totals['half']}, stray items {totals['stray']}, FAISS/store mismatches "
-          f"{totals['inconsistent']}, unresumable builds {totals['unresumable']}, failed checks {totals['check_failed']}")
+    if args.backend == "milvus":
+        consistency = (f"FAISS/store mismatches n/a (milvus: no derived file); Milvus count(*)/id/mark mismatches "
+                       f"{totals['inconsistent']}")
+    else:
+        consistency = f"FAISS/store mismatches {totals['inconsistent']}"
+    print(f"  half batches {totals['half']}, stray items {totals['stray']}, {consistency}, "
+          f"unresumable builds {totals['unresumable']}, failed checks {totals['check_failed']}")
     print(f"  {totals['killed']} killed; {totals['not_created']} build kills landed before the index existed")
     for operation in operations:
         where = ", ".join(f"{phases[operation, phase]} {phase}"
                           for phase in ("before its first commit", "between commits", "after it finished"))
         print(f"  {operation}: {where}")
-    print(f"  operations: {', '.join(operations)}; {args.classes} x {args.per_class} images, batch size "
+    print(f"  backend {args.backend}; operations: {', '.join(operations)}; {args.classes} x {args.per_class} images, "
+          f"batch size "
           f"{args.batch_size}; {seconds:.0f} s ({seconds / max(n, 1):.2f} s per trial)")
     for message, count in errors.items():
         print(f"  {count} x {message[7:]}")
