@@ -490,6 +490,8 @@ class SiameseDB(IndexQueries):
         if changed == 0 and not Path(old_text).is_absolute():
             # Stored paths are absolute (resolved at build/add): try the absolute form of a relative OLD too.
             changed = self.backend.reroot_paths(str(Path(old_text).resolve()), str(Path(new_text).resolve()))
+        if changed:
+            self._save()  # the FAISS file is unchanged, but the manifest must name the store version it mirrors
         return changed
 
     @_locked_write

@@ -483,4 +483,6 @@ class ItemStore:
             for item_id, path in rows:
                 conn.execute("UPDATE items SET path = ? WHERE id = ?", (new + path[len(old):], item_id))
                 changed += 1
+            if changed:
+                self._bump()  # a committed write like any other: caches of paths (the item table) follow it
         return changed

@@ -241,3 +241,25 @@ def test_serve_over_backends(kind, drawings, reference, tmp_path):
     assert [h["label"] for h in hits["hits"]] == [h.label for h in reference.search(drawings[1][0], k=3)]
     assert answer["label"] == reference.classify(drawings[1][0]).label
     assert verified.status_code == 200 and verified.json()["threshold_source"] == "encoder"
+
+
+@pytest.mark.parametrize("kind", ["faiss", "milvus"])
+def test_reroot_shows_in_search_hits_at_once(kind, drawings, tmp_path):
+    """Paths rewritten by reroot are what the next search shows, also after the in-memory item table was built
+    (reroot is a committed write: it moves the backend's version, which the table is keyed on)."""
+    db = build(drawings[0], tmp_path / "index", kind)
+    try:
+        vectors = db.encoder.encode(drawings[1])
+        for _ in range(3):  # enough lookups for the handle to build its in-memory item table
+            assert all(h.path.startswith(str(drawings[0].resolve())) for hits in db.search_vectors(vectors, k=5)
+                       for h in hits)
+        assert db._item_table is not None
+        moved = tmp_path / "moved"
+        assert db.reroot(drawings[0].resolve(), moved) == ITEMS
+        assert all(h.path.startswith(str(moved)) for hits in db.search_vectors(vectors, k=5) for h in hits)
+    finally:
+        db.close()
+    if kind == "faiss":  # the manifest names the store version the FAISS file mirrors: open loads it, no rebuild
+        reopened = SiameseDB.open(tmp_path / "index")
+        assert reopened.backend.fresh
+        reopened.close()
