@@ -24,10 +24,8 @@ Install: `pip install siamesedb[ray]`. Without an address a local Ray is started
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import stat
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -40,10 +38,8 @@ from siamesedb.data import LabelledImage, _hash_and_decode, scan_folder
 from siamesedb.db import BuildReport, SiameseDB
 from siamesedb.encoder import DEFAULT_ENCODER, Encoder
 from siamesedb.errors import EncoderError, EncoderMismatchError, IndexExistsError, InvalidInputError
-
-MANIFEST_FILE = "manifest.json"
-DEFAULT_HOME = Path("indexes")
-NOT_UTF8 = "file or folder name is not valid UTF-8 (rename it)"
+from siamesedb.ingest import absolute, split_unindexable  # the in-process build's rules, shared
+from siamesedb.layout import DEFAULT_HOME, MANIFEST_FILE
 WRITE_ROWS = 4096  # new rows per add_vectors call (at least): one commit, and one FAISS save, each
 MAX_COMMIT_ROWS = 1 << 20  # bounds the vectors the driver holds uncommitted (256 MiB at D = 64)
 DECODE_TASK_MEMORY = 384 << 20  # bytes reserved per read + decode task (its worker process: about 250 MB measured)
@@ -70,42 +66,6 @@ def _import_ray() -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ driver helpers
-
-
-def _unindexable_reason(image: LabelledImage) -> str | None:
-    """Why a scanned file cannot be indexed before reading it (the in-process build's rule): a name the store
-    cannot hold (not UTF-8), a broken link or link loop, anything that is not a regular file."""
-    try:
-        str(image.path).encode("utf-8")
-        image.label.encode("utf-8")
-    except UnicodeEncodeError:
-        return NOT_UTF8
-    try:
-        mode = os.stat(image.path).st_mode
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return "symbolic link loop"
-        if exc.errno == errno.ENOENT and os.path.islink(image.path):
-            return "broken symbolic link"
-        return exc.strerror or str(exc)
-    return None if stat.S_ISREG(mode) else "not a regular file"
-
-
-def _split_and_absolute(images: list[LabelledImage]) -> tuple[list[LabelledImage], list[tuple[str, str]]]:
-    """(indexable images with absolute paths, (printable path, reason) of the rest). Paths are stored absolute, as the
-    in-process build stores them: each parent folder resolved once (symlinks resolved too), the file name kept."""
-    kept, skipped = [], []
-    resolved: dict[Path, Path] = {}
-    for image in images:
-        reason = _unindexable_reason(image)
-        if reason is not None:
-            skipped.append((os.fsencode(image.path).decode("utf-8", "backslashreplace"), reason))
-            continue
-        parent = Path(image.path).parent
-        if parent not in resolved:
-            resolved[parent] = parent.resolve()
-        kept.append(LabelledImage(path=resolved[parent] / Path(image.path).name, label=image.label))
-    return kept, skipped
 
 
 def _create_or_open(path: Path, encoder: Any, factory: str, device: str, expected_items: int,
@@ -260,7 +220,8 @@ def build_with_ray(
     ray = _import_ray()
     folder = Path(folder)
     scanned = scan_folder(folder)  # FolderError for a missing / empty folder, before anything is created
-    images, unstorable = _split_and_absolute(scanned)
+    images, unstorable = split_unindexable(scanned)
+    images = absolute(images)  # paths are stored absolute, as the in-process build stores them
     path = Path(path) if path is not None else DEFAULT_HOME / folder.resolve().name
     db = _create_or_open(path, encoder, factory, device, len(images), lock_timeout, backend, milvus_uri)
     db.check_domain([image.path for image in images])
@@ -292,8 +253,6 @@ def build_with_ray(
 def _run(ray: Any, db: SiameseDB, images: list[LabelledImage], device: str, batch_size: int, actors: int | None,
          threads: int | None, write_rows: int, progress: bool,
          after_write: Callable[[int], None] | None) -> BuildReport:
-    from tqdm import tqdm
-
     started = time.perf_counter()
     report = BuildReport(scanned=len(images))
     held, by_path = _held_keys(db)
@@ -303,10 +262,24 @@ def _run(ray: Any, db: SiameseDB, images: list[LabelledImage], device: str, batc
         report.seconds = time.perf_counter() - started
         return report
 
+    # This process's Ray Data settings, put back afterwards: blocks in order (the in-process build's order, so the
+    # same ids on a fresh index), no per-operator progress bars (the driver's tqdm bar is the progress).
     context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # the in-process build's order: same ids on a fresh index
+    saved = (context.execution_options.preserve_order, context.enable_progress_bars)
+    context.execution_options.preserve_order = True
     context.enable_progress_bars = False
-    context.print_on_execution_start = False
+    try:
+        return _stream(ray, db, images, expected, held, report, started, device, batch_size, actors, threads,
+                       write_rows, progress, after_write)
+    finally:
+        context.execution_options.preserve_order, context.enable_progress_bars = saved
+
+
+def _stream(ray: Any, db: SiameseDB, images: list[LabelledImage], expected: list[str], held: set[tuple[str, str]],
+            report: BuildReport, started: float, device: str, batch_size: int, actors: int | None,
+            threads: int | None, write_rows: int, progress: bool,
+            after_write: Callable[[int], None] | None) -> BuildReport:
+    from tqdm import tqdm
 
     enc = db.encoder
     plan = _encoder_plan(ray, device, actors, threads)
