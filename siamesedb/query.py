@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -300,7 +301,12 @@ class Ranking(Sequence[tuple[str, float]]):
         """Class indices of the first `count` entries, from the capped scores `s`."""
         n, best = len(self), self._best
         if count >= n // 8:
-            order = np.argsort(-s, kind="stable")
+            negated = -s
+            order = np.argsort(negated)  # introsort, ~3x faster than a stable sort; then each run of equal
+            ranked = negated[order]  # scores (float32: a few hundred among 100k classes) back in class order
+            tied = np.flatnonzero(ranked[1:] == ranked[:-1])
+            for run in np.split(tied, np.flatnonzero(np.diff(tied) != 1) + 1) if len(tied) else ():
+                order[run[0] : run[-1] + 2].sort()
             return order if order[0] == best else np.concatenate(([best], order[order != best]))
         kth = s[np.argpartition(-s, count - 1)[:count]].min()
         above, tied = np.flatnonzero(s > kth), np.flatnonzero(s == kth)
@@ -308,11 +314,15 @@ class Ranking(Sequence[tuple[str, float]]):
         keys = (candidates, -s[candidates], candidates != best)  # best first, then by score, then class order
         return candidates[np.lexsort(keys)][:count]
 
+    def _pairs(self, order: np.ndarray, s: np.ndarray) -> list[tuple[str, float]]:
+        names = operator.itemgetter(*order.tolist())(self._classes) if len(order) > 1 else [self._classes[order[0]]]
+        return list(zip(names, s[order].tolist()))
+
     def _all(self) -> list[tuple[str, float]]:
         if self._entries is None:
             s = self._scores()
             order = self._order(s, len(self))
-            self._entries = [(self._classes[j], float(s[j])) for j in order.tolist()]
+            self._entries = self._pairs(order, s)
         return self._entries
 
     def __getitem__(self, i):  # type: ignore[override]
@@ -320,7 +330,7 @@ class Ranking(Sequence[tuple[str, float]]):
             start, stop, step = i.indices(len(self))
             if self._entries is None and step == 1 and 0 <= start < stop < len(self) // 8:
                 s = self._scores()
-                return [(self._classes[j], float(s[j])) for j in self._order(s, stop)[start:].tolist()]
+                return self._pairs(self._order(s, stop)[start:], s)
             return self._all()[i]
         i = int(i)
         if not -len(self) <= i < len(self):
