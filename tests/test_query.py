@@ -357,3 +357,14 @@ def test_lazy_ranking_reads_its_own_copy_and_serialises_as_a_list():
     assert json.loads(json.dumps(ranking, default=query.json_default))[1][0] == want[1][0]
     with pytest.raises(IndexError):
         ranking[50]
+
+
+def test_lazy_ranking_puts_every_run_of_equal_scores_in_class_order():
+    rng = np.random.default_rng(13)
+    protos = np.zeros((500, 4), np.float32)
+    protos[np.arange(500), rng.integers(0, 4, 500)] = 1  # 4 distinct prototypes: runs of ~125 equal scores each
+    queries = query.normalize(rng.normal(size=(3, 4)))
+    names = [f"c{j:03d}" for j in range(500)]
+    for ranking, want in zip(query.rank_by_prototype(queries, protos, names), full_sort(queries, protos, names)):
+        assert list(ranking) == want
+        assert ranking[:7] == want[:7]
