@@ -85,6 +85,7 @@ class SiameseDB(IndexQueries):
         # they describe the index as it was when searched and stay usable after close().
         self._unread_results: list[weakref.ref[query.SearchResults]] = []
         self._domain_checked = False  # check_domain warns once per handle
+        self._saves_deferred = False  # inside bulk_writes: the index files are saved once, when it ends
 
     def __repr__(self) -> str:
         state = "closed" if self.backend.closed else f"{len(self)} items, {len(self.backend.label_counts())} classes"
@@ -273,6 +274,22 @@ class SiameseDB(IndexQueries):
         finally:
             self._lock.release()
 
+    @contextmanager
+    def bulk_writes(self) -> Iterator[SiameseDB]:
+        """Hold the write lock across many writes (`add_vectors`, `add`, `remove`...) and save the index files and
+        manifest once, when the block ends, instead of after each write: for pipelines that commit many batches
+        (the Ray build). Every batch is durable in the backend when its call returns, as always; only the derived
+        FAISS file waits (a crash meanwhile leaves it stale, and the next open rebuilds it from the store)."""
+        with self._writing():
+            outermost = not self._saves_deferred
+            self._saves_deferred = True
+            try:
+                yield self
+            finally:
+                if outermost:
+                    self._saves_deferred = False
+                    self._save()
+
     def _catch_up(self) -> None:
         """Under the write lock: drop leftovers of crashed writers, re-read the manifest, let the backend catch up."""
         remove_temporaries(self.path)
@@ -280,7 +297,10 @@ class SiameseDB(IndexQueries):
         _hook(self.backend, "catch_up", self.manifest)
 
     def _save(self) -> None:
-        """Save the backend's derived files (FAISS) and then the manifest that names what they mirror."""
+        """Save the backend's derived files (FAISS) and then the manifest that names what they mirror (at the end of
+        a `bulk_writes` block, when inside one)."""
+        if self._saves_deferred:
+            return
         try:
             fields = _hook(self.backend, "save", default=None)
             self.manifest.update(fields if fields is not None else {"search_defaults": self.backend.search_defaults})

@@ -28,7 +28,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +39,7 @@ from siamesedb.encoder import DEFAULT_ENCODER, Encoder
 from siamesedb.errors import EncoderError, EncoderMismatchError, IndexExistsError, InvalidInputError
 from siamesedb.ingest import absolute, split_unindexable  # the in-process build's rules, shared
 from siamesedb.layout import DEFAULT_HOME, MANIFEST_FILE
-WRITE_ROWS = 4096  # new rows per add_vectors call (at least): one commit, and one FAISS save, each
-MAX_COMMIT_ROWS = 1 << 20  # bounds the vectors the driver holds uncommitted (256 MiB at D = 64)
+WRITE_ROWS = 4096  # new rows per add_vectors call: one commit each (the FAISS file is saved once, at the end)
 DECODE_TASK_MEMORY = 384 << 20  # bytes reserved per read + decode task (its worker process: about 250 MB measured)
 # Row states in the pipeline's `status` column.
 NEW, HELD, SKIPPED = 0, 1, 2
@@ -93,10 +91,7 @@ def _create_or_open(path: Path, encoder: Any, factory: str, device: str, expecte
 
 def _held_keys(db: SiameseDB) -> tuple[set[tuple[str, str]], dict[tuple[str, str], str]]:
     """(label, sha256) pairs the index holds, and {(label, path): sha256}: the in-process build's resume rule."""
-    source = getattr(db, "backend", None)  # the vector-backend seam (issue 18); before it, the SQLite store
-    if source is None or not hasattr(source, "known_label_hashes"):
-        source = db.store
-    return source.known_label_hashes(), source.label_path_hashes()
+    return db.backend.known_label_hashes(), db.backend.label_path_hashes()
 
 
 # ------------------------------------------------------------------------------------------------ Ray stages
@@ -178,13 +173,6 @@ def _encoder_plan(ray: Any, device: str, actors: int | None, threads: int | None
             "threads": threads or max(1, cpus // count)}
 
 
-def _commit_rows(write_rows: int, items: int) -> int:
-    """New rows per commit: `write_rows`, or an eighth of the index once that is more (at most MAX_COMMIT_ROWS).
-    `add_vectors` saves the FAISS file after each call (the in-process build saves once, at the end); growing the
-    commits with the index keeps those saves to about 9x the final file in all, not one full file per 4096 rows."""
-    return min(max(write_rows, items // 8), MAX_COMMIT_ROWS)
-
-
 # ------------------------------------------------------------------------------------------------ the build
 
 
@@ -209,7 +197,7 @@ def build_with_ray(
 
     `address`: None starts a local Ray (unless one is already initialised in this process, or $RAY_ADDRESS names a
     cluster), "auto" or "ray://host:10001" joins a cluster. `actors`: encoder actors (default: one per GPU, else one
-    per 8 CPUs). `write_rows`: new images per commit (more once the index is large, see `_commit_rows`).
+    per 8 CPUs). `write_rows`: new images per commit.
     `backend` / `milvus_uri`: for a new index, as `SiameseDB.create` (an existing one keeps its own).
     `_after_write(rows committed so far)` is a test hook called after each commit.
     """
@@ -237,8 +225,7 @@ def build_with_ray(
     try:
         # The whole build holds the index's write lock, as the in-process build does: the held set read below stays
         # true until the last commit, so two builds of one folder cannot both add a file.
-        writing = getattr(db, "_writing", None)
-        with writing() if callable(writing) else nullcontext():
+        with db.bulk_writes():  # the FAISS file and manifest are saved once, at the end
             report = _run(ray, db, images, device, batch_size, actors, encoder_threads, write_rows, progress,
                           _after_write)
     finally:
@@ -307,7 +294,6 @@ def _stream(ray: Any, db: SiameseDB, images: list[LabelledImage], expected: list
         batch_size=batch_size, batch_format="numpy", num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"] or None,
     )
 
-    stored = len(db)
     bar = tqdm(total=len(images), unit="img", disable=not progress, desc="build (ray)")
     pending: dict[str, list] = {"vectors": [], "labels": [], "paths": [], "hashes": []}
 
@@ -345,7 +331,7 @@ def _stream(ray: Any, db: SiameseDB, images: list[LabelledImage], expected: list
             if rows:
                 pending["vectors"].append(np.asarray(batch["vector"][rows], dtype=np.float32))
             bar.update(len(status))
-            if len(pending["labels"]) >= _commit_rows(write_rows, stored + report.added):
+            if len(pending["labels"]) >= write_rows:
                 commit()
         commit()
     finally:

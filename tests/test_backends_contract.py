@@ -263,3 +263,32 @@ def test_reroot_shows_in_search_hits_at_once(kind, drawings, tmp_path):
         reopened = SiameseDB.open(tmp_path / "index")
         assert reopened.backend.fresh
         reopened.close()
+
+
+def test_bulk_writes_save_the_index_files_once(drawings, tmp_path):
+    """Inside `bulk_writes` every batch is committed to the store at once, but the FAISS file and manifest are
+    written once, when the block ends (the Ray build commits many batches through it)."""
+    import json as json_module
+
+    from siamesedb.layout import MANIFEST_FILE, VECTORS_FILE
+
+    db = SiameseDB.build(drawings[0], path=tmp_path / "index")
+    vectors = db.encoder.encode(drawings[1][:6])
+    saved_at = (tmp_path / "index" / VECTORS_FILE).stat().st_mtime_ns
+    manifest_before = json_module.loads((tmp_path / "index" / MANIFEST_FILE).read_text())
+    try:
+        with db.bulk_writes():
+            for row in range(6):
+                db.add_vectors(vectors[row : row + 1], [f"new{row}"])
+            assert len(db) == ITEMS + 6  # committed: the store holds them all
+            assert (tmp_path / "index" / VECTORS_FILE).stat().st_mtime_ns == saved_at  # not saved yet
+            assert json_module.loads((tmp_path / "index" / MANIFEST_FILE).read_text()) == manifest_before
+        manifest = json_module.loads((tmp_path / "index" / MANIFEST_FILE).read_text())
+        assert manifest["vectors_store_version"] == db.store.version  # saved at the end, in step with the store
+    finally:
+        db.close()
+    reopened = SiameseDB.open(tmp_path / "index")
+    try:
+        assert reopened.backend.fresh and len(reopened) == ITEMS + 6
+    finally:
+        reopened.close()
