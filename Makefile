@@ -27,7 +27,7 @@ test: install
 train-default: install
 	$(BIN)/python tools/train_default.py --install-to siamesedb/models/default
 
-# Distil the five-view default into a one-view student (one forward pass per image instead of five; about 25 minutes
+# Distil the five-view default into a one-view student (one forward pass per image instead of five; about 12 minutes
 # on 2 quiet CPU cores): writes runs/distill-default/student; BENCHMARKS.md "One-view student" has its figures.
 distill-default: install
 	$(BIN)/python tools/distill_default.py --out runs/distill-default
