@@ -16,7 +16,9 @@ child with SIGKILL, then checks, in a fresh process:
   unresumable  (build trials) re-running the same build does not end with every image stored exactly once
   failed checks the checking process itself raised on what the kill left
 
-and prints `N trials, L lost, D duplicated, U unopenable` plus the other counts and where the kills landed.
+and prints `N trials, L lost, D duplicated, U unopenable` plus the other counts and where the kills landed. A trial
+with any of these is named (operation, kill moment, commits logged, last event) and what it left is kept in
+<work>/failed-trial-<n> (the work folder is then not removed).
 Exit status 1 when any count is not zero.
 
 --backend milvus builds every index with backend="milvus" (a Milvus Lite file inside the index folder) and logs
@@ -45,6 +47,7 @@ from pathlib import Path
 
 OPERATIONS = ("build", "add", "remove", "calibrate")
 BACKENDS = ("faiss", "milvus")
+BAD = ("lost", "duplicated", "unopenable", "half", "stray", "inconsistent", "unresumable", "check_failed")
 
 
 # ---------------------------------------------------------------------------------------------- in the children
@@ -375,6 +378,7 @@ def main() -> int:
     totals: collections.Counter = collections.Counter()
     phases: collections.Counter = collections.Counter()
     errors: collections.Counter = collections.Counter()
+    failures: list[str] = []
     started = time.perf_counter()
     for trial in range(args.trials):
         operation = operations[trial % len(operations)]
@@ -394,6 +398,21 @@ def main() -> int:
                 errors[key] += value
             elif key not in ("commits", "done"):
                 totals[key] += value
+        found = {k: v for k, v in result.items() if v and k in BAD}
+        if found:  # name the trial, where its kill landed, and keep what it left (as the check left it)
+            events = [line for line in log_path.read_text().splitlines() if line.strip()]
+            last = json.loads(events[-1])["event"] if events else "none"
+            kept = work / f"failed-trial-{trial}"
+            shutil.rmtree(kept, ignore_errors=True)
+            if index.exists():
+                shutil.copytree(index, kept)
+            else:
+                kept.mkdir()
+            shutil.copy(log_path, kept / "torture.log")
+            failures.append(f"trial {trial}: {operation}, {'killed' if killed else 'not killed'} at {kill_after:.2f} s "
+                            f"after {result.get('commits', 0)} commits (last event: {last}): "
+                            + ", ".join(f"{k} {v}" for k, v in found.items()) + f"; left in {kept}")
+            print("  " + failures[-1], flush=True)
         if not killed or result.get("done"):
             phases[operation, "after it finished"] += 1
         elif result.get("commits", 0) == 0:
@@ -423,10 +442,11 @@ def main() -> int:
           f"{args.batch_size}; {seconds:.0f} s ({seconds / max(n, 1):.2f} s per trial)")
     for message, count in errors.items():
         print(f"  {count} x {message[7:]}")
-    if not args.work:
+    for line in failures:
+        print("  " + line)
+    if not args.work and not failures:
         shutil.rmtree(work, ignore_errors=True)
-    bad = sum(totals[k] for k in ("lost", "duplicated", "unopenable", "half", "stray", "inconsistent", "unresumable",
-                                  "check_failed"))
+    bad = sum(totals[k] for k in BAD)
     return 1 if bad else 0
 
 
