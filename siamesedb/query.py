@@ -328,6 +328,8 @@ class Ranking(Sequence[tuple[str, float]]):
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             start, stop, step = i.indices(len(self))
+            if self._entries is None and step == 1 and start >= stop:
+                return []
             if self._entries is None and step == 1 and 0 <= start < stop < len(self) // 8:
                 s = self._scores()
                 return self._pairs(self._order(s, stop)[start:], s)
