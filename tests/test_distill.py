@@ -78,3 +78,19 @@ def test_a_few_steps_on_real_characters_bring_the_one_view_student_closer_to_the
     assert after > before + 0.002, (before, after)
     assert Encoder.load("default-5view" if (MODELS_DIR / "default-5view").is_dir() else "default").fingerprint == \
         teacher.fingerprint  # the teacher's own weights are untouched
+
+
+def test_the_one_view_student_ships_by_name_beside_its_teacher():
+    from siamesedb.encoder import MODELS_DIR, Encoder
+
+    if not (MODELS_DIR / "default-1view").is_dir():
+        pytest.skip("default-1view is not installed")
+    student = Encoder.load("default-1view")
+    teacher = Encoder.load(student.config.notes["distilled_from"]["encoder"])
+    assert student.config.test_time_shift == 0 and teacher.config.test_time_shift > 0
+    assert student.config.notes["distilled_from"]["fingerprint"] == teacher.fingerprint
+    assert student.config.pair_threshold is not None and student.dimension == teacher.dimension
+    gen = torch.Generator().manual_seed(0)
+    strokes = (torch.rand(16, 1, 28, 28, generator=gen) > 0.85).float()  # sparse ink, inverted like the glyphs
+    cosine = (torch.from_numpy(student.encode_tensors(strokes)) * torch.from_numpy(teacher.encode_tensors(strokes))).sum(1)
+    assert float(cosine.mean()) > 0.9

@@ -13,7 +13,14 @@ Steps (each printed as it runs; BENCHMARKS.md "One-view student" has the measure
 5. with --install: the teacher is kept as siamesedb/models/default-5view and the student becomes
    siamesedb/models/default (only do this once the evaluation alphabets say the student matches the teacher).
 
-Run:  python tools/distill_default.py [--out runs/distill-default] [--steps 3000] [--install]
+The shipped `default-1view` is two such runs (`make distill-default`): 3,000 steps from the teacher's weights keeping
+the best held-out accuracy, then 3,000 more from that student keeping the closest to the teacher:
+
+      python tools/distill_default.py --out runs/distill-default --select accuracy
+      python tools/distill_default.py --out runs/distill-long --init runs/distill-default/student \
+          --cache runs/distill-default --install-as default-1view
+
+Run:  python tools/distill_default.py [--out runs/distill-default] [--steps 3000] [--install-as NAME] [--install]
       python tools/distill_default.py --compare STUDENT TEACHER     # the evaluation alphabets, both encoders
 
 --compare encodes Omniglot's 13,180 evaluation images with each encoder, interleaved in rounds (one warm-up, then
@@ -147,10 +154,17 @@ def main() -> None:
     parser.add_argument("--background", default=None, help="Omniglot's images_background folder (default: unpacked "
                         "from ../shared/data/omniglot).")
     parser.add_argument("--out", default="runs/distill-default", type=Path)
+    parser.add_argument("--cache", default=None, type=Path, help="Folder of the cached teacher vectors (default: --out).")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--no-rotations", action="store_true", help="Distil on the upright characters only.")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="Student forward pass: auto = bfloat16 autocast where the CPU has native bf16.")
+    parser.add_argument("--init", default=None, metavar="ENCODER",
+                        help="Start the student from these weights (default: the teacher's), e.g. an earlier student.")
+    parser.add_argument("--backbone", default=None, choices=("conv4", "conv4map"),
+                        help="Student backbone (default: the teacher's); conv4map keeps the last block's whole map.")
+    parser.add_argument("--install-as", default=None, metavar="NAME",
+                        help="Also save the student as siamesedb/models/NAME (loadable by that name), e.g. default-1view.")
     parser.add_argument("--install", action="store_true",
                         help=f"Keep the teacher as models/{TEACHER_NAME} and install the student as models/default.")
     for field in dataclasses.fields(DistillConfig):
@@ -192,22 +206,31 @@ def main() -> None:
     log(f"{len(images)} background images, {len(train_ids)} classes for distillation "
         f"({len(y_train)} images with rotations), {len(val_ids)} held out ({len(y_val)} images)")
 
-    t_train = cached_targets(args.out / "teacher_targets.safetensors", teacher, x_train, "train")
-    t_val = cached_targets(args.out / "teacher_targets_val.safetensors", teacher, x_val, "val")
+    cache = args.cache or args.out
+    t_train = cached_targets(cache / "teacher_targets.safetensors", teacher, x_train, "train")
+    t_val = cached_targets(cache / "teacher_targets_val.safetensors", teacher, x_val, "val")
 
+    from siamesedb.distill import student_of
+
+    student = Encoder.load(args.init) if args.init else student_of(teacher, args.backbone)
+    student.config = dataclasses.replace(student.config, test_time_shift=0)
+    log(f"student: {student.config.backbone}, starting from {args.init or teacher_name}")
     student, history = distill(teacher, x_train, t_train, y_train, group_of_class, config,
-                               validation=(x_val, y_val, t_val), log=log)
-    first, best = history[0], max((row for row in history if "val_accuracy" in row), key=lambda r: r["val_accuracy"])
+                               validation=(x_val, y_val, t_val), log=log, student=student)
+    best_step = history[-1]["best_step"]
+    first, kept = history[0], next(row for row in history if row.get("step") == best_step)
     student.config.name = STUDENT_NAME
     student.config.notes = {
         "distilled_from": {"encoder": teacher_name, "fingerprint": teacher.fingerprint,
                            "name": teacher.config.name, "test_time_shift": teacher.config.test_time_shift},
         "distill_config": dataclasses.asdict(config),
+        "student_init": args.init or teacher_name,
         "distilled_on": f"{background}: {len(train_ids)} background classes (x4 rotations: "
                         f"{not args.no_rotations}), {len(val_ids)} held out (val_fraction {args.val_fraction}, "
                         f"seed {args.seed})",
-        "held_out_20way_1shot": {"teacher_weights_one_view": first.get("val_accuracy"),
-                                 "student": best.get("val_accuracy"), "step": history[-1].get("best_step")},
+        "held_out_20way_1shot": {"at_start": first.get("val_accuracy"), "kept": kept.get("val_accuracy"),
+                                 "step": best_step},
+        "held_out_cosine_to_teacher": {"at_start": first.get("val_cosine"), "kept": kept.get("val_cosine")},
         "tool": "tools/distill_default.py",
     }
     student._fingerprint = None
@@ -217,6 +240,9 @@ def main() -> None:
     log(f"saved the student {student.fingerprint} to {out}")
     subprocess.run([sys.executable, str(ROOT / "tools" / "pair_threshold.py"), str(out), background,
                     "--write", str(out)], check=True)
+    if args.install_as:
+        Encoder.load(out).save(MODELS_DIR / args.install_as)
+        log(f"installed the student as {MODELS_DIR / args.install_as}")
     if args.install:
         teacher_dir = MODELS_DIR / TEACHER_NAME
         if not teacher_dir.is_dir():
