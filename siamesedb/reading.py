@@ -169,8 +169,8 @@ class IndexQueries:
 
         `classes` restricts the candidates (an N-way episode); by default every class in the index competes.
         `nprobe` / `ef_search` tune the knn search over the whole index (prototype ranking is always exact).
-        `top` keeps only the best `top` classes in each ranking (with many classes, the prototype search then
-        runs through FAISS instead of ranking every class).
+        `top` keeps only the best `top` classes in each ranking. Rankings are lazy: each query's best class is
+        found at once, the order of the others only when a ranking is read (query.Ranking).
         """
         single = is_single(images)
         predictions = self.classify_vectors(
