@@ -202,7 +202,7 @@ class MilvusBackend(RowReads, MetaRecord):
                 f"{METRICS[self.metric]} ({self.metric})"
             )
         self.index_type = str(index.get("index_type", self.index_type))  # what it was built with decides
-        self._call("load_collection", self.collection)
+        self._load(self.collection)
 
     # ------------------------------------------------------------------------------------------ writes
 

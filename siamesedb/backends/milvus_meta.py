@@ -47,7 +47,7 @@ class MetaRecord(CollectionClient):
                     f"{self.uri}: collection {name!r} exists but is not the id / version record of {self.collection!r} "
                     f"(fields: {', '.join(sorted(fields))})"
                 )
-            self._call("load_collection", name)
+            self._load(name)
         else:
             schema = self._client.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("id", DataType.INT64, is_primary=True)
