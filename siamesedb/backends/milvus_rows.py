@@ -17,6 +17,7 @@ from siamesedb.backends.checks import as_positive
 from siamesedb.backends.milvus_client import READ_BATCH, CollectionClient
 from siamesedb.backends.milvus_expr import label_literal
 from siamesedb.errors import InvalidInputError, StorageError
+from siamesedb.store import _is_utf8  # one rule for "can this text be stored": the SQLite store's
 
 FIELD_BYTES = {"label": 65_535, "path": 65_535, "sha256": 128}  # VARCHAR max_length (65,535 is Milvus's cap)
 HASH_BATCH = 256  # content hashes per `sha256 in [...]` filter (ids_by_label_hash)
@@ -163,10 +164,3 @@ def _lookup_ids(ids: np.ndarray | Sequence[int]) -> tuple[np.ndarray, np.ndarray
     unique = np.unique(array)
     return array, unique[unique >= 0]
 
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
