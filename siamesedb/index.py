@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import operator
 import os
 import re
 import tempfile
@@ -16,7 +15,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from siamesedb.backends.checks import as_ids, as_k, as_vectors
+from siamesedb.backends.checks import as_ids, as_k, as_positive, as_vectors
 from siamesedb.errors import CorruptIndexError, InvalidInputError
 
 
@@ -141,18 +140,6 @@ def _skip_polysemous_training(index: faiss.Index) -> None:
         index = faiss.downcast_index(index.index)
     if isinstance(index, (faiss.IndexPQ, faiss.IndexIVFPQ)):
         index.do_polysemous_training = False
-
-
-def _positive_int(value: Any, name: str) -> int | None:
-    if value is None:
-        return None
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise InvalidInputError(f"{name} must be an integer, got {value!r}") from None
-    if value < 1:
-        raise InvalidInputError(f"{name} must be at least 1, got {value}")
-    return value
 
 
 class VectorIndex:
@@ -306,7 +293,7 @@ class VectorIndex:
         self._changed()
 
     def _check_params(self, nprobe: Any, ef_search: Any) -> tuple[int | None, int | None]:
-        nprobe, ef_search = _positive_int(nprobe, "nprobe"), _positive_int(ef_search, "ef_search")
+        nprobe, ef_search = as_positive(nprobe, "nprobe"), as_positive(ef_search, "ef_search")
         _, ivf, hnsw = self._parts()
         if nprobe is not None and ivf is None:
             raise InvalidInputError(f"nprobe applies to IVF indexes; this one is {self.factory!r}")
