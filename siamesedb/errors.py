@@ -68,6 +68,10 @@ class EncoderMismatchError(EncoderError):
     """An encoder differs from the one that made an index's vectors."""
 
 
+class DeviceError(EncoderError, InvalidInputError):
+    """A device that is unknown, or CUDA asked for where none is available."""
+
+
 class NotCalibratedError(SiameseDBError):
     """Verification needs a threshold and none has been calibrated."""
 

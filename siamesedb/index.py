@@ -6,8 +6,7 @@ import io
 import math
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from siamesedb.backends.checks import as_ids, as_k, as_positive, as_vectors
+from siamesedb.checks import as_ids, as_k, as_positive, as_vectors
+from siamesedb.files import fsync_dir, write_atomic, write_atomic_with
 from siamesedb.errors import CorruptIndexError, InvalidInputError
 
 
@@ -499,12 +499,12 @@ class VectorIndex:
         if len(self._removed):
             buffer = io.BytesIO()
             np.save(buffer, self._removed)
-            _write_atomic(sidecar, buffer.getvalue())
+            write_atomic(sidecar, buffer.getvalue())
         # faiss.write_index streams into the file: no second in-memory copy of the index (serialize_index made one).
-        _write_atomic_with(path, lambda tmp: faiss.write_index(self._index, tmp))
+        write_atomic_with(path, lambda tmp: faiss.write_index(self._index, tmp))
         if not len(self._removed):
             sidecar.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     @classmethod
     def load(
@@ -679,36 +679,3 @@ def _torch_cuda() -> bool:
 
 def _removed_path(path: Path) -> Path:
     return path.with_name(path.name + ".removed.npy")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """`data` into a temporary file beside `path`, fsynced, then renamed over `path`."""
-    _write_atomic_with(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
-def _write_atomic_with(path: Path, write: Callable[[str], None]) -> None:
-    """`write(tmp)` fills a temporary file beside `path`; it is then fsynced and renamed over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable: fsync the folder entry (not possible on Windows, where it is skipped)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

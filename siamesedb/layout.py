@@ -19,7 +19,7 @@ from typing import Any
 
 from siamesedb import __version__
 from siamesedb.errors import CorruptIndexError, DimensionMismatchError, EncoderMismatchError
-from siamesedb.index import _fsync_dir, _write_atomic
+from siamesedb.files import fsync_dir, write_atomic
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -33,8 +33,8 @@ BACKENDS = ("faiss", "milvus")
 
 def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
     """Write, fsync, rename, fsync the folder: a crash leaves the old document or the new one, never half of one."""
-    _write_atomic(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-    _fsync_dir(path.parent)
+    write_atomic(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    fsync_dir(path.parent)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -122,9 +122,9 @@ def classify_sheet(db: Any, queries: Sequence[Any], predictions: Sequence[Any], 
     for source, vector, prediction in zip(queries, vectors, predictions):
         answers = []
         for rank, (label, score) in enumerate(prediction.ranking[:top]):
-            ids, support = db.backend.vectors(label=label)
+            ids, support = db.vectors(label=label)
             nearest = np.argmax(query.scores_for(db.metric, vector[None, :], support)[0]) if len(ids) else 0
-            best = db.backend.items([int(ids[int(nearest)])])[0] if len(ids) else None
+            best = db.item(int(ids[int(nearest)])) if len(ids) else None
             answers.append(Tile(best.path if best else None, f"{_short(label)}\n{score:.3f}",
                                 colour="tab:green" if rank == 0 else None))
         rows.append((_query_tile(source, str(source)), answers))
@@ -198,8 +198,8 @@ def embedding_map(vectors: np.ndarray, labels: Sequence[str], out: str | os.Path
 
 def index_map(db: Any, out: str | os.PathLike, classes: Sequence[str] | None = None, max_classes: int = 20) -> Path:
     """`siamesedb plot-map`: the embedding map of every vector an index holds."""
-    ids, vectors = db.backend.vectors()
-    return embedding_map(vectors, db.backend.labels_of(ids), out, classes=classes, max_classes=max_classes,
+    ids, vectors = db.vectors()
+    return embedding_map(vectors, db.labels_of(ids), out, classes=classes, max_classes=max_classes,
                          title="")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,42 @@ class IndexQueries:
 
     def labels(self) -> list[str]:
         return sorted(self.backend.label_counts())
+
+    # ------------------------------------------------------------------ the items, read through the front door
+    # cli, serve, plots and export read items only through these, never through `db.backend`.
+
+    def label_counts(self) -> dict[str, int]:
+        """{label: number of items}, labels sorted."""
+        return self.backend.label_counts()
+
+    def items(self, ids: Sequence[int] | np.ndarray) -> list[Any]:
+        """Item metadata (id, label, path, sha256) in the order of `ids`; None for an id not held."""
+        return self.backend.items(np.asarray(ids, dtype=np.int64).reshape(-1))
+
+    def item(self, item_id: int) -> Any:
+        """One item's metadata, or None when `item_id` is not held."""
+        return self.items([item_id])[0]
+
+    def vectors(self, label: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (n,) int64, vectors (n, D) float32) in id order, of every item or of one label's."""
+        return self.backend.vectors(label=label)
+
+    def labels_of(self, ids: Sequence[int] | np.ndarray) -> list[str | None]:
+        """Labels in the order of `ids`; None for an id not held."""
+        return self.backend.labels_of(np.asarray(ids, dtype=np.int64).reshape(-1))
+
+    def iter_rows(self, columns: str = "label, vector", chunk: int = 65536) -> Iterator[tuple[np.ndarray, list[tuple]]]:
+        """Every item in id order, `chunk` at a time (bounded memory): (ids, rows of the named columns)."""
+        return self.backend.iter_rows(columns, chunk=chunk)
+
+    def known_label_hashes(self) -> set[tuple[str, str]]:
+        """(label, sha256) of every item held: what an import or a resumed build skips."""
+        return self.backend.known_label_hashes()
+
+    @property
+    def search_defaults(self) -> dict[str, int]:
+        """The nprobe / ef_search a search uses when it passes none (empty for exact index types)."""
+        return self.backend.search_defaults
 
     # ------------------------------------------------------------------ reading
 

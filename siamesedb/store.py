@@ -256,7 +256,7 @@ class ItemStore:
             raise InvalidInputError("vectors contain NaN or infinity")
         # The item checks every backend shares (SQLite TEXT is UTF-8: refused before the batch). Imported here:
         # siamesedb.backends imports this module.
-        from siamesedb.backends.checks import as_item_fields
+        from siamesedb.checks import as_item_fields
 
         labels, paths, hashes = as_item_fields(labels, paths, hashes, n)
         if n == 0:

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from siamesedb.backends import LabelFilter
-from siamesedb.backends.checks import as_ids, as_item_fields, as_k, as_positive, as_vectors
+from siamesedb.checks import as_ids, as_item_fields, as_k, as_positive, as_vectors
 from siamesedb.backends.milvus_client import (
     INSTALL_HINT,
     READ_BATCH,

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from siamesedb.backends import Item
-from siamesedb.backends.checks import as_positive
+from siamesedb.checks import as_positive
 from siamesedb.backends.milvus_client import READ_BATCH, CollectionClient
 from siamesedb.backends.milvus_expr import label_literal
 from siamesedb.errors import InvalidInputError, StorageError
