@@ -1,5 +1,7 @@
 """Every argument check in one place: vectors, ids, k, search parameters, item fields, thresholds, labels.
 
+The verification rule is checked by its registry (`rules.check_rule`), which names the rules there are.
+
 Refused with named errors before anything is written. The front door (SiameseDB) and every backend use the same
 checks, so every path refuses exactly the same inputs. numpy only.
 """
@@ -78,6 +80,39 @@ def as_positive(value: object, name: str) -> int | None:
     return number
 
 
+def as_threshold(threshold: float) -> float:
+    """A caller's verification threshold as a float (accept when score >= threshold).
+
+    NaN and infinity are not refused yet: every caller takes them today (refusing them is a change of its own).
+    """
+    return float(threshold)
+
+
+def as_target_far(target_far: float) -> float:
+    """A target false-accept rate: a number in [0, 1], returned as given (so a manifest records it unchanged)."""
+    if not 0.0 <= target_far <= 1.0:
+        raise InvalidInputError(f"target FAR must lie in [0, 1], got {target_far}")
+    return target_far
+
+
+def as_labels(labels: Sequence[str]) -> list[str]:
+    """The class labels of an add, as a list: each a str with at least one non-blank character.
+
+    A caller that takes other values as labels (numbers) passes their `str()`.
+    """
+    labels = list(labels)
+    if any(not isinstance(label, str) or not label.strip() for label in labels):
+        raise InvalidInputError("labels must be non-empty text")
+    return labels
+
+
+def as_label(label: str) -> str:
+    """One label naming a class to act on (remove_label): a non-empty str."""
+    if not isinstance(label, str) or not label:
+        raise InvalidInputError("a label must be a non-empty string")
+    return label
+
+
 def _utf8_length(text: str) -> int:
     """Bytes of `text` in UTF-8; InvalidInputError for str holding lone surrogates (a file name in another
     encoding), which no UTF-8 store can hold."""
@@ -121,3 +156,13 @@ def as_item_fields(
             if most is not None and length > most:
                 raise InvalidInputError(f"a {field} of {length} bytes is longer than this backend holds ({most})")
     return labels, paths, hashes
+
+
+def is_utf8(text: str) -> bool:
+    """False for str holding lone surrogates: how Python spells file names whose bytes are not UTF-8 (no UTF-8
+    store can hold them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -1,7 +1,9 @@
-"""The classes of an index: per-class prototypes, the item -> class table, and verification thresholds.
+"""The classes of an index at one version: one snapshot (ids, codes, names, prototypes), and their verification
+thresholds (calibrations, per rule).
 
 Everything here is derived from a backend's items at one version (SiameseDB caches a ClassTable per backend version)
-or from the manifest (calibrations); nothing here writes.
+or from the manifest (calibrations); nothing here writes. Ranking goes through `scoring` (numpy), rules through the
+registry of `rules`.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from siamesedb import query
+from siamesedb.checks import as_target_far
 from siamesedb.errors import CorruptIndexError, EmptyIndexError, InvalidInputError, NotCalibratedError, UnknownLabelError
-from siamesedb.index import VectorIndex
+from siamesedb.rules import DEFAULT_RULE, check_rule, genuine_impostor_scores
+from siamesedb.scoring import brute_force_search, eer_threshold, far_threshold
+
+__all__ = ["CLASSIFY_METHODS", "ClassTable", "calibrate_items", "calibration_record", "calibrations_of", "check_rule",
+           "default_rule", "read_class_table", "threshold_for"]
 
 CLASSIFY_METHODS = ("prototype", "knn")
 # Fewer pairs than these and a calibration says how thin it is: with 2 genuine pairs an "equal-error" threshold is
@@ -34,7 +40,7 @@ class ClassTable:
     prototypes: np.ndarray  # (C, D) float32 class means (L2-normalised for a cosine index), row c = names[c]
     ids: np.ndarray  # (N,) int64, ascending
     codes: np.ndarray  # (N,) int32, codes[i] = class of item ids[i]
-    prototype_index: VectorIndex | None = None  # built on first use by a top-k prototype search
+    metric: str = "cosine"  # the scoring metric of the prototypes ("cosine" / "euclidean")
 
     def labels_of_hits(self, I: np.ndarray) -> list[list[str | None]]:
         """Labels of a search's (nq, k) hit ids through the sorted id column: no store query, no per-item objects.
@@ -59,21 +65,12 @@ class ClassTable:
             rows.append(r)
         return [self.names[r] for r in rows], self.prototypes[rows]
 
-    def rank_top(self, vectors: np.ndarray, top: int, index_metric: str) -> list[list[tuple[str, float]]]:
-        """The `top` nearest prototypes of each query via an exact FAISS search over the (C, D) prototypes,
-        in query blocks: never a (queries, classes) score matrix. Ties: FAISS order, not class order."""
-        if self.prototype_index is None:
-            index = VectorIndex(self.prototypes.shape[1], factory="Flat", metric=index_metric)
-            index.add(self.prototypes, np.arange(len(self.names), dtype=np.int64))
-            self.prototype_index = index
-        rankings: list[list[tuple[str, float]]] = []
-        for start in range(0, len(vectors), 4096):
-            D, I = self.prototype_index.search(vectors[start : start + 4096], min(top, len(self.names)))
-            rankings.extend(
-                [(self.names[c], s) for c, s in zip(row_i, row_d) if c >= 0]
-                for row_i, row_d in zip(I.tolist(), D.tolist())
-            )
-        return rankings
+    def rank_top(self, vectors: np.ndarray, top: int, index_metric: str | None = None) -> list[list[tuple[str, float]]]:
+        """The `top` nearest prototypes of each (nq, D) query: an exact search over the (C, D) prototypes in query
+        blocks (`scoring.brute_force_search`), never the whole (queries, classes) score matrix. Ties: class order.
+        `index_metric` is the caller's old third argument; the table's own `metric` scores."""
+        D, I = brute_force_search(vectors, self.prototypes, min(top, len(self.names)), metric=self.metric)
+        return [[(self.names[c], s) for c, s in zip(row_i, row_d)] for row_i, row_d in zip(I.tolist(), D.tolist())]
 
 
 def read_class_table(backend: Any, metric: str, where: object) -> ClassTable:
@@ -116,23 +113,23 @@ def read_class_table(backend: Any, metric: str, where: object) -> ClassTable:
     else:
         sums /= np.bincount(np.concatenate(code_chunks), minlength=len(names))[:, None]
     prototypes = sums.astype(np.float32)
-    prototypes.setflags(write=False)  # shared, not copied, by every lazy query.Ranking read from it
+    prototypes.setflags(write=False)  # shared, not copied, by every lazy scoring.Ranking read from it
     return ClassTable(
         version=version,
         names=names,
         prototypes=prototypes,
         ids=np.concatenate(id_chunks),
         codes=np.concatenate(code_chunks),
+        metric=metric,
     )
 
 
 # ---------------------------------------------------------------------------------------- verification thresholds
 
 
-def check_rule(rule: str) -> str:
-    if rule not in query.VERIFY_RULES:
-        raise InvalidInputError(f"unknown rule {rule!r}; choose from {', '.join(query.VERIFY_RULES)}")
-    return rule
+def default_rule(manifest: dict[str, Any]) -> str:
+    """The rule `verify` uses when given none: the rule calibrated last, else rules.DEFAULT_RULE."""
+    return (manifest.get("calibration") or {}).get("rule", DEFAULT_RULE)
 
 
 def calibrations_of(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -148,10 +145,10 @@ def calibrations_of(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def threshold_for(manifest: dict[str, Any], encoder_threshold: float | None, rule: str | None,
                   where: object) -> tuple[str, float, str]:
     """(rule, threshold, source) that `verify` uses when no threshold is passed: the index's calibration for the
-    rule, else the encoder's pair threshold; `rule` None means the rule calibrated last (else "prototype")."""
+    rule, else the encoder's pair threshold; `rule` None means `default_rule(manifest)`."""
     calibrations = calibrations_of(manifest)
     if rule is None:
-        rule = (manifest.get("calibration") or {}).get("rule", "prototype")
+        rule = default_rule(manifest)
     check_rule(rule)
     calibration = calibrations.get(rule)
     if calibration:
@@ -177,10 +174,10 @@ def calibration_record(genuine: np.ndarray, impostor: np.ndarray, rule: str, tar
                 "threshold; calibrate with --target-far F (impostor pairs alone fix it), or verify with the "
                 "encoder's own threshold (the default) or --threshold"
             )
-        threshold, eer = query.eer_threshold(genuine, impostor)
+        threshold, eer = eer_threshold(genuine, impostor)
         method = "eer"
     else:
-        threshold = query.far_threshold(impostor, target_far)
+        threshold = far_threshold(impostor, target_far)
         method = "far"
     calibration = {
         "threshold": float(threshold),
@@ -210,8 +207,8 @@ def calibration_record(genuine: np.ndarray, impostor: np.ndarray, rule: str, tar
 def calibrate_items(backend: Any, rule: str, target_far: float | None, metric: str, where: object) -> dict[str, Any]:
     """`calibration_record` from every genuine / impostor pair of the backend's items (one committed state)."""
     check_rule(rule)
-    if target_far is not None and not 0.0 <= target_far <= 1.0:
-        raise InvalidInputError(f"target FAR must lie in [0, 1], got {target_far}")
+    if target_far is not None:
+        as_target_far(target_far)
     with backend.snapshot():
         ids, vectors = backend.vectors()
         labels = backend.labels_of(ids)
@@ -219,6 +216,5 @@ def calibrate_items(backend: Any, rule: str, target_far: float | None, metric: s
         raise EmptyIndexError(f"{where}: the index holds no items to calibrate on")
     if len(set(labels)) < 2:
         raise InvalidInputError(f"{where}: calibration needs at least two classes (impostor pairs)")
-    genuine, impostor = query.genuine_impostor_scores(vectors, labels, rule=rule, require_genuine=False,
-                                                      metric=metric)
+    genuine, impostor = genuine_impostor_scores(vectors, labels, rule=rule, require_genuine=False, metric=metric)
     return calibration_record(genuine, impostor, rule, target_far, len(ids), where)

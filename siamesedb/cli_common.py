@@ -1,5 +1,6 @@
 """What every `siamesedb` command shares: the error-to-one-line group, option decorators, JSON output, and the
-per-image error handling of batch commands (cli.py and cli_train.py build their commands from these)."""
+per-image error handling of batch commands (cli_index.py, cli_read.py and cli_train.py build their commands from
+these; cli.py gathers them under the one group). Named errors become one line in one place: `SiameseGroup.invoke`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import click
 
+from siamesedb.backends import BACKEND_NAMES, DEFAULT_BACKEND
 from siamesedb.errors import SiameseDBError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -149,7 +151,7 @@ def backend_options(command):
     """--backend and --milvus-uri: where a new index keeps its items (build, import)."""
 
     def check_uri(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-        if value is not None and ctx.params.get("backend", "faiss") != "milvus":
+        if value is not None and ctx.params.get("backend", DEFAULT_BACKEND) != "milvus":
             raise click.UsageError("--milvus-uri needs --backend milvus")
         return value
 
@@ -158,9 +160,15 @@ def backend_options(command):
         help="With --backend milvus: a Milvus server (http://host:19530; token from $SIAMESEDB_MILVUS_TOKEN) or a "
              "Milvus Lite file (*.db); default: a Milvus Lite file inside the index folder.")(command)
     return click.option(
-        "--backend", type=click.Choice(["faiss", "milvus"]), default="faiss", show_default=True, is_eager=True,
+        "--backend", type=click.Choice(BACKEND_NAMES), default=DEFAULT_BACKEND, show_default=True, is_eager=True,
         help="Where a new index keeps its items: embedded SQLite + FAISS, or Milvus (pip install "
              "'siamesedb[milvus]'). An existing index keeps the backend it was made with.")(command)
+
+
+def new_index_keywords(backend: str, milvus_uri: str | None) -> dict[str, Any]:
+    """--backend / --milvus-uri as the keywords SiameseDB.create (and build, import_into) takes for a new index:
+    the backend's registry name and its one options mapping."""
+    return {"backend": backend, "backend_options": {"uri": milvus_uri} if milvus_uri is not None else None}
 
 
 def open_db(index_dir: Path, device: str = "auto"):

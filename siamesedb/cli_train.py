@@ -11,7 +11,8 @@ import click
 
 from siamesedb.cli_common import (CONTEXT_SETTINGS, SiameseGroup, device_option, emit_json, encoder_option,
                                   json_option, quiet_option)
-from siamesedb.query import VERIFY_RULES
+from siamesedb.rules import DEFAULT_RULE, VERIFY_RULES
+from siamesedb.scoring import METRICS
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -39,7 +40,7 @@ from siamesedb.query import VERIFY_RULES
               help="Invert grey levels, so dark ink on light paper becomes bright on zero (default: the recipe's).")
 @click.option("--embedding-dim", type=int, default=None, help="Vector dimension.")
 @click.option("--width", type=int, default=None, help="Backbone channel width.")
-@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default=None,
+@click.option("--metric", type=click.Choice(METRICS), default=None,
               help="cosine: unit vectors, inner product (default); euclidean: raw vectors, L2 distance "
                    "(contrastive --margin in distance units; indexes search by L2, score = -distance).")
 @click.option("--hidden", default=None, metavar="SIZES",
@@ -223,7 +224,7 @@ def oneshot(folder: Path, encoder: str, way: int, shot: int, queries: int, episo
 @click.option("--test-groups", default="U31-U40", show_default=True, help="Unseen groups (writers) to verify.")
 @click.option("--calibration-groups", default="U01-U30", show_default=True,
               help="Groups whose trials set the threshold (the training writers; never the test ones).")
-@click.option("--rule", type=click.Choice(VERIFY_RULES), default="prototype", show_default=True,
+@click.option("--rule", type=click.Choice(VERIFY_RULES), default=DEFAULT_RULE, show_default=True,
               help="Score against the references' prototype, the best one, or the mean of the top 3.")
 @click.option("--repeats", default=10, show_default=True, help="Random reference sets drawn per writer.")
 @click.option("--seed", default=0, show_default=True, help="Reference sampling seed.")
@@ -257,7 +258,7 @@ def eval_verify(folder: Path, encoder: str, references: int, test_groups: str, c
     click.echo(f"{len(result.test_groups)} unseen writers, {references} references, rule {rule}: "
                f"AUC {result.auc:.4f}, EER {result.eer:.2%}; at the calibrated threshold {result.threshold:.4f}: "
                f"FAR {result.far:.2%}, FRR {result.frr:.2%}, accuracy {result.accuracy:.2%}")
-    for name, path in result.plots.items():
+    for path in result.plots.values():
         click.echo(f"wrote {path}")
 
 
@@ -346,8 +347,6 @@ def eval_pairs(folder: Path, encoder: str, test_groups: str, calibration_groups:
     click.echo(f"{len(result.test_groups)} unseen classes, {pairs} pairs ({result.metric}): accuracy "
                f"{result.accuracy:.2%} at the calibrated threshold {result.threshold:.4f} (FAR {result.far:.2%}, "
                f"FRR {result.frr:.2%}); EER {result.eer:.2%}, AUC {result.auc:.4f}")
-
-
 
 
 @click.group(cls=SiameseGroup, context_settings=CONTEXT_SETTINGS, name="datasets")

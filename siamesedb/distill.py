@@ -25,11 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
-from siamesedb.data import EpisodeSampler
+from siamesedb.augmentation import augment
 from siamesedb.encoder import Encoder
 from siamesedb.losses import PrototypicalLoss
+from siamesedb.samplers import EpisodeSampler
+from siamesedb.validation import held_out_score
 
 
 @dataclass
@@ -114,8 +115,6 @@ def student_of(teacher: Encoder, backbone: str | None = None) -> Encoder:
 def heldout_accuracy(encoder: Encoder, images: torch.Tensor, labels: np.ndarray, way: int, episodes: int,
                      seed: int = 0) -> tuple[float, float]:
     """(mean, 95% CI) of `way`-way 1-shot accuracy over seeded episodes of held-out classes (unstructured)."""
-    from siamesedb.training import held_out_score
-
     return held_out_score(encoder, images, labels, way, episodes, seed)
 
 
@@ -136,8 +135,6 @@ def distill(teacher: Encoder, images: torch.Tensor, targets: torch.Tensor, label
     `eval_every` steps the student is scored (held-out `val_way`-way 1-shot, and mean cosine to the teacher) and the
     best scoring weights are kept. Returns (student with the best weights, history).
     """
-    from siamesedb.training import augment
-
     config = config or DistillConfig()
     log = log or (lambda line: None)
     torch.manual_seed(config.seed)

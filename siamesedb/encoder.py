@@ -1,5 +1,8 @@
-"""Backbone registry and Encoder (preprocessing config + weights): images in, float32 vectors out (L2-normalised
-for cosine encoders, the default; raw for Euclidean ones, `EncoderConfig.metric`)."""
+"""Encoder: preprocessing config + weights, images in, float32 vectors out (L2-normalised for cosine encoders, the
+default; raw for Euclidean ones, `EncoderConfig.metric`); save / load as safetensors; the device it runs on.
+
+The nets themselves live in `siamesedb.backbones` (registry, Ensemble, Whitened); their names stay importable here.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +24,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from siamesedb.data import Preprocessing, load_image
+from siamesedb import devices
+from siamesedb.backbones import (  # noqa: F401  (register_backbone: re-exported from its old home)
+    BACKBONES,
+    Ensemble,
+    Whitened,
+    create_backbone,
+    get_backbone,
+    register_backbone,
+)
 from siamesedb.errors import EncoderError, InvalidInputError
+from siamesedb.images import Preprocessing, load_image
 
 DEFAULT_ENCODER = "default"
 METRICS = ("cosine", "euclidean")  # an encoder's vectors compare by cosine (unit length) or Euclidean distance
@@ -30,119 +42,6 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 _LANE_PART = 32  # images per task of a CPU lane: small enough to balance, large enough to dwarf hand-off
-
-BACKBONES: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_backbone(name: str) -> Callable:
-    """Decorator: make a backbone factory `(in_channels, embedding_dim, image_size, width) -> nn.Module` known."""
-
-    def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        BACKBONES[name] = factory
-        return factory
-
-    return wrap
-
-
-def _conv_block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2))
-
-
-@register_backbone("conv4")
-def conv4(in_channels: int, embedding_dim: int, image_size: tuple[int, int], width: int = 64) -> nn.Module:
-    """Conv-4 (Vinyals et al. 2016; Snell et al. 2017): 4 x [conv3x3-BN-ReLU-maxpool2], then a linear projection.
-
-    (N, C, H, W) -> (N, width, H/16, W/16) -> flatten -> (N, embedding_dim). At 28x28 the feature map is 1x1.
-    """
-    features = nn.Sequential(*(_conv_block(in_channels if i == 0 else width, width) for i in range(4)))
-    h, w = image_size
-    flat = width * max(1, h // 16) * max(1, w // 16)
-    return nn.Sequential(features, nn.Flatten(), nn.Linear(flat, embedding_dim))
-
-
-@register_backbone("conv4map")
-def conv4map(in_channels: int, embedding_dim: int, image_size: tuple[int, int], width: int = 64) -> nn.Module:
-    """Conv-4 without its last max-pool: the projection sees where on the page each feature fired.
-
-    (N, C, H, W) -> (N, width, H/8, W/8) -> flatten -> (N, embedding_dim). At 28x28 the map is 3x3 (576 values at
-    width 64), where plain Conv-4's last pool keeps one 2x2 corner of it as a single value per channel.
-    """
-    blocks = [_conv_block(in_channels if i == 0 else width, width) for i in range(4)]
-    features = nn.Sequential(*blocks[:3], blocks[3][:-1])  # the fourth block's conv-BN-ReLU, no pool
-    h, w = image_size
-    flat = width * max(1, h // 8) * max(1, w // 8)
-    return nn.Sequential(features, nn.Flatten(), nn.Linear(flat, embedding_dim))
-
-
-@register_backbone("signet")
-def signet(in_channels: int, embedding_dim: int, image_size: tuple[int, int], width: int = 32) -> nn.Module:
-    """A small SigNet-style net for offline signatures (after Dey et al. 2017, scaled down for CPU).
-
-    Wide grey input (e.g. 64x128, inverted, aspect kept): a 5x5 stem then 3 conv blocks (width x 1, 2, 4, 4), each
-    halving the map, an adaptive pool to (2, 4) that keeps the left-to-right layout of the strokes, and two fully
-    connected layers with dropout. (N, C, H, W) -> (N, embedding_dim).
-    """
-    stem = nn.Sequential(nn.Conv2d(in_channels, width, 5, padding=2, bias=False), nn.BatchNorm2d(width),
-                         nn.ReLU(inplace=True), nn.MaxPool2d(2))
-    blocks = [_conv_block(width, width * 2), _conv_block(width * 2, width * 4), _conv_block(width * 4, width * 4)]
-    head = nn.Sequential(nn.AdaptiveAvgPool2d((2, 4)), nn.Flatten(), nn.Linear(width * 4 * 8, 256),
-                         nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(256, embedding_dim))
-    return nn.Sequential(stem, *blocks, head)
-
-
-MLP_HIDDEN = (128, 64, 32)  # the reference MLP twin: 784 -> 128 -> 64 -> 32 -> 16
-MLP_DROPOUT = 0.1
-
-
-@register_backbone("mlp")
-def mlp(in_channels: int, embedding_dim: int, image_size: tuple[int, int], width: int = 0,
-        hidden: Sequence[int] | None = None, dropout: float | None = None) -> nn.Module:
-    """The reference MLP twin (MNIST): flatten, then Dense-ReLU layers, dropout after all but the last two.
-
-    (N, C, H, W) -> flatten (N, C*H*W) -> 128 ReLU -> Dropout 0.1 -> 64 ReLU -> Dropout 0.1 -> 32 ReLU
-    -> embedding_dim ReLU (16 in the reference). `hidden` replaces (128, 64, 32) and `dropout` the 0.1; `width` is
-    not used (a fully connected net has no channels). The last ReLU is the reference's: outputs are >= 0.
-    """
-    sizes = [in_channels * image_size[0] * image_size[1], *(MLP_HIDDEN if hidden is None else hidden)]
-    p = MLP_DROPOUT if dropout is None else float(dropout)
-    layers: list[nn.Module] = [nn.Flatten()]
-    for i, (cin, cout) in enumerate(zip(sizes, sizes[1:])):
-        layers += [nn.Linear(cin, cout), nn.ReLU(inplace=True)]
-        if i < len(sizes) - 2 and p > 0:  # the reference drops out after every hidden layer but the last one
-            layers.append(nn.Dropout(p))
-    layers += [nn.Linear(sizes[-1], embedding_dim), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers)
-
-
-class _BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.skip = (
-            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-            if stride != 1 or cin != cout
-            else nn.Identity()
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        return F.relu(self.bn2(self.conv2(out)) + self.skip(x), inplace=True)
-
-
-@register_backbone("resnet")
-def resnet(in_channels: int, embedding_dim: int, image_size: tuple[int, int], width: int = 32) -> nn.Module:
-    """A small ResNet for photos (He et al. 2016): stem, 4 stages of 2 BasicBlocks (width x 1, 2, 4, 8), GAP, linear."""
-    stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
-    stages, cin = [], width
-    for i, mult in enumerate((1, 2, 4, 8)):
-        cout = width * mult
-        stride = 1 if i == 0 else 2
-        stages += [_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)]
-        cin = cout
-    return nn.Sequential(stem, *stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, embedding_dim))
 
 
 def shifted_views(batch: torch.Tensor, shift: int) -> torch.Tensor:
@@ -158,40 +57,6 @@ def shifted_views(batch: torch.Tensor, shift: int) -> torch.Tensor:
         padded[..., 0:height, s : s + width],  # down
         padded[..., 2 * s : 2 * s + height, s : s + width],  # up
     ])
-
-
-class Ensemble(nn.Module):
-    """Several independently trained copies of one backbone: (N, C, H, W) -> (N, members * D).
-
-    Each member's vector is L2-normalised and scaled by 1/sqrt(members), so after the encoder's own normalisation
-    (a no-op here: the result already has unit length) the cosine of two images is the mean of the members' cosines.
-    """
-
-    def __init__(self, members: list[nn.Module]):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = len(self.members) ** -0.5
-        return torch.cat([F.normalize(m(x).float(), dim=1) * scale for m in self.members], dim=1)
-
-
-class Whitened(nn.Module):
-    """A backbone followed by a fixed linear map of its unit vectors: (N, C, H, W) -> (N, D).
-
-    The map (fitted by `training.whitened_encoder`) whitens the spread of one class's items (within-class covariance),
-    so that cosine similarity stops rewarding the directions along which a class's own items already disagree.
-    """
-
-    def __init__(self, backbone: nn.Module, dimension: int):
-        super().__init__()
-        self.backbone = backbone
-        self.linear = nn.Linear(dimension, dimension, bias=False)
-        with torch.no_grad():
-            self.linear.weight.copy_(torch.eye(dimension))  # identity until fitted
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(F.normalize(self.backbone(x).float(), dim=1))
 
 
 PRECISIONS = ("float32", "bfloat16")  # EncoderConfig.precision
@@ -244,7 +109,7 @@ class EncoderConfig:
     # Facts *about* the model, not the model: left out of the fingerprint (see UNFINGERPRINTED), so measuring them
     # again never makes an index refuse the encoder that built it.
     # pair_calibration: the `verify` threshold this encoder carries ({"threshold", "target_far", "far", "frr",
-    # "impostors", "measured_on"...}); data_profile: what its training images looked like (data.image_profile),
+    # "impostors", "measured_on"...}); data_profile: what its training images looked like (domain.image_profile),
     # for the out-of-domain warning.
     pair_calibration: dict[str, Any] = field(default_factory=dict)
     data_profile: dict[str, Any] = field(default_factory=dict)
@@ -258,8 +123,12 @@ class EncoderConfig:
                 raise EncoderError(f"hidden layer sizes must be positive integers, got {self.hidden!r}")
         if self.dropout is not None and not 0.0 <= float(self.dropout) < 1.0:
             raise EncoderError(f"dropout must lie in [0, 1), got {self.dropout!r}")
-        if (self.hidden is not None or self.dropout is not None) and self.backbone != "mlp":
-            raise EncoderError(f"hidden sizes and dropout apply to the mlp backbone, not {self.backbone!r}")
+        options = set(self.backbone_options)
+        if options:  # only backbones whose factory takes these options (the mlp) accept them
+            takers = [name for name, entry in BACKBONES.items() if options <= entry.options]
+            if self.backbone not in takers:
+                raise EncoderError(f"hidden sizes and dropout apply to the {' / '.join(takers)} backbone, "
+                                   f"not {self.backbone!r}")
         if self.precision not in PRECISIONS:
             raise EncoderError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         if int(self.test_time_shift) != self.test_time_shift or self.test_time_shift < 0:
@@ -273,6 +142,11 @@ class EncoderConfig:
     def dimension(self) -> int:
         """Length of the vectors: embedding_dim per ensemble member."""
         return int(self.embedding_dim) * self.members
+
+    @property
+    def backbone_options(self) -> dict[str, Any]:
+        """The backbone's own keyword options this config sets (`create_backbone(..., **options)`)."""
+        return {key: value for key, value in (("hidden", self.hidden), ("dropout", self.dropout)) if value is not None}
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -333,37 +207,27 @@ class EncoderConfig:
 
 def build_net(config: EncoderConfig) -> nn.Module:
     """The untrained network a config describes: backbone, or an ensemble of them, then whitening if set."""
-    options = {key: value for key, value in (("hidden", config.hidden), ("dropout", config.dropout)) if value is not None}
 
     def backbone() -> nn.Module:
-        return BACKBONES[config.backbone](
-            config.preprocessing.channels, config.embedding_dim, config.preprocessing.size, config.width, **options
-        )
+        return create_backbone(config.backbone, channels=config.preprocessing.channels,
+                               embedding_dim=config.embedding_dim, image_size=config.preprocessing.size,
+                               width=config.width, **config.backbone_options)
 
     net = backbone() if config.members == 1 else Ensemble([backbone() for _ in range(config.members)])
     return Whitened(net, config.dimension) if config.whitening else net
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> CUDA when present, else CPU; asking for CUDA without it is a clear error."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EncoderError("--device cuda asked for, but no CUDA device is available (use --device cpu or auto)")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise EncoderError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
+    """The torch device `siamesedb.devices.resolve_device` picks: "auto" | "cpu" | "cuda" | "cuda:N" (or a
+    torch.device); CUDA asked for without one, or an unknown device, raises DeviceError (an EncoderError)."""
+    return torch.device(devices.resolve_device(device))
 
 
 class Encoder:
     """A backbone plus its preprocessing: `encode(images)` -> float32 vectors (L2-normalised unless Euclidean)."""
 
     def __init__(self, config: EncoderConfig, net: nn.Module | None = None, device: str | torch.device = "cpu"):
-        if config.backbone not in BACKBONES:
-            raise EncoderError(f"unknown backbone {config.backbone!r}; known: {', '.join(sorted(BACKBONES))}")
+        get_backbone(config.backbone)  # an unknown name fails here, with the known ones listed
         self.config = config
         self.device = resolve_device(device)
         if net is None:
@@ -529,8 +393,8 @@ class Encoder:
             encoder.net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise EncoderError(f"{weights_path}: weights do not fit the {config.backbone} config ({str(exc).splitlines()[0]})") from None
-        encoder.net.to(resolve_device(device))
         encoder.device = resolve_device(device)
+        encoder.net.to(encoder.device)
         encoder.net.eval()
         if config.precision == "bfloat16" and encoder.device.type == "cpu" and not cpu_has_native_bf16():
             warnings.warn(f"{folder}: a bfloat16 encoder on a CPU without avx512_bf16 / amx_bf16 runs emulated, "

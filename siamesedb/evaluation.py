@@ -1,6 +1,7 @@
-"""Accuracy on held-apart data: N-way K-shot one-shot episodes with a 95% confidence interval.
+"""Accuracy on held-apart data: the protocols `siamesedb eval` runs, each encoding a folder once and reporting a
+result (N-way K-shot episodes with a 95% confidence interval; skilled-forgery, pair and one-shot verification).
 
-Two protocols (README of the Omniglot data; Lake, Salakhutdinov & Tenenbaum, Science 2015):
+One-shot episodes (README of the Omniglot data; Lake, Salakhutdinov & Tenenbaum, Science 2015):
 
 - unstructured: each episode draws `way` classes from the whole folder and, per class, `shot` support images and
   `queries` query images, all distinct;
@@ -8,34 +9,38 @@ Two protocols (README of the Omniglot data; Lake, Salakhutdinov & Tenenbaum, Sci
   component of the label: the alphabet), the support images are all by one drawer and the queries by another.
   The drawer is read from Omniglot's file names (`NNNN_MM.png`, MM = drawer).
 
-Every image is encoded once per run; the episodes then run through the query layer users call
-(`query.class_prototypes` + `query.rank_by_prototype`), so the number measures the product, not a side path.
+The episodes run through `episodes.run_episodes` and the verification trials through `trials`, both on the
+product's own scoring (`scoring`), so the numbers measure the product, not a side path. The array-level names
+that lived here (sample_episode, roc_auc, reference_trials, pair_scores, oneshot_verification_trials,
+plot_verification) stay importable from here.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from siamesedb import query
-from siamesedb.data import (
-    FORGED,
-    GENUINE,
-    LabelledImage,
-    group_of,
-    iter_batches,
-    parse_groups,
-    scan_folder,
-    select_groups,
-)
+from siamesedb.data import GENUINE, LabelledImage, group_of, iter_batches, parse_groups, scan_folder, select_groups
 from siamesedb.encoder import Encoder
+from siamesedb.episodes import mean_ci95, run_episodes, sample_episode  # noqa: F401  (sample_episode: its old home)
 from siamesedb.errors import InvalidInputError
+from siamesedb.plots import verification_plots
+from siamesedb.scoring import eer_threshold, far_threshold
+from siamesedb.trials import (  # noqa: F401  (pair_scores, oneshot_verification_trials: their old home)
+    group_pair_trials,
+    oneshot_verification_trials,
+    pair_scores,
+    rates_at,
+    reference_trials,
+    roc_auc,
+)
+
+plot_verification = verification_plots  # its old name
 
 _DRAWER = re.compile(r"_(\d+)$")
 
@@ -69,48 +74,6 @@ def drawer_of(path: str | Path) -> str | None:
     return match.group(1) if match else None
 
 
-def sample_episode(
-    labels: np.ndarray,
-    drawers: np.ndarray,
-    way: int,
-    shot: int,
-    queries: int,
-    rng: np.random.Generator,
-    within_group: bool,
-    by_class: dict[str, np.ndarray],
-    classes_by_group: dict[str, list[str]],
-) -> tuple[np.ndarray, np.ndarray]:
-    """One episode: (support indices (way*shot,), query indices (way*queries,)), class-major order."""
-    if within_group:
-        groups = [g for g, cs in classes_by_group.items() if len(cs) >= way]
-        group = groups[rng.integers(len(groups))]
-        pool = classes_by_group[group]
-    else:
-        pool = list(by_class)
-    chosen = [pool[i] for i in rng.choice(len(pool), size=way, replace=False)]
-    support, queried = [], []
-    if within_group and all(d is not None for d in drawers[np.concatenate([by_class[c] for c in chosen])]):
-        # Lake's protocol: support drawers and the query drawer are shared by every class of the episode.
-        common = set.intersection(*(set(drawers[by_class[c]]) for c in chosen))
-        if len(common) < shot + queries:
-            raise InvalidInputError(f"group {group!r}: only {len(common)} drawers drew all {way} classes")
-        order = sorted(common)
-        picked = [order[i] for i in rng.choice(len(order), size=shot + queries, replace=False)]
-        support_drawers, query_drawers = set(picked[:shot]), picked[shot:]
-        for c in chosen:
-            members = by_class[c]
-            support.extend(members[np.isin(drawers[members], list(support_drawers))][:shot])
-            for d in query_drawers:
-                queried.extend(members[drawers[members] == d][:1])
-    else:
-        for c in chosen:
-            members = by_class[c]
-            picked = rng.choice(len(members), size=shot + queries, replace=False)
-            support.extend(members[picked[:shot]])
-            queried.extend(members[picked[shot:]])
-    return np.asarray(support, dtype=np.int64), np.asarray(queried, dtype=np.int64)
-
-
 def episode_accuracies(
     vectors: np.ndarray,
     labels: list[str],
@@ -124,33 +87,11 @@ def episode_accuracies(
     metric: str = "cosine",
 ) -> np.ndarray:
     """Array-level episodes over (N, D) vectors: the accuracy of each episode, (episodes,) float64. `metric`: the
-    encoder's (cosine: normalised-mean prototypes; euclidean: plain means, nearest by distance)."""
-    if way < 2 or shot < 1 or queries < 1 or episodes < 1:
-        raise InvalidInputError("need way >= 2, shot >= 1, queries >= 1, episodes >= 1")
-    label_array = np.asarray(labels, dtype=object)
-    drawers = np.asarray([drawer_of(p) for p in paths], dtype=object)
-    by_class_lists: dict[str, list[int]] = defaultdict(list)
-    for i, label in enumerate(labels):
-        by_class_lists[label].append(i)
-    by_class = {c: np.asarray(ix) for c, ix in by_class_lists.items() if len(ix) >= shot + queries}
-    if len(by_class) < way:
-        raise InvalidInputError(f"only {len(by_class)} classes have {shot + queries} images; a {way}-way episode needs {way}")
-    classes_by_group: dict[str, list[str]] = defaultdict(list)
-    for c in sorted(by_class):
-        classes_by_group[group_of(c)].append(c)
-    if within_group and not any(len(cs) >= way for cs in classes_by_group.values()):
-        raise InvalidInputError(f"no group holds {way} classes with {shot + queries} images each")
-    rng = np.random.default_rng(seed)
-    accuracies = np.empty(episodes)
-    for e in range(episodes):
-        support, queried = sample_episode(
-            label_array, drawers, way, shot, queries, rng, within_group, by_class, classes_by_group
-        )
-        names, prototypes = query.class_prototypes(vectors[support], label_array[support].tolist(), metric=metric)
-        rankings = query.rank_by_prototype(vectors[queried], prototypes, names, metric=metric)
-        predicted = np.asarray([ranking[0][0] for ranking in rankings], dtype=object)
-        accuracies[e] = float(np.mean(predicted == label_array[queried]))
-    return accuracies
+    encoder's (cosine: normalised-mean prototypes; euclidean: plain means, nearest by distance). `paths` give the
+    drawers of within-group episodes."""
+    return run_episodes(vectors, labels, way, shot, queries, episodes, np.random.default_rng(seed), metric,
+                        within_group, groups=[group_of(label) for label in labels],
+                        drawers=[drawer_of(path) for path in paths]).accuracies
 
 
 def encode_folder(
@@ -211,7 +152,7 @@ def evaluate_oneshot(
         seed=seed,
         metric=encoder.config.metric,
     )
-    ci95 = 1.96 * accuracies.std(ddof=1) / np.sqrt(episodes) if episodes > 1 else float("nan")
+    accuracy, ci95 = mean_ci95(accuracies)
     written = {}
     if plots is not None:
         from siamesedb.plots import oneshot_accuracy
@@ -224,8 +165,8 @@ def evaluate_oneshot(
         episodes=episodes,
         within_group=within_group,
         seed=seed,
-        accuracy=float(accuracies.mean()),
-        ci95=float(ci95),
+        accuracy=accuracy,
+        ci95=ci95,
         images=len(images),
         classes=len({im.label for im in images}),
         skipped=skipped,
@@ -266,48 +207,6 @@ class VerificationResult:
         return asdict(self)
 
 
-def roc_auc(genuine: np.ndarray, impostor: np.ndarray) -> float:
-    """Area under the ROC curve: P(genuine score > impostor score) + half P(equal) (Mann-Whitney U / (G * I))."""
-    genuine = np.asarray(genuine, dtype=np.float64)
-    impostor = np.sort(np.asarray(impostor, dtype=np.float64))
-    if len(genuine) == 0 or len(impostor) == 0:
-        raise InvalidInputError("AUC needs genuine and impostor scores")
-    below = np.searchsorted(impostor, genuine, side="left")
-    equal = np.searchsorted(impostor, genuine, side="right") - below
-    return float((below + 0.5 * equal).sum() / (len(genuine) * len(impostor)))
-
-
-def reference_trials(
-    vectors: np.ndarray,
-    labels: list[str],
-    groups: list[str],
-    references: int,
-    repeats: int,
-    rng: np.random.Generator,
-    rule: str = "prototype",
-    metric: str = "cosine",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of (genuine queries, skilled forgeries) against `references` random genuine items of their own group.
-
-    Each group needs classes `<group>/genuine` and `<group>/forged`; `repeats` draws of the reference set per group.
-    """
-    label_array = np.asarray(labels, dtype=object)
-    genuine_scores: list[float] = []
-    forged_scores: list[float] = []
-    for group in groups:
-        genuine = np.flatnonzero(label_array == f"{group}/{GENUINE}")
-        forged = np.flatnonzero(label_array == f"{group}/{FORGED}")
-        if len(genuine) <= references:
-            raise InvalidInputError(f"group {group!r} has {len(genuine)} genuine items; {references} references leave none to query")
-        for _ in range(repeats):
-            chosen = rng.permutation(genuine)
-            refs, others = chosen[:references], chosen[references:]
-            support = vectors[refs]
-            genuine_scores.extend(query.verification_score(vectors[i], support, rule, metric) for i in others)
-            forged_scores.extend(query.verification_score(vectors[i], support, rule, metric) for i in forged)
-    return np.asarray(genuine_scores), np.asarray(forged_scores)
-
-
 def _groups_with_forgeries(labels: list[str], selection: str | None) -> list[str]:
     present = sorted({label.rsplit("/", 1)[0] for label in labels if label.endswith(f"/{GENUINE}")})
     wanted = parse_groups(selection)
@@ -315,42 +214,6 @@ def _groups_with_forgeries(labels: list[str], selection: str | None) -> list[str
     if not chosen:
         raise InvalidInputError(f"no groups with <group>/genuine images match {selection!r}")
     return chosen
-
-
-def plot_verification(genuine: np.ndarray, forged: np.ndarray, threshold: float, title: str, folder: Path) -> dict[str, str]:
-    """Write roc.png (false accepts vs true accepts) and scores.png (genuine vs forged histograms) into `folder`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    _, far, frr = query.roc_points(genuine, forged)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
-    ax.plot(far, 1 - frr, color="tab:blue", label=f"AUC {roc_auc(genuine, forged):.3f}")
-    ax.plot([0, 1], [0, 1], ":", color="grey")
-    at = (float(np.mean(forged >= threshold)), float(np.mean(genuine >= threshold)))
-    ax.plot(*at, "o", color="tab:red", label=f"calibrated threshold {threshold:.3f}")
-    ax.set_xlabel("false accept rate (skilled forgeries accepted)")
-    ax.set_ylabel("true accept rate (genuine accepted)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "roc.png")
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    bins = np.linspace(min(genuine.min(), forged.min()), max(genuine.max(), forged.max()), 40)
-    ax.hist(genuine, bins=bins, alpha=0.6, color="tab:green", label=f"genuine ({len(genuine)})")
-    ax.hist(forged, bins=bins, alpha=0.6, color="tab:red", label=f"skilled forgeries ({len(forged)})")
-    ax.axvline(threshold, color="black", linestyle="--", label="calibrated threshold")
-    ax.set_xlabel("similarity to the reference set")
-    ax.set_ylabel("trials")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "scores.png")
-    plt.close(fig)
-    return {"roc": str(folder / "roc.png"), "scores": str(folder / "scores.png")}
 
 
 def evaluate_verification(
@@ -380,16 +243,15 @@ def evaluate_verification(
     rng = np.random.default_rng(seed)
     metric = encoder.config.metric
     cal_genuine, cal_forged = reference_trials(vectors, labels, calibration, references, repeats, rng, rule, metric)
-    threshold, calibration_eer = query.eer_threshold(cal_genuine, cal_forged)
+    threshold, calibration_eer = eer_threshold(cal_genuine, cal_forged)
     genuine, forged = reference_trials(vectors, labels, tests, references, repeats, rng, rule, metric)
-    _, eer = query.eer_threshold(genuine, forged)
-    far = float(np.mean(forged >= threshold))
-    frr = float(np.mean(genuine < threshold))
+    _, eer = eer_threshold(genuine, forged)
+    far, frr = rates_at(genuine, forged, threshold)
     accuracy = float((np.sum(genuine >= threshold) + np.sum(forged < threshold)) / (len(genuine) + len(forged)))
     written: dict[str, str] = {}
     if plots is not None:
         title = f"{len(tests)} unseen writers, {references} references, rule {rule}"
-        written = plot_verification(genuine, forged, threshold, title, Path(plots))
+        written = verification_plots(genuine, forged, threshold, title, Path(plots))
     return VerificationResult(
         references=references, rule=rule, repeats=repeats, seed=seed, test_groups=tests,
         calibration_groups=calibration, auc=roc_auc(genuine, forged), eer=eer, threshold=threshold, far=far, frr=frr,
@@ -426,25 +288,6 @@ class PairResult:
         return asdict(self)
 
 
-def pair_scores(vectors: np.ndarray, a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
-    """(n,) scores of the pairs (vectors[a[i]], vectors[b[i]]): cosine, or minus the Euclidean distance."""
-    if query.check_metric(metric) == "euclidean":
-        return -np.linalg.norm(vectors[a].astype(np.float64) - vectors[b], axis=1)
-    return np.einsum("nd,nd->n", vectors[a].astype(np.float64), vectors[b])
-
-
-def _sample_pairs(vectors: np.ndarray, labels: list[str], groups: set[str], pairs: int, seed: int,
-                  metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """(genuine scores, impostor scores) of `pairs` seeded pairs (half each) among the images of `groups`."""
-    from siamesedb.data import PairSampler
-
-    rows = np.flatnonzero([group_of(label) in groups for label in labels])
-    _, codes = np.unique(np.asarray(labels, dtype=object)[rows].astype(str), return_inverse=True)
-    a, b, same = PairSampler(codes.reshape(-1), seed=seed).sample(pairs)
-    scores = pair_scores(vectors, rows[a], rows[b], metric)
-    return scores[same == 1], scores[same == 0]
-
-
 def evaluate_pairs(folder: str | Path, encoder: Encoder, test_groups: str, calibration_groups: str,
                    pairs: int = 4000, seed: int = 0, progress: bool = False) -> PairResult:
     """Pair verification accuracy on the classes of `test_groups` at the threshold calibrated (equal error rate) on
@@ -461,85 +304,22 @@ def evaluate_pairs(folder: str | Path, encoder: Encoder, test_groups: str, calib
     if tests & calibration:
         raise InvalidInputError("test and calibration groups overlap")
     metric = encoder.config.metric
-    cal_genuine, cal_impostor = _sample_pairs(vectors, labels, calibration, pairs, seed, metric)
-    threshold, calibration_eer = query.eer_threshold(cal_genuine, cal_impostor)
-    genuine, impostor = _sample_pairs(vectors, labels, tests, pairs, seed + 1, metric)
-    _, eer = query.eer_threshold(genuine, impostor)
+    cal_genuine, cal_impostor = group_pair_trials(vectors, labels, calibration, pairs, seed, metric)
+    threshold, calibration_eer = eer_threshold(cal_genuine, cal_impostor)
+    genuine, impostor = group_pair_trials(vectors, labels, tests, pairs, seed + 1, metric)
+    _, eer = eer_threshold(genuine, impostor)
     correct = np.sum(genuine >= threshold) + np.sum(impostor < threshold)
+    far, frr = rates_at(genuine, impostor, threshold)
     return PairResult(
         pairs=pairs, seed=seed, metric=metric, test_groups=sorted(tests & present),
         calibration_groups=sorted(calibration & present), accuracy=float(correct / (len(genuine) + len(impostor))),
-        far=float(np.mean(impostor >= threshold)), frr=float(np.mean(genuine < threshold)), threshold=float(threshold),
+        far=far, frr=frr, threshold=float(threshold),
         eer=float(eer), auc=roc_auc(genuine, impostor), calibration_eer=float(calibration_eer),
         encoder=encoder.fingerprint, seconds=round(time.perf_counter() - started, 3),
     )
 
 
 # ---------------------------------------------------------------------------------------------- one-shot verification
-
-
-def oneshot_verification_trials(
-    vectors: np.ndarray,
-    labels: list[str],
-    references: int = 1,
-    impostors: str = "group",
-    seed: int = 0,
-    metric: str = "cosine",
-    skip: frozenset[str] | set[str] = frozenset(),
-) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of (genuine (G,), impostor (I,)) verification trials against per-class reference sets.
-
-    Classes named in `skip` get no reference set (no trials of their own) but their items still serve as
-    impostors: skilled-forgery classes `X/forged`, which are impostors of `X/genuine` and never a claimed identity.
-
-    Every class gets `references` random items of its own as its reference set (its prototype: the normalised mean,
-    or the plain mean for Euclidean encoders). Genuine trials: the class's other items against it. Impostor trials:
-    every item of every other class of the same group (first label component: the same alphabet, the look-alikes a
-    user must tell apart) with `impostors="group"`, or of every other class with `impostors="any"`.
-    Scored through `query.scores_for`, the product's own scoring, in (items, classes) row blocks.
-    """
-    if impostors not in ("group", "any"):
-        raise InvalidInputError(f"impostors must be 'group' or 'any', got {impostors!r}")
-    if references < 1:
-        raise InvalidInputError(f"references must be at least 1, got {references}")
-    label_array = np.asarray(labels, dtype=object).astype(str)
-    classes, inverse = np.unique(label_array, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    rng = np.random.default_rng(seed)
-    is_reference = np.zeros(len(label_array), dtype=bool)
-    prototypes = np.empty((len(classes), vectors.shape[1]), dtype=np.float32)
-    claimable = np.asarray([name not in skip for name in classes])
-    for c in range(len(classes)):
-        members = np.flatnonzero(inverse == c)
-        if not claimable[c]:
-            prototypes[c] = 0.0
-            continue
-        if len(members) <= references:
-            raise InvalidInputError(f"class {classes[c]!r} has {len(members)} items; {references} references leave none to verify")
-        chosen = rng.choice(members, size=references, replace=False)
-        is_reference[chosen] = True
-        prototypes[c] = query.class_prototypes(vectors[chosen], [classes[c]] * references, metric=metric)[1][0]
-    group_of_class = np.asarray([group_of(name) for name in classes], dtype=object)
-    group_codes = np.unique(group_of_class, return_inverse=True)[1].reshape(-1)
-    item_group = group_codes[inverse]
-    genuine, impostor = [], []
-    for start in range(0, len(vectors), 4096):
-        rows = np.arange(start, min(start + 4096, len(vectors)))
-        scores = query.scores_for(metric, vectors[rows].astype(np.float32), prototypes)  # (rows, C)
-        own = inverse[rows]
-        keep = ~is_reference[rows] & claimable[own]
-        genuine.append(scores[np.arange(len(rows)), own][keep])
-        other = np.ones_like(scores, dtype=bool)
-        other[np.arange(len(rows)), own] = False
-        other &= claimable[None, :]
-        if impostors == "group":
-            other &= item_group[rows][:, None] == group_codes[None, :]
-        impostor.append(scores[other])
-    impostor_scores = np.concatenate(impostor).astype(np.float64)
-    if len(impostor_scores) == 0:
-        raise InvalidInputError("no two classes share a group (first label component), so there are no same-group "
-                                "impostors; use impostors='any' (--impostors any)")
-    return np.concatenate(genuine).astype(np.float64), impostor_scores
 
 
 @dataclass
@@ -593,16 +373,16 @@ def evaluate_oneshot_verification(
         threshold, source = encoder.config.pair_threshold, "encoder"
         if threshold is None:
             raise InvalidInputError("this encoder carries no threshold; pass --threshold")
-    _, eer = query.eer_threshold(genuine, impostor)
+    _, eer = eer_threshold(genuine, impostor)
+    far, frr = rates_at(genuine, impostor, threshold)
     at_far: dict[str, float] = {}
     if target_far is not None:
-        t = query.far_threshold(impostor, target_far)
-        at_far = {"target_far": target_far, "threshold": t, "far": float(np.mean(impostor >= t)),
-                  "frr": float(np.mean(genuine < t))}
+        t = far_threshold(impostor, target_far)
+        far_at_t, frr_at_t = rates_at(genuine, impostor, t)
+        at_far = {"target_far": target_far, "threshold": t, "far": far_at_t, "frr": frr_at_t}
     return OneShotVerificationResult(
         references=references, impostors=impostors, threshold=float(threshold), threshold_source=source,
-        far=float(np.mean(impostor >= threshold)), frr=float(np.mean(genuine < threshold)),
-        auc=roc_auc(genuine, impostor), eer=float(eer), genuine_trials=len(genuine), impostor_trials=len(impostor),
+        far=far, frr=frr, auc=roc_auc(genuine, impostor), eer=float(eer), genuine_trials=len(genuine), impostor_trials=len(impostor),
         classes=len(set(labels)), images=len(kept), encoder=encoder.fingerprint, seed=seed, far_threshold=at_far,
     )
 

@@ -1,8 +1,9 @@
-"""Move a collection of vectors in and out of an index: export to Parquet or .npy, import such a file back.
+"""The export file formats: write an index's items to Parquet or .npy (+ .json), read such a file back.
 
 An export holds, for every item in id order: its stable id, label, source path, content hash (sha256) and vector
-(float32 as stored: L2-normalised for a cosine index, raw for a Euclidean one), plus the encoder fingerprint that made the vectors, so another engine (or
-another siamesedb index) can take the collection over without re-encoding a single image.
+(float32 as stored: L2-normalised for a cosine index, raw for a Euclidean one), plus the encoder fingerprint that
+made the vectors, so another engine (or another siamesedb index) can take the collection over without re-encoding a
+single image.
 
 Two layouts, chosen by the file's suffix:
 
@@ -12,9 +13,8 @@ Two layouts, chosen by the file's suffix:
 - `FILE.npy`: the (N, D) float32 vectors, row i = item i; beside it a sidecar `FILE.json` holding the metadata
   document plus `items`: {"id": [...], "label": [...], "path": [...], "sha256": [...]}, in the same row order.
 
-Import refuses a file whose encoder fingerprint differs from the index's (the vectors would live in another space)
-unless forced (a file of another metric, inner product or L2, always), keeps the file's ids when they are free in the index (`renumber=True` hands out new ones instead),
-and skips items the index already holds with the same label and content hash, so importing twice adds nothing.
+An index reads its items out through SiameseDB's read accessors (`iter_rows`, `len`); importing a file back (the
+encoder, metric and id checks, skipping items held already) is SiameseDB.import_vectors / SiameseDB.import_into.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from siamesedb import __version__
-from siamesedb.errors import DimensionMismatchError, EncoderMismatchError, ExportFormatError, InvalidInputError
+from siamesedb.errors import ExportFormatError, InvalidInputError
 
 FORMAT = "siamesedb-vectors"
 FORMAT_VERSION = 1
@@ -72,7 +72,7 @@ def _metadata(db: Any, count: int) -> dict[str, Any]:
         "siamesedb_version": __version__,
         "count": count,
         "dimension": db.dimension,
-        "metric": db.manifest.get("metric", "inner_product"),
+        "metric": db.index_metric,  # the manifest's name: "inner_product" or "l2"
         "normalized": db.metric == "cosine",  # Euclidean indexes hold raw vectors
         "encoder": {
             "fingerprint": db.encoder.fingerprint,
@@ -93,8 +93,8 @@ def export_vectors(db: Any, to: str | os.PathLike) -> dict[str, Any]:
     layout = _layout(to)
     if not to.parent.is_dir():
         raise InvalidInputError(f"{to.parent}: folder not found")
-    metadata = _metadata(db, db.backend.count())
-    rows = db.backend.iter_rows("label, path, sha256, vector", chunk=_CHUNK)
+    metadata = _metadata(db, len(db))
+    rows = db.iter_rows("label, path, sha256, vector", chunk=_CHUNK)
     if layout == ".parquet":
         _write_parquet(to, metadata, rows, db.dimension)
     else:
@@ -265,75 +265,4 @@ def _read_npy(path: Path) -> ExportedVectors:
                            [str(x) for x in items["sha256"]], vectors)
 
 
-def import_vectors(db: Any, path: str | os.PathLike, force: bool = False, renumber: bool = False) -> dict[str, Any]:
-    """Add the items of an export to `db` (a SiameseDB). Returns {"file", "items", "added", "already_indexed", ...}.
-
-    Refuses a different encoder fingerprint (EncoderMismatchError) unless `force`, and a different dimension always.
-    Items the index holds already (same label and content hash) are skipped. The file's ids are kept unless
-    `renumber`; an id already used by another item is refused before anything is written.
-    """
-    exported = read_export(path)
-    meta = exported.metadata
-    if int(meta["dimension"]) != db.dimension:
-        raise DimensionMismatchError(f"{path}: holds {meta['dimension']}-d vectors, the index {db.dimension}-d")
-    their_metric = meta.get("metric", "inner_product")
-    if their_metric != db.index_metric:  # not even --force: the numbers mean different things
-        raise EncoderMismatchError(f"{path}: holds {their_metric} vectors, the index {db.path} is {db.index_metric}")
-    theirs = meta["encoder"].get("fingerprint")
-    if theirs != db.encoder.fingerprint and not force:
-        raise EncoderMismatchError(
-            f"{path}: vectors were made by encoder {theirs}, the index uses {db.encoder.fingerprint} "
-            "(they are not comparable; pass --force to import anyway)"
-        )
-    held = db.backend.known_label_hashes()
-    keep = np.fromiter(
-        ((label, digest) not in held for label, digest in zip(exported.labels, exported.hashes)),
-        dtype=bool, count=len(exported),
-    )
-    rows = np.flatnonzero(keep)
-    pick = (lambda column: column) if len(rows) == len(exported) else (lambda column: [column[i] for i in rows])
-    ids = None if renumber else exported.ids[rows]
-    if ids is not None and len(ids):
-        taken = [item.id for item in db.backend.items(ids) if item is not None]
-        if taken:
-            raise InvalidInputError(
-                f"{path}: id {taken[0]} is already used by another item of {db.path} (pass --renumber for new ids)"
-            )
-    vectors = exported.vectors if len(rows) == len(exported) else exported.vectors[rows]
-    new_ids = db.add_vectors(vectors, pick(exported.labels), paths=pick(exported.paths), hashes=pick(exported.hashes),
-                             ids=ids)
-    return {
-        "file": str(path),
-        "items": len(exported),
-        "added": int(len(new_ids)),
-        "already_indexed": int(len(exported) - len(rows)),
-        "encoder": theirs,
-        "forced": bool(theirs != db.encoder.fingerprint),
-        "renumbered": bool(renumber),
-    }
-
-
-__all__ = ["ExportedVectors", "export_vectors", "import_vectors", "read_export", "read_metadata", "sidecar_of"]
-
-
-def import_into(index: str | os.PathLike, path: str | os.PathLike, encoder: str = "default", force: bool = False,
-                renumber: bool = False, **create: Any) -> tuple[Any, dict[str, Any]]:
-    """Import an export into the index at `index`, creating it (with `encoder`, and `create` options such as
-    backend="milvus") when it does not exist yet. Returns (the SiameseDB, `import_vectors`' result).
-
-    A new index is refused before anything is created when the file's vectors come from another encoder (unless
-    `force`): an index made just to hold them would be useless."""
-    from siamesedb.db import MANIFEST_FILE, SiameseDB
-    from siamesedb.encoder import Encoder
-
-    index = Path(index)
-    if (index / MANIFEST_FILE).exists():
-        db = SiameseDB.open(index)
-    else:
-        enc = Encoder.load(encoder)
-        theirs = read_metadata(path)["encoder"].get("fingerprint")
-        if theirs != enc.fingerprint and not force:
-            raise EncoderMismatchError(f"{path}: vectors were made by encoder {theirs}, not {encoder!r} "
-                                       f"({enc.fingerprint}); pass the right --encoder, or --force")
-        db = SiameseDB.create(index, encoder=enc, **create)
-    return db, db.import_vectors(path, force=force, renumber=renumber)
+__all__ = ["ExportedVectors", "export_vectors", "read_export", "read_metadata", "sidecar_of"]

@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from siamesedb.data import EncodedFile, LabelledImage, _read_file_like, file_sha256, iter_hashed_batches
+from siamesedb.data import LabelledImage, file_sha256, iter_hashed_batches
 from siamesedb.errors import DimensionMismatchError, InvalidInputError
+from siamesedb.images import EncodedFile, read_file_like
 
 ImageLike = Any  # a path (str / Path), a PIL image, a numpy array, encoded bytes or a binary file object
 VECTOR_CHUNK = 16384  # rows per transaction when adding vectors (bounds the per-chunk temporaries)
@@ -311,7 +312,7 @@ def read_file_objects(images: list[ImageLike]) -> list[ImageLike]:
     """File-like objects read once into memory (they can be decoded and hashed from those bytes; a stream can't be
     read twice); everything else as it is."""
     return [
-        EncodedFile(_read_file_like(src), str(getattr(src, "name", "<file object>")))
+        EncodedFile(read_file_like(src), str(getattr(src, "name", "<file object>")))
         if callable(getattr(src, "read", None)) and not isinstance(src, (str, os.PathLike)) else src
         for src in images
     ]

@@ -1,10 +1,9 @@
-"""An index folder's layout and its manifest: file names, reading and checking the manifest, writing it atomically.
+"""An index folder's layout and its manifest: reading and checking the manifest, writing it atomically.
 
     manifest.json  format version, dimension, metric, backend, factory, encoder fingerprint, calibrations
     encoder/       the encoder that made the vectors (config.json + model.safetensors)
-    items.sqlite   embedded backend: the truth (id, label, path, sha256, vector of every item)
-    vectors.faiss  embedded backend: the FAISS index derived from the store
-    milvus.db      Milvus backend with Milvus Lite: the collection's file (a server URI instead keeps nothing here)
+    ...            the backend's own files, named by the backend (siamesedb/backends/): items.sqlite and
+                   vectors.faiss for the embedded one, milvus.db for Milvus Lite (a server keeps nothing here)
 
 The manifest is written last when an index is created: a folder without one is a creation cut short.
 """
@@ -12,23 +11,40 @@ The manifest is written last when an index is created: a folder without one is a
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 from siamesedb import __version__
-from siamesedb.errors import CorruptIndexError, DimensionMismatchError, EncoderMismatchError
+from siamesedb.backends import BACKEND_NAMES, DEFAULT_BACKEND
+from siamesedb.errors import (
+    CorruptIndexError,
+    DimensionMismatchError,
+    EncoderMismatchError,
+)
 from siamesedb.files import fsync_dir, write_atomic
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-STORE_FILE = "items.sqlite"
-VECTORS_FILE = "vectors.faiss"
 ENCODER_DIR = "encoder"
-MILVUS_LITE_FILE = "milvus.db"
 DEFAULT_HOME = Path("indexes")
-BACKENDS = ("faiss", "milvus")
+BACKENDS = BACKEND_NAMES
+# The manifest's "metric" field keeps FAISS's names (the on-disk format); everything above the backends speaks
+# siamesedb.scoring's vocabulary ("cosine" / "euclidean"). These two functions are the one place that converts.
+_MANIFEST_METRIC = {"cosine": "inner_product", "euclidean": "l2"}
+
+
+def manifest_metric(metric: str) -> str:
+    """"cosine" -> "inner_product", "euclidean" -> "l2": the manifest's name of a siamesedb metric."""
+    return _MANIFEST_METRIC[metric]
+
+
+def metric_from_manifest(value: str) -> str:
+    """The manifest's "inner_product" / "l2" -> "cosine" / "euclidean" (CorruptIndexError for anything else)."""
+    for metric, recorded in _MANIFEST_METRIC.items():
+        if recorded == value:
+            return metric
+    raise CorruptIndexError(f"unknown metric {value!r} in the manifest")
 
 
 def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
@@ -50,10 +66,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
             raise ValueError("'encoder' must be an object and 'factory' a string")
         if not isinstance(manifest.get("calibration") or {}, dict):
             raise ValueError("'calibration' must be an object")
-        if manifest.get("backend", "faiss") not in BACKENDS:
+        if manifest.get("backend", DEFAULT_BACKEND) not in BACKENDS:
             raise ValueError(f"unknown backend {manifest.get('backend')!r}")
-        if manifest.get("backend") == "milvus" and not isinstance(manifest.get("milvus"), dict):
-            raise ValueError("a Milvus index needs its 'milvus' object (uri, collection)")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CorruptIndexError(f"{manifest_path}: unreadable manifest ({exc})") from None
     return manifest
@@ -63,7 +77,6 @@ def read_checked(path: Path, device: str = "auto") -> tuple[dict[str, Any], Any]
     """(manifest, encoder) of the index at `path`, checked against each other: format version, the encoder's
     fingerprint, dimension and metric (CorruptIndexError, EncoderMismatchError, DimensionMismatchError)."""
     from siamesedb.encoder import Encoder
-    from siamesedb.index import METRIC_OF_ENCODER
 
     manifest = read_manifest(path)
     dim = int(manifest["dimension"])
@@ -81,7 +94,7 @@ def read_checked(path: Path, device: str = "auto") -> tuple[dict[str, Any], Any]
     if encoder.dimension != dim:
         raise DimensionMismatchError(f"{path}: encoder makes {encoder.dimension}-d vectors, manifest says {dim}")
     metric = manifest.get("metric", "inner_product")
-    if METRIC_OF_ENCODER[encoder.config.metric] != metric:
+    if manifest_metric(encoder.config.metric) != metric:
         raise EncoderMismatchError(
             f"{path / ENCODER_DIR}: a {encoder.config.metric} encoder, but the manifest's metric is {metric}"
         )
@@ -114,19 +127,3 @@ def remove_temporaries(path: Path) -> None:
                 leftover.unlink()
             except OSError:
                 pass
-
-
-def store_has_items(store_path: Path) -> bool:
-    """Whether a store file holds any item (False for one whose creation was cut short before its tables)."""
-    try:
-        conn = sqlite3.connect(store_path, timeout=30.0)
-        try:
-            return conn.execute("SELECT EXISTS (SELECT 1 FROM items)").fetchone()[0] == 1
-        finally:
-            conn.close()
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
-            return False
-        raise CorruptIndexError(f"{store_path}: not a readable SQLite store ({exc})") from None
-    except sqlite3.DatabaseError as exc:
-        raise CorruptIndexError(f"{store_path}: not a readable SQLite store ({exc})") from None

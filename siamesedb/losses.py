@@ -1,7 +1,13 @@
-"""Metric-learning losses as small composable modules: contrastive, triplet (mined), pairwise BCE, prototypical."""
+"""Metric-learning losses as small composable modules (contrastive, triplet (mined), pairwise BCE, prototypical) and
+the recipe table that says, per loss, which batch it trains on and how that batch is scored."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -127,3 +133,62 @@ class PrototypicalLoss(nn.Module):
         if not bool((classes[position] == query_labels).all()):
             raise ValueError("every query label must appear in the support set")
         return F.cross_entropy(logits, position)
+
+
+# ---------------------------------------------------------------------------------------------- the recipe table
+
+
+@dataclass
+class Batch:
+    """What one training step embeds, in order, and what its loss needs to know about those items.
+
+    `indices` (B,): training items in embedding order. Pairs: the first half pairs with the second, `same` (B/2,)
+    1 genuine / 0 impostor. Classes: `labels` (B,) the class of each item. Episodes: the first `support` items are
+    the support set (class-major, `shot` a class), the rest queries of episode classes `answer` (Q,).
+    """
+
+    indices: np.ndarray
+    same: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    support: int = 0
+    shot: int = 1
+    answer: np.ndarray | None = None
+
+
+def _score_pairs(loss: nn.Module, embeddings: torch.Tensor, batch: Batch) -> torch.Tensor:
+    n = len(batch.same)
+    return loss(embeddings[:n], embeddings[n:], torch.from_numpy(batch.same).to(embeddings.device))
+
+
+def _score_classes(loss: nn.Module, embeddings: torch.Tensor, batch: Batch) -> torch.Tensor:
+    return loss(embeddings, torch.from_numpy(batch.labels).to(embeddings.device))
+
+
+def _score_episode(loss: nn.Module, embeddings: torch.Tensor, batch: Batch) -> torch.Tensor:
+    way = batch.support // batch.shot  # fewer than asked in a within-group episode of a small group
+    support_labels = torch.arange(way, device=embeddings.device).repeat_interleave(batch.shot)
+    return loss(embeddings[: batch.support], support_labels, embeddings[batch.support :],
+                torch.from_numpy(batch.answer).to(embeddings.device))
+
+
+@dataclass(frozen=True)
+class LossRecipe:
+    """How one loss trains: `build(config)` its module from a TrainConfig (and the margin it uses), the `batch`
+    kind it trains on ("pairs", "classes" or "episodes", drawn by `siamesedb.batches`), and `score(module,
+    embeddings, batch)` the loss of one batch. `margin`: the default of TrainConfig.margin."""
+
+    build: Callable[[Any, float], nn.Module]
+    batch: str
+    score: Callable[[nn.Module, torch.Tensor, Batch], torch.Tensor]
+    margin: float = 0.2
+
+
+# A new loss is one entry here (and, for a new kind of batch, one entry in siamesedb.batches.BATCH_KINDS).
+LOSS_RECIPES: dict[str, LossRecipe] = {
+    "contrastive": LossRecipe(lambda config, margin: ContrastiveLoss(margin), "pairs", _score_pairs, margin=0.75),
+    "triplet": LossRecipe(lambda config, margin: TripletLoss(margin, config.mining), "classes", _score_classes),
+    "bce": LossRecipe(lambda config, margin: PairwiseBCELoss(config.embedding_dim), "pairs", _score_pairs),
+    # On unit vectors the prototypical logits are scaled (see PrototypicalLoss); Euclidean heads use -d^2 as is.
+    "proto": LossRecipe(lambda config, margin: PrototypicalLoss(config.proto_scale if config.metric == "cosine" else 1.0),
+                        "episodes", _score_episode),
+}

@@ -1,7 +1,8 @@
-"""Pictures of what an index does: contact sheets of answers, a 2-D map of an index's vectors, episode accuracies.
+"""Every figure siamesedb draws: contact sheets of answers, a 2-D map of an index's vectors, episode accuracies,
+the training loss curve, verification ROC curves and score histograms.
 
-matplotlib (Agg backend, no display needed); every function writes one PNG and returns its path. The training loss
-curve lives in training.plot_history and the verification ROC / score histograms in evaluation.plot_verification.
+matplotlib (Agg backend, no display needed), imported only when a figure is drawn; every function writes its PNG(s)
+and returns the path(s).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from siamesedb import query
 from siamesedb.errors import ImageLoadError, InvalidInputError
+from siamesedb.scoring import roc_points, score_matrix
 
 
 def _pyplot():
@@ -123,7 +124,7 @@ def classify_sheet(db: Any, queries: Sequence[Any], predictions: Sequence[Any], 
         answers = []
         for rank, (label, score) in enumerate(prediction.ranking[:top]):
             ids, support = db.vectors(label=label)
-            nearest = np.argmax(query.scores_for(db.metric, vector[None, :], support)[0]) if len(ids) else 0
+            nearest = np.argmax(score_matrix(vector[None, :], support, db.metric)[0]) if len(ids) else 0
             best = db.item(int(ids[int(nearest)])) if len(ids) else None
             answers.append(Tile(best.path if best else None, f"{_short(label)}\n{score:.3f}",
                                 colour="tab:green" if rank == 0 else None))
@@ -232,5 +233,57 @@ def oneshot_accuracy(accuracies: np.ndarray, way: int, shot: int, out: str | os.
     return _save(fig, out)
 
 
+def loss_curve(history: list[dict[str, Any]], out: str | os.PathLike) -> Path:
+    """`siamesedb train`'s loss_curve.png: training loss per epoch, and the held-out validation accuracy beside it."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, left = plt.subplots(figsize=(6, 3.5), dpi=100)
+    left.plot(epochs, [h["loss"] for h in history], "o-", color="tab:blue", label="training loss")
+    left.set_xlabel("epoch")
+    left.set_ylabel("loss", color="tab:blue")
+    if any(h.get("val_accuracy") is not None for h in history):
+        right = left.twinx()
+        right.plot(epochs, [h.get("val_accuracy") for h in history], "s-", color="tab:red", label="validation")
+        right.set_ylabel(f"held-out {history[-1].get('val_way', 20)}-way 1-shot accuracy", color="tab:red")
+        right.set_ylim(0, 1.02)  # an accuracy: a flat line at 1.0 must not be stretched into a band around it
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    left.set_title("siamesedb train")
+    return _save(fig, out)
+
+
+def verification_plots(genuine: np.ndarray, forged: np.ndarray, threshold: float, title: str,
+                       folder: str | os.PathLike) -> dict[str, str]:
+    """`eval verification --plots`: roc.png (false accepts vs true accepts) and scores.png (genuine vs forged
+    histograms) in `folder`; returns {"roc": path, "scores": path}."""
+    from siamesedb.trials import rates_at, roc_auc
+
+    folder = Path(folder)
+    plt = _pyplot()
+    _, far, frr = roc_points(genuine, forged)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    ax.plot(far, 1 - frr, color="tab:blue", label=f"AUC {roc_auc(genuine, forged):.3f}")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    false_accepts, false_rejects = rates_at(genuine, forged, threshold)
+    ax.plot(false_accepts, 1 - false_rejects, "o", color="tab:red", label=f"calibrated threshold {threshold:.3f}")
+    ax.set_xlabel("false accept rate (skilled forgeries accepted)")
+    ax.set_ylabel("true accept rate (genuine accepted)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    roc = _save(fig, folder / "roc.png")
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    bins = np.linspace(min(genuine.min(), forged.min()), max(genuine.max(), forged.max()), 40)
+    ax.hist(genuine, bins=bins, alpha=0.6, color="tab:green", label=f"genuine ({len(genuine)})")
+    ax.hist(forged, bins=bins, alpha=0.6, color="tab:red", label=f"skilled forgeries ({len(forged)})")
+    ax.axvline(threshold, color="black", linestyle="--", label="calibrated threshold")
+    ax.set_xlabel("similarity to the reference set")
+    ax.set_ylabel("trials")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    scores = _save(fig, folder / "scores.png")
+    return {"roc": str(roc), "scores": str(scores)}
+
+
 __all__ = ["Tile", "contact_sheet", "search_sheet", "classify_sheet", "pca_2d", "choose_classes", "embedding_map", "index_map",
-           "oneshot_accuracy"]
+           "oneshot_accuracy", "loss_curve", "verification_plots"]

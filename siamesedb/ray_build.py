@@ -4,7 +4,7 @@ Stages (issue 18 part 3):
   1. list:   the driver scans FOLDER (`data.scan_folder`, labels as in the in-process build) and looks up what the
              index already holds: its (label, sha256) pairs and the hash of each (label, path) it stored.
   2. read:   Ray tasks (CPU) read each file once, hash those bytes and decode + preprocess them
-             (`data._hash_and_decode`, the very function of the in-process build); a file whose (label, path) is
+             (`data.hash_and_decode`, the very function of the in-process build); a file whose (label, path) is
              held with the same hash is not decoded again.
   3. encode: a pool of encoder actors (`ActorPoolStrategy`): one per GPU, `num_gpus=1`, where Ray reports GPUs;
              a few CPU actors otherwise. The weights travel through Ray's object store (a remote node needs
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from siamesedb.data import LabelledImage, _hash_and_decode, scan_folder
+from siamesedb.data import LabelledImage, hash_and_decode, scan_folder
 from siamesedb.db import BuildReport, SiameseDB
 from siamesedb.encoder import DEFAULT_ENCODER, Encoder
 from siamesedb.errors import EncoderError, EncoderMismatchError, IndexExistsError, InvalidInputError
@@ -67,14 +67,14 @@ def _import_ray() -> Any:
 
 
 def _create_or_open(path: Path, encoder: Any, factory: str, device: str, expected_items: int,
-                    lock_timeout: float | None, backend: str, milvus_uri: str | None) -> SiameseDB:
+                    lock_timeout: float | None, backend: str, backend_options: dict[str, Any]) -> SiameseDB:
     """The index at `path`: opened when it exists (refusing another encoder than its own; its manifest names its
-    backend), else created on `backend`."""
+    backend), else created on `backend` with `backend_options`."""
     if not (path / MANIFEST_FILE).exists():
-        where = {} if backend == "faiss" and milvus_uri is None else {"backend": backend, "milvus_uri": milvus_uri}
         try:
             return SiameseDB.create(path, encoder=encoder, factory=factory, device=device,
-                                    expected_items=expected_items, lock_timeout=lock_timeout, **where)
+                                    expected_items=expected_items, lock_timeout=lock_timeout, backend=backend,
+                                    backend_options=backend_options)
         except IndexExistsError:
             if not (path / MANIFEST_FILE).exists():
                 raise
@@ -102,7 +102,7 @@ def _read_hash_decode(batch: dict[str, np.ndarray], prep: dict[str, Any]) -> dic
     travel as float32 bytes (b"" for held and skipped rows, which are never decoded or encoded)."""
     paths = [str(p) for p in batch["path"]]
     expected = [str(e) or None for e in batch["expected"]]
-    array, kept, hashes, held, skipped = _hash_and_decode(paths, expected, prep)
+    array, kept, hashes, held, skipped = hash_and_decode(paths, expected, prep)
     n = len(paths)
     status = np.full(n, SKIPPED, dtype=np.int8)
     digests = np.array([""] * n, dtype=object)
@@ -191,6 +191,7 @@ def build_with_ray(
     lock_timeout: float | None = None,
     backend: str = "faiss",
     milvus_uri: str | None = None,
+    backend_options: dict[str, Any] | None = None,
     _after_write: Callable[[int], None] | None = None,
 ) -> SiameseDB:
     """`SiameseDB.build` on Ray Data: same index, same resume rule, same `db.last_report` (a BuildReport).
@@ -198,7 +199,8 @@ def build_with_ray(
     `address`: None starts a local Ray (unless one is already initialised in this process, or $RAY_ADDRESS names a
     cluster), "auto" or "ray://host:10001" joins a cluster. `actors`: encoder actors (default: one per GPU, else one
     per 8 CPUs). `write_rows`: new images per commit.
-    `backend` / `milvus_uri`: for a new index, as `SiameseDB.create` (an existing one keeps its own).
+    `backend` / `backend_options` / `milvus_uri`: for a new index, as `SiameseDB.create` (an existing one keeps
+    its own).
     `_after_write(rows committed so far)` is a test hook called after each commit.
     """
     if batch_size < 1:
@@ -211,7 +213,8 @@ def build_with_ray(
     images, unstorable = split_unindexable(scanned)
     images = absolute(images)  # paths are stored absolute, as the in-process build stores them
     path = Path(path) if path is not None else DEFAULT_HOME / folder.resolve().name
-    db = _create_or_open(path, encoder, factory, device, len(images), lock_timeout, backend, milvus_uri)
+    options = {**(backend_options or {}), **({"uri": milvus_uri} if milvus_uri is not None else {})}
+    db = _create_or_open(path, encoder, factory, device, len(images), lock_timeout, backend, options)
     db.check_domain([image.path for image in images])
 
     started_ray = False

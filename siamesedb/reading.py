@@ -15,20 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from siamesedb import query
+from siamesedb.checks import as_vectors
 from siamesedb.classes import CLASSIFY_METHODS, ClassTable, calibrations_of, check_rule, read_class_table, threshold_for
 from siamesedb.data import DomainWarning, image_profile, profile_mismatch
 from siamesedb.encoder import DEFAULT_ENCODER, Encoder
-from siamesedb.errors import (
-    DimensionMismatchError,
-    EmptyIndexError,
-    InvalidInputError,
-    NotCalibratedError,
-    UnknownLabelError,
-)
+from siamesedb.errors import EmptyIndexError, InvalidInputError, NotCalibratedError, UnknownLabelError
 from siamesedb.ingest import ImageLike, is_single, read_file_objects
 from siamesedb.item_table import ItemTable
-from siamesedb.layout import STORE_FILE
+from siamesedb.layout import metric_from_manifest
+from siamesedb.results import Hit, Prediction, SearchResults, Verification
+from siamesedb.rules import verification_score
+from siamesedb.scoring import normalize, rank_by_knn, rank_by_prototype, score_matrix
 
 
 class IndexQueries:
@@ -41,7 +38,7 @@ class IndexQueries:
     _prototype_cache: ClassTable | None
     _item_table: ItemTable | None
     _item_lookups: tuple[int, int]
-    _unread_results: list[weakref.ref[query.SearchResults]]
+    _unread_results: list[weakref.ref[SearchResults]]
     _domain_checked: bool
 
     # ------------------------------------------------------------------ properties
@@ -58,7 +55,7 @@ class IndexQueries:
     @property
     def metric(self) -> str:
         """How scores are made: "cosine" (inner product of unit vectors) or "euclidean" (score = -distance)."""
-        return "euclidean" if self.index_metric == "l2" else "cosine"
+        return metric_from_manifest(self.index_metric)
 
     def __len__(self) -> int:
         return self.backend.count()
@@ -105,19 +102,17 @@ class IndexQueries:
     # ------------------------------------------------------------------ reading
 
     def _queries(self, vectors: np.ndarray) -> np.ndarray:
-        """(nq, D) float32 query vectors for the array-level calls: NaN / infinity refused, and for a cosine index
-        scaled to unit length, so every score is a cosine in [-1, 1] whatever the caller passed (a zero row stays
-        zero and scores 0). Euclidean indexes take vectors as they are."""
-        array = _finite_queries(vectors)
-        if array.ndim != 2 or array.shape[1] != self.dimension:
-            raise DimensionMismatchError(f"query vectors have shape {array.shape}, index needs (n, {self.dimension})")
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        if getattr(self.encoder.config, "metric", "cosine") == "cosine":
+        """(nq, D) float32 query vectors for the array-level calls, checked once (checks.as_vectors: shape, a real
+        dtype, NaN / infinity refused) and for a cosine index scaled to unit length, so every score is a cosine in
+        [-1, 1] whatever the caller passed (a zero row stays zero and scores 0). Euclidean indexes take vectors as
+        they are."""
+        array = as_vectors(vectors, self.dimension, "query vectors")
+        if self.metric == "cosine":
             norms = np.linalg.norm(array, axis=1)
             off = np.abs(norms - 1) >= 1e-5  # the encoder's own vectors are unit already: kept bit for bit
             if off.any():
                 array = array.copy()
-                array[off] = query.normalize(array[off])
+                array[off] = normalize(array[off])
         return array
 
     def _encode(self, images: Sequence[ImageLike]) -> np.ndarray:
@@ -130,7 +125,7 @@ class IndexQueries:
         k: int = 5,
         nprobe: int | None = None,
         ef_search: int | None = None,
-    ) -> list[query.Hit] | list[list[query.Hit]]:
+    ) -> list[Hit] | list[list[Hit]]:
         """Top-k most similar items for each image (highest cosine similarity first).
 
         `nprobe` (IVF indexes) and `ef_search` (HNSW) trade speed for recall for this call only.
@@ -141,7 +136,7 @@ class IndexQueries:
 
     def search_vectors(
         self, vectors: np.ndarray, k: int = 5, nprobe: int | None = None, ef_search: int | None = None
-    ) -> query.SearchResults:
+    ) -> SearchResults:
         """Array-level search: (nq, D) vectors -> one list of Hits per query (fewer than k if the index is small).
 
         The result also holds the raw `scores` / `ids` arrays (FAISS's (D, I), -1 for none); labels and paths are
@@ -151,7 +146,7 @@ class IndexQueries:
         if k < 1:
             raise InvalidInputError(f"k must be at least 1, got {k}")
         D, I = self.backend.search(self._queries(vectors), k, nprobe=nprobe, ef_search=ef_search)
-        results = query.SearchResults(D, I, self._labels_and_paths, metric=self.metric)
+        results = SearchResults(D, I, self._labels_and_paths, metric=self.metric)
         self._unread_results = [r for r in self._unread_results if r() is not None and not r().fetched]
         self._unread_results.append(weakref.ref(results))
         return results
@@ -185,8 +180,9 @@ class IndexQueries:
         return self._prototype_cache
 
     def _items_where(self) -> Path:
-        """Where the items live, for error messages: the store file, or the index folder for another backend."""
-        return self.path / STORE_FILE if hasattr(self.backend, "store") else self.path
+        """Where the items live, for error messages: the backend's items file (the FAISS backend's store), else the
+        index folder."""
+        return self.backend.items_file or self.path
 
     def _prototypes(self, classes: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
         return self._class_table().select(classes, self.path)
@@ -200,13 +196,13 @@ class IndexQueries:
         nprobe: int | None = None,
         ef_search: int | None = None,
         top: int | None = None,
-    ) -> query.Prediction | list[query.Prediction]:
+    ) -> Prediction | list[Prediction]:
         """Which class is each image? `prototype`: nearest class mean; `knn`: score-weighted vote of the top k.
 
         `classes` restricts the candidates (an N-way episode); by default every class in the index competes.
         `nprobe` / `ef_search` tune the knn search over the whole index (prototype ranking is always exact).
         `top` keeps only the best `top` classes in each ranking. Rankings are lazy: each query's best class is
-        found at once, the order of the others only when a ranking is read (query.Ranking).
+        found at once, the order of the others only when a ranking is read (scoring.Ranking).
         """
         single = is_single(images)
         predictions = self.classify_vectors(
@@ -223,7 +219,7 @@ class IndexQueries:
         nprobe: int | None = None,
         ef_search: int | None = None,
         top: int | None = None,
-    ) -> list[query.Prediction]:
+    ) -> list[Prediction]:
         """Array-level classify of (nq, D) vectors (normalised here for a cosine index); `top` as in `classify`."""
         vectors = self._queries(vectors)
         if isinstance(classes, str):  # one class name, not a sequence of one-letter names
@@ -234,7 +230,7 @@ class IndexQueries:
             rankings = self._class_table().rank_top(vectors, int(top), self.index_metric)
         elif method == "prototype":
             names, protos = self._prototypes(classes)
-            rankings = query.rank_by_prototype(vectors, protos, names, metric=self.metric)
+            rankings = rank_by_prototype(vectors, protos, names, metric=self.metric)
         elif method == "knn":
             if k < 1:
                 raise InvalidInputError(f"k must be at least 1, got {k}")
@@ -244,12 +240,12 @@ class IndexQueries:
                 self._prototypes(classes)  # raises UnknownLabelError for a class the index lacks
             # `classes` filter inside the backend (Milvus: a label expression), so k hits of those classes return.
             D, I = self.backend.search(vectors, k, classes, nprobe=nprobe, ef_search=ef_search)
-            rankings = query.rank_by_knn(self._class_table().labels_of_hits(I), D, k, metric=self.metric)
+            rankings = rank_by_knn(self._class_table().labels_of_hits(I), D, k, metric=self.metric)
         else:
             raise InvalidInputError(f"unknown method {method!r}; choose from {', '.join(CLASSIFY_METHODS)}")
         if top is not None:
             rankings = [r[: int(top)] for r in rankings]
-        return [query.Prediction(label=r[0][0], score=r[0][1], ranking=r) for r in rankings]
+        return [Prediction(label=r[0][0], score=r[0][1], ranking=r) for r in rankings]
 
     def support(self, label: str) -> np.ndarray:
         """(M, D) vectors of a class's support set."""
@@ -264,7 +260,7 @@ class IndexQueries:
         label: str,
         threshold: float | None = None,
         rule: str | None = None,
-    ) -> query.Verification | list[query.Verification]:
+    ) -> Verification | list[Verification]:
         """Is each image of class `label`? Scores it against the class's support set and compares with a threshold.
 
         The threshold: `threshold` if given; else the index's calibration for the rule (`calibrate`); else the
@@ -309,7 +305,7 @@ class IndexQueries:
 
     def verify_vector(
         self, vector: np.ndarray, label: str, threshold: float | None = None, rule: str | None = None
-    ) -> query.Verification:
+    ) -> Verification:
         """Array-level verify of one (D,) vector (normalised here for a cosine index)."""
         vector = self._queries(vector)[0]
         if threshold is None:
@@ -317,8 +313,8 @@ class IndexQueries:
         else:
             rule = check_rule(rule or (self.manifest.get("calibration") or {}).get("rule", "prototype"))
             threshold, source = float(threshold), "given"
-        score = query.verification_score(vector, self.support(label), rule=rule, metric=self.metric)
-        return query.Verification(label=label, accepted=bool(score >= threshold), score=float(score),
+        score = verification_score(vector, self.support(label), rule=rule, metric=self.metric)
+        return Verification(label=label, accepted=bool(score >= threshold), score=float(score),
                                   threshold=float(threshold), threshold_source=source)
 
     def info(self) -> dict[str, Any]:
@@ -334,7 +330,7 @@ class IndexQueries:
             "backend": self.manifest.get("backend", "faiss"),
             "factory": self.manifest.get("factory", "Flat"),
             "search_defaults": self.backend.search_defaults,
-            "removed_pending": described.get("removed_pending", 0),
+            "removed_pending": described["removed_pending"],
             "encoder": {
                 "fingerprint": self.encoder.fingerprint,
                 "backbone": self.encoder.config.backbone,
@@ -349,8 +345,8 @@ class IndexQueries:
             "calibrations": self.calibrations,  # one per rule
             "format_version": self.manifest.get("format_version"),
             "largest_classes": sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5],
-            **({"milvus": {k: v for k, v in described.items() if k in ("uri", "lite", "collection", "index_type")}}
-               if described.get("backend") == "milvus" else {}),
+            # What the backend adds about itself (Milvus: uri, lite, collection, index_type), under its name.
+            **({described["backend"]: described["details"]} if described["details"] else {}),
         }
 
 
@@ -360,7 +356,7 @@ def verify_pair(
     encoder: str | os.PathLike | Encoder = DEFAULT_ENCODER,
     threshold: float | None = None,
     device: str = "auto",
-) -> query.Verification:
+) -> Verification:
     """Do two images show the same class? Their score (cosine, or minus the Euclidean distance for a Euclidean
     encoder) against the encoder's calibrated pair threshold."""
     enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder, device=device)
@@ -370,23 +366,11 @@ def verify_pair(
         if threshold is None:
             raise NotCalibratedError("this encoder carries no pair threshold; pass one with --threshold")
     vectors = np.atleast_2d(enc.encode([image_a, image_b]))
-    score = float(query.scores_for(enc.config.metric, vectors[:1], vectors[1:])[0, 0])  # Euclidean: -distance
-    return query.Verification(
+    score = float(score_matrix(vectors[:1], vectors[1:], enc.config.metric)[0, 0])  # Euclidean: -distance
+    return Verification(
         label=str(image_b), accepted=bool(score >= threshold), score=score, threshold=float(threshold),
         threshold_source=source, query=str(image_a) if isinstance(image_a, (str, os.PathLike)) else None,
     )
-
-
-def _finite_queries(vectors: np.ndarray) -> np.ndarray:
-    """(nq, D) query vectors, refused when any value is NaN or infinite (every score would be NaN, silently)."""
-    array = np.atleast_2d(np.asarray(vectors))
-    if np.issubdtype(array.dtype, np.number) and not np.isfinite(array).all():
-        raise InvalidInputError("query vectors contain NaN or infinity")
-    return array
-
-
-
-
 
 
 __all__ = ["IndexQueries", "verify_pair"]

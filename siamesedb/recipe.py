@@ -24,15 +24,21 @@ from typing import Any
 
 import numpy as np
 
-from siamesedb.data import FORGED, GENUINE, forgery_target, group_of, load_image, scan_folder, select_groups
+from siamesedb.data import (
+    FORGED,
+    GENUINE,
+    forgery_target,
+    group_of,
+    scan_folder,
+    select_groups,
+)
 from siamesedb.errors import FolderError, ImageLoadError
+from siamesedb.images import load_image
 
 DEFAULT_TIME_BUDGET = 600.0  # seconds: 10 minutes, about 13 x 100 Conv-4 glyph steps on the project's 2-core CPU
 SAMPLE_IMAGES = 200
 # Per domain: the most epochs of 100 steps worth running (the budget may allow fewer, never more).
 EPOCH_CAPS = {"glyph": 30, "signature": 6, "photo": 30}
-# Backbones whose training steps measured faster under CPU bfloat16 autocast (tools/bench_train_bf16.py, BENCHMARKS.md).
-BF16_FASTER = {"conv4", "conv4map", "resnet", "signet"}
 
 
 @dataclass

@@ -4,7 +4,7 @@ Endpoints (the answers use the CLI's `--json` schema; one upload -> one element 
 
     POST   /search          image -> {"query", "hits": [{"id", "label", "path", "score"}]}
     POST   /classify        image -> {"query", "label", "score", "ranking": [{"label", "score"}]}
-    POST   /verify?label=L  image -> {"query", "label", "accepted", "score", "threshold"}
+    POST   /verify?label=L  image -> {"query", "label", "accepted", "score", "threshold", "threshold_source"}
     GET    /info                  -> `siamesedb info --json`
     GET    /labels                -> [{"label", "count"}]
     GET    /items/{id}            -> {"id", "label", "path", "sha256", "image"}
@@ -54,17 +54,10 @@ from starlette.datastructures import UploadFile
 
 from siamesedb import __version__
 from siamesedb.data import load_image
-from siamesedb.errors import (
-    EmptyIndexError,
-    ImageLoadError,
-    IndexNotFoundError,
-    InvalidInputError,
-    NotCalibratedError,
-    SiameseDBError,
-    UnknownLabelError,
-    UploadError,
-)
-from siamesedb.query import VERIFY_RULES
+from siamesedb.errors import (EmptyIndexError, ImageLoadError, IndexNotFoundError, InvalidInputError,
+                              NotCalibratedError, SiameseDBError, UnknownLabelError, UploadError)
+from siamesedb.classes import CLASSIFY_METHODS
+from siamesedb.rules import VERIFY_RULES
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # 10 MiB: far above any character or signature scan
 DEFAULT_MAX_PIXELS = 16_000_000  # declared width x height; a 40-byte PNG may declare 10^10 pixels
@@ -76,12 +69,8 @@ STATIC_DIR = Path(str(resources.files("siamesedb") / "static"))
 
 # Named errors -> HTTP status; everything else a SiameseDBError is a 400.
 ERROR_STATUS: list[tuple[type[SiameseDBError], int]] = [
-    (UnknownLabelError, 404),
-    (IndexNotFoundError, 404),
-    (NotCalibratedError, 409),
-    (EmptyIndexError, 409),
-    (ImageLoadError, 400),
-    (InvalidInputError, 422),
+    (UnknownLabelError, 404), (IndexNotFoundError, 404), (NotCalibratedError, 409), (EmptyIndexError, 409),
+    (ImageLoadError, 400), (InvalidInputError, 422),
 ]
 
 
@@ -174,6 +163,11 @@ class UploadTooLarge(Exception):
     """The request body grew past the limit while streaming (no or a false Content-Length)."""
 
 
+def too_large(limit: int) -> JSONResponse:
+    """The 413 answer to a body over `limit` bytes, whether Content-Length said so or the stream grew past it."""
+    return JSONResponse({"detail": f"upload larger than the limit of {limit:,} bytes"}, status_code=413)
+
+
 class BodySizeLimit:
     """ASGI middleware: refuse bodies over `limit` bytes, by Content-Length up front and by counting as they stream."""
 
@@ -188,14 +182,12 @@ class BodySizeLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None:
             try:
-                too_large = int(declared) > self.limit
+                declared_too_large = int(declared) > self.limit
             except ValueError:
                 await JSONResponse({"detail": "bad Content-Length header"}, status_code=400)(scope, receive, send)
                 return
-            if too_large:
-                response = JSONResponse({"detail": f"upload larger than the limit of {self.limit:,} bytes"},
-                                        status_code=413)
-                await response(scope, receive, send)
+            if declared_too_large:
+                await too_large(self.limit)(scope, receive, send)
                 return
         received = 0
 
@@ -328,7 +320,7 @@ def create_app(
 
     @app.exception_handler(UploadTooLarge)
     async def upload_too_large(request: Request, exc: UploadTooLarge) -> JSONResponse:
-        return JSONResponse({"detail": f"upload larger than the limit of {max_upload_bytes:,} bytes"}, status_code=413)
+        return too_large(max_upload_bytes)
 
     async def encode_upload(request: Request) -> tuple[np.ndarray, str]:
         """(1, D) vector of the request's image and its display name; the decoding and encoding run in a thread."""
@@ -361,7 +353,7 @@ def create_app(
     @app.post("/classify", response_model=ClassifyAnswer, responses=ERRORS, openapi_extra=IMAGE_BODY, tags=["query"])
     async def classify(
         request: Request,
-        method: Literal["prototype", "knn"] = Query("prototype", description="Nearest prototype, or a k-NN vote."),
+        method: Literal[CLASSIFY_METHODS] = Query("prototype", description="Nearest prototype, or a k-NN vote."),  # type: ignore[valid-type]
         k: int = Query(5, ge=1, le=1000, description="Neighbours that vote (knn only)."),
         classes: list[str] | None = Query(None, alias="class", description="Restrict to these classes (repeatable)."),
     ):
@@ -393,11 +385,12 @@ def create_app(
     @app.get("/labels", response_model=list[LabelCount], tags=["index"])
     def labels():
         """Every class and how many items it holds, sorted by label."""
-        counts = locked(db.backend.label_counts)
+        counts = locked(db.label_counts)
         return [{"label": label, "count": counts[label]} for label in sorted(counts)]
 
     def get_item(item_id: int) -> Any:
-        item = locked(db.backend.items, [item_id])[0]
+        """The item's metadata (call under the lock); 404 when the index holds no such id."""
+        item = db.item(item_id)
         if item is None:
             raise HTTPException(404, f"{db.path}: no item with id {item_id}")
         return item
@@ -405,14 +398,14 @@ def create_app(
     @app.get("/items/{item_id}", response_model=ItemAnswer, responses=ERRORS, tags=["items"])
     def item_metadata(item_id: int):
         """An item's label, source path, content hash, and the URL of its image."""
-        item = get_item(item_id)
+        item = locked(get_item, item_id)
         return {"id": item.id, "label": item.label, "path": item.path, "sha256": item.sha256,
                 "image": f"/items/{item.id}/image"}
 
     @app.get("/items/{item_id}/image", responses={200: {"content": {"image/png": {}}}, **ERRORS}, tags=["items"])
     def item_image(item_id: int) -> Response:
         """The item's image, re-encoded as PNG (the path comes from the store, never from the request)."""
-        item = get_item(item_id)
+        item = locked(get_item, item_id)
         if not item.path:
             raise HTTPException(404, f"item {item_id} was added without a file; there is no image to show")
         try:
@@ -455,8 +448,7 @@ def create_app(
         """Remove one item."""
         with lock:
             db.refresh()
-            if db.backend.items([item_id])[0] is None:
-                raise HTTPException(404, f"{db.path}: no item with id {item_id}")
+            get_item(item_id)
             removed = db.remove(ids=[item_id])
             return {"removed": removed, "items": len(db)}
 
@@ -494,4 +486,4 @@ def serve(
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
-__all__ = ["create_app", "serve", "decode_upload", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_PIXELS"]
+__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_UPLOAD_BYTES", "create_app", "decode_upload", "serve"]

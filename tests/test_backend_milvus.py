@@ -20,13 +20,13 @@ from siamesedb.backends.milvus import MilvusBackend, label_filter  # noqa: E402
 from siamesedb.errors import (  # noqa: E402
     CorruptIndexError,
     DimensionMismatchError,
-    IndexLockedError,
     IndexNotFoundError,
     InvalidInputError,
 )
 
+from helpers import OMNIGLOT_EVALUATION, needs  # noqa: E402 - tests/helpers.py
+
 ROOT = Path(__file__).resolve().parents[1]
-OMNIGLOT_EVALUATION = ROOT.parent / "shared" / "data" / "omniglot" / "images_evaluation.zip"
 DIM = 32
 # Labels a filter expression must carry exactly: quotes, backslash, line breaks, tab, other controls, non-BMP.
 AWKWARD_LABELS = [
@@ -307,7 +307,7 @@ def test_backend_import_is_numpy_only_and_names_the_extra_when_pymilvus_is_missi
     assert "pip install siamesedb[milvus]" in missing.stdout, missing.stdout + missing.stderr
 
 
-@pytest.mark.skipif(not OMNIGLOT_EVALUATION.exists(), reason=f"{OMNIGLOT_EVALUATION} not present (real data absent)")
+@needs(OMNIGLOT_EVALUATION)
 def test_real_omniglot_vectors_match_brute_force(lite):
     from siamesedb import datasets
     from siamesedb.encoder import Encoder
@@ -366,7 +366,7 @@ def _same_reads(backend: MilvusBackend, store, probe: np.ndarray) -> None:
 
 
 def test_every_read_and_write_answers_as_the_sqlite_store(lite, tmp_path):
-    from siamesedb.store import ItemStore
+    from siamesedb.backends.faiss.store import ItemStore
 
     labels, paths, hashes, vectors = _twin_items()
     backend, store = lite(), ItemStore(tmp_path / "items.sqlite", dim=DIM)

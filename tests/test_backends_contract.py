@@ -15,9 +15,8 @@ from click.testing import CliRunner
 
 from siamesedb.cli import cli
 from siamesedb.db import SiameseDB
-from siamesedb.export import import_into
 
-from omniglot_zip import unpack  # noqa: E402 - tests/omniglot_zip.py
+from helpers import unpack  # tests/helpers.py
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_URI = os.environ.get("SIAMESEDB_MILVUS_URI")
@@ -157,7 +156,7 @@ def test_export_import_round_trip(index, tmp_path):
     index.export_vectors(exported)
     kind = index.manifest.get("backend", "faiss")
     index.close()  # Milvus Lite: one handle per file and process; the copy goes to a file of its own anyway
-    copy, result = import_into(tmp_path / "copy", exported, backend=kind)
+    copy, result = SiameseDB.import_into(tmp_path / "copy", exported, backend=kind)
     try:
         assert result["added"] == ITEMS and result["already_indexed"] == 0
         original = SiameseDB.open(index.path)
@@ -270,7 +269,8 @@ def test_bulk_writes_save_the_index_files_once(drawings, tmp_path):
     written once, when the block ends (the Ray build commits many batches through it)."""
     import json as json_module
 
-    from siamesedb.layout import MANIFEST_FILE, VECTORS_FILE
+    from siamesedb.backends.faiss import VECTORS_FILE
+    from siamesedb.layout import MANIFEST_FILE
 
     db = SiameseDB.build(drawings[0], path=tmp_path / "index")
     vectors = db.encoder.encode(drawings[1][:6])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 import time
 import urllib.request
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from omniglot_zip import unpack  # tests/omniglot_zip.py
+from helpers import free_port, unpack  # tests/helpers.py
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("SIAMESEDB_ARTIFACTS") or ROOT / "test-artifacts")
@@ -57,9 +56,7 @@ def server(omniglot_index):
 
     from siamesedb.serve import create_app
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     app = create_app(omniglot_index[0], device="cpu")
     instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=instance.run, daemon=True)

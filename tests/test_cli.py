@@ -9,12 +9,12 @@ from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner
 
 from siamesedb import __version__
 from siamesedb.cli import cli
 
-from omniglot_zip import unpack  # noqa: E402 - tests/omniglot_zip.py
+from helpers import run_cli as run  # tests/helpers.py
+from helpers import unpack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,10 +27,6 @@ def all_commands(group: click.Group = cli, prefix: tuple[str, ...] = ()):
 
 
 COMMANDS = list(all_commands())
-
-
-def run(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_the_design_contract_commands_exist():

@@ -13,36 +13,26 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 from siamesedb.cli import cli
-from siamesedb.data import Preprocessing
 from siamesedb.db import MANIFEST_FILE, SiameseDB
-from siamesedb.encoder import Encoder, EncoderConfig
 from siamesedb.errors import IndexLockedError
 from siamesedb.locking import TIMEOUT_ENV, IndexWriteLock
 
+from helpers import tiny_encoder  # tests/helpers.py
+from helpers import unit_rows as unit_vectors
+
 ROOT = Path(__file__).resolve().parents[1]
-DIM = 16
 PER_BATCH = 4  # every write is one batch of 4 items under one fresh label: a reader can spot half a batch
-
-
-def unit_vectors(n: int, seed: int) -> np.ndarray:
-    v = np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 @pytest.fixture()
 def index(tmp_path) -> Path:
-    import torch
-
-    torch.manual_seed(0)
-    config = EncoderConfig(backbone="conv4", embedding_dim=DIM, width=8, preprocessing=Preprocessing(size=(28, 28)))
     path = tmp_path / "index"
-    with SiameseDB.create(path, encoder=Encoder(config)) as db:
+    with SiameseDB.create(path, encoder=tiny_encoder()) as db:
         db.add_vectors(unit_vectors(8, 0), ["seed-a"] * 4 + ["seed-b"] * 4)
     return path
 

@@ -10,25 +10,17 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from siamesedb import datasets
-from siamesedb.cli import cli
 from siamesedb.errors import FolderError
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+from helpers import SHARED_DATA, SVC2004_PNG, needs, png_bytes  # tests/helpers.py
+from helpers import run_cli as run
 
 
 def png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("L", (8, 8), 0).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_bytes(Image.new("L", (8, 8), 0))
 
 
 def omniglot_zip(split: str) -> bytes:
@@ -41,16 +33,15 @@ def omniglot_zip(split: str) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.skipif(not (DATA / "signatures_svc2004" / "svc2004_png.zip").is_file(), reason=f"{DATA} not present")
+@needs(SVC2004_PNG)
 def test_fetch_the_real_svc2004_archive(tmp_path):
-    result = run("datasets", "fetch", "svc2004", "--to", tmp_path, "--from", DATA, "--json")
+    result = run("datasets", "fetch", "svc2004", "--to", tmp_path, "--from", SHARED_DATA, "--json")
     assert result.exit_code == 0, result.output
     root = Path(json.loads(result.stdout)["roots"]["all"])
     assert root.parent.parent == tmp_path / "svc2004"
     assert len(list((root / "U01" / "genuine").glob("*.png"))) == 20
     assert len(list((root / "U40" / "forged").glob("*.png"))) == 20
-    archive = DATA / "signatures_svc2004" / "svc2004_png.zip"
-    expected = hashlib.sha256(archive.read_bytes()).hexdigest()
+    expected = hashlib.sha256(SVC2004_PNG.read_bytes()).hexdigest()
     assert (tmp_path / "svc2004" / "SHA256SUMS").read_text() == f"{expected}  svc2004_png.zip\n"
 
 

@@ -20,8 +20,10 @@ from siamesedb.data import scan_folder
 from siamesedb.datasets import cache_root, default_data_root, fashion_mnist, omniglot, svc2004
 from siamesedb.errors import FolderError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "omniglot").is_dir(), reason=f"{DATA} not present")
+from helpers import SHARED_DATA as DATA  # tests/helpers.py
+from helpers import needs
+
+needs_data = needs(DATA / "omniglot")
 
 
 @needs_data
@@ -47,7 +49,7 @@ def test_svc2004_unpacks_genuine_and_forged_folders(tmp_path):
     assert {label.split("/")[1] for label in counts} == {"genuine", "forged"}
 
 
-@pytest.mark.skipif(not (DATA / "fashion_mnist").is_dir(), reason=f"{DATA} not present")
+@needs(DATA / "fashion_mnist")
 def test_the_local_fashion_mnist_files_are_the_official_ones():
     # Converting all 70,000 images takes tens of seconds: here only the checksum the conversion relies on.
     for name, md5 in datasets.FASHION_MNIST_MD5.items():

@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from siamesedb.data import Preprocessing
 from siamesedb.db import MANIFEST_FILE, VECTORS_FILE, SiameseDB
-from siamesedb.encoder import Encoder, EncoderConfig
 from siamesedb.errors import (
     CorruptIndexError,
     EmptyIndexError,
@@ -44,20 +42,6 @@ def draw(kind: int, variant: int, size: int = 32) -> Image.Image:
     else:
         pen.polygon([(16, 3 + o), (4, 27), (28 - o, 27)], outline=0)
     return image
-
-
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory) -> Encoder:
-    config = EncoderConfig(
-        backbone="conv4", embedding_dim=16, width=8, preprocessing=Preprocessing(size=(28, 28), channels=1, invert=True)
-    )
-    import torch
-
-    torch.manual_seed(0)
-    enc = Encoder(config)
-    folder = tmp_path_factory.mktemp("encoder")
-    enc.save(folder)
-    return Encoder.load(folder)
 
 
 @pytest.fixture()

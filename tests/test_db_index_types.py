@@ -6,46 +6,19 @@ from __future__ import annotations
 
 import json
 
-import faiss
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
-import siamesedb.index as index_module
+import siamesedb.backends.faiss.tombstones as tombstones_module
 from siamesedb.cli import cli
-from siamesedb.data import Preprocessing
 from siamesedb.db import VECTORS_FILE, SiameseDB
-from siamesedb.encoder import Encoder, EncoderConfig
 from siamesedb.errors import InvalidInputError
-from siamesedb.query import brute_force_search, normalize
+from siamesedb.scoring import brute_force_search, normalize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """One FAISS thread: quick, deterministic k-means on a busy 2-core machine; restored afterwards."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory):
-    import torch
-
-    torch.manual_seed(0)
-    config = EncoderConfig(
-        backbone="conv4", embedding_dim=16, width=8, preprocessing=Preprocessing(size=(28, 28), channels=1, invert=True)
-    )
-    folder = tmp_path_factory.mktemp("encoder")
-    Encoder(config).save(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def encoder(encoder_dir):
-    return Encoder.load(encoder_dir)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
 
 
 def collection(n=400, classes=20, d=16, seed=0):
@@ -107,8 +80,8 @@ def test_training_waits_for_enough_vectors_and_search_stays_exact(encoder, tmp_p
 
 
 def test_hnsw_tombstones_survive_a_reopen_until_reindex(encoder, tmp_path, monkeypatch):
-    monkeypatch.setattr(index_module, "COMPACT_BELOW", 0)  # act like a large graph: keep tombstones
-    monkeypatch.setattr(index_module, "COMPACT_FRACTION", 1.0)
+    monkeypatch.setattr(tombstones_module, "COMPACT_BELOW", 0)  # act like a large graph: keep tombstones
+    monkeypatch.setattr(tombstones_module, "COMPACT_FRACTION", 1.0)
     vectors, labels = collection()
     db = SiameseDB.create(tmp_path / "i", encoder=encoder, factory="HNSW8")
     ids = db.add_vectors(vectors, labels)
@@ -122,7 +95,7 @@ def test_hnsw_tombstones_survive_a_reopen_until_reindex(encoder, tmp_path, monke
         assert again.reindex() == "HNSW8"
         assert again.index.removed_pending == 0
         assert not (tmp_path / "i" / (VECTORS_FILE + ".removed.npy")).exists()
-    monkeypatch.setattr(index_module, "COMPACT_BELOW", 10_000)
+    monkeypatch.setattr(tombstones_module, "COMPACT_BELOW", 10_000)
     with SiameseDB.open(tmp_path / "i") as small:
         small.remove(ids=[int(ids[5])])  # a small graph is rebuilt from the store at once
         assert small.index.removed_pending == 0 and small.index.ntotal == 394

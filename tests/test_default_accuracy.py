@@ -9,13 +9,10 @@ seed 0, prototype ranking. Measured 2026-12-01 with the default `8bbd3064e906683
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-OMNIGLOT_EVALUATION = ROOT.parent / "shared" / "data" / "omniglot" / "images_evaluation.zip"
+from helpers import OMNIGLOT_EVALUATION, needs  # tests/helpers.py
+
 ALPHABETS = ("Atlantean", "Aurek-Besh", "Avesta", "Ge_ez", "Keble")
 EPISODES, SEED = 400, 0
 MEASURED = 0.9017  # 90.17% over the 400 episodes (2026-12-01, 2-core CPU, float32, 6 s)
@@ -40,7 +37,7 @@ def subset_accuracy(encoder) -> float:
     return float(np.mean(accuracies))
 
 
-@pytest.mark.skipif(not OMNIGLOT_EVALUATION.exists(), reason=f"{OMNIGLOT_EVALUATION} not present (real data absent)")
+@needs(OMNIGLOT_EVALUATION)
 def test_default_scores_its_measured_accuracy_on_real_omniglot():
     from siamesedb.encoder import Encoder
 

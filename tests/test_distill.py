@@ -3,8 +3,6 @@ one-view student and its five-view teacher."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,8 +10,7 @@ from torch.nn import functional as F
 
 from siamesedb.distill import DistillConfig, distill, distillation_loss, mean_cosine, student_of, teacher_targets
 
-ROOT = Path(__file__).resolve().parents[1]
-OMNIGLOT_BACKGROUND = ROOT.parent / "shared" / "data" / "omniglot" / "images_background.zip"
+from helpers import OMNIGLOT_BACKGROUND, needs  # tests/helpers.py
 
 
 def slow_loss(student: torch.Tensor, teacher: torch.Tensor, relational: float) -> float:
@@ -53,7 +50,7 @@ def test_the_loss_has_gradients_towards_the_teacher():
     assert float(loss.detach()) < 0.1 * first
 
 
-@pytest.mark.skipif(not OMNIGLOT_BACKGROUND.exists(), reason=f"{OMNIGLOT_BACKGROUND} not present (real data absent)")
+@needs(OMNIGLOT_BACKGROUND)
 def test_a_few_steps_on_real_characters_bring_the_one_view_student_closer_to_the_five_view_teacher():
     from siamesedb import datasets
     from siamesedb.data import load_batch, scan_folder

@@ -13,15 +13,15 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from siamesedb import query
+from siamesedb import rules, scoring
 from siamesedb.cli import cli
 from siamesedb.data import Preprocessing
 from siamesedb.db import SiameseDB
 from siamesedb.encoder import MODELS_DIR, Encoder, EncoderConfig
 from siamesedb.errors import EncoderError, EncoderMismatchError
-from siamesedb.index import VectorIndex
+from siamesedb.backends.faiss.index import VectorIndex
 from siamesedb.losses import ContrastiveLoss, PrototypicalLoss
-from siamesedb.torch_search import TorchExactSearch
+from siamesedb.backends.faiss.torch_search import TorchExactSearch
 
 
 def raw_vectors(n: int, d: int = 8, seed: int = 0, scale: float = 3.0) -> np.ndarray:
@@ -52,7 +52,7 @@ def test_flat_l2_search_equals_a_norm_loop():
     Dt, It = TorchExactSearch(corpus, ids, metric="l2", block_entries=512).search(queries, 7)
     assert np.array_equal(It, I)
     np.testing.assert_allclose(Dt, D, rtol=1e-5, atol=1e-5)
-    Db, Ib = query.brute_force_search(queries, corpus, 7, metric="euclidean")
+    Db, Ib = scoring.brute_force_search(queries, corpus, 7, metric="euclidean")
     assert np.array_equal(ids[Ib], I)
     np.testing.assert_allclose(Db, D, rtol=1e-5, atol=1e-5)
     # Fewer items than k: padding stays -inf / -1.
@@ -96,33 +96,33 @@ def test_euclidean_scores_of_every_rule_match_slow_loops():
     vectors, labels = raw_vectors(40, seed=6), [f"c{i % 5}" for i in range(40)]
     labels[-1] = "solo"  # a class of one item: no genuine pair, impostor scores only
     names = sorted(set(labels))
-    for rule in query.VERIFY_RULES:
-        genuine, impostor = query.genuine_impostor_scores(vectors, labels, rule=rule, metric="euclidean")
+    for rule in rules.VERIFY_RULES:
+        genuine, impostor = rules.genuine_impostor_scores(vectors, labels, rule=rule, metric="euclidean")
         expected_genuine, expected_impostor = [], []
         for i, own in enumerate(labels):
             for name in names:
                 members = [j for j, label in enumerate(labels) if label == name and j != i]
                 support = vectors[members]
                 if name == own and members:
-                    expected_genuine.append(query.verification_score(vectors[i], support, rule, metric="euclidean"))
+                    expected_genuine.append(rules.verification_score(vectors[i], support, rule, metric="euclidean"))
                 elif name != own:
-                    expected_impostor.append(query.verification_score(vectors[i], support, rule, metric="euclidean"))
+                    expected_impostor.append(rules.verification_score(vectors[i], support, rule, metric="euclidean"))
         np.testing.assert_allclose(genuine, expected_genuine, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(impostor, expected_impostor, rtol=1e-5, atol=1e-5)
     # ... and verification_score itself against the obvious formulas.
     q, support = vectors[0], vectors[1:6]
     mean = support.astype(np.float64).mean(axis=0)
-    assert query.verification_score(q, support, "prototype", "euclidean") == pytest.approx(-np.linalg.norm(q - mean))
-    assert query.verification_score(q, support, "max", "euclidean") == pytest.approx(
+    assert rules.verification_score(q, support, "prototype", "euclidean") == pytest.approx(-np.linalg.norm(q - mean))
+    assert rules.verification_score(q, support, "max", "euclidean") == pytest.approx(
         -min(np.linalg.norm(q - s) for s in support), rel=1e-5)
     spread = np.mean([np.linalg.norm(s - np.delete(support, j, 0).mean(axis=0)) for j, s in enumerate(support)])
-    assert query.verification_score(q, support, "relative", "euclidean") == pytest.approx(
+    assert rules.verification_score(q, support, "relative", "euclidean") == pytest.approx(
         -np.linalg.norm(q - mean) / spread, rel=1e-6)
 
 
 def test_euclidean_knn_vote_rewards_more_and_nearer_neighbours():
     # Three neighbours of "a" at distance 1 outvote one of "b" at distance 0.5 (a sum of -distances would not).
-    ranking = query.rank_by_knn([["b", "a", "a", "a"]], np.array([[-0.5, -1.0, -1.0, -1.0]]), 4, metric="euclidean")[0]
+    ranking = scoring.rank_by_knn([["b", "a", "a", "a"]], np.array([[-0.5, -1.0, -1.0, -1.0]]), 4, metric="euclidean")[0]
     assert [label for label, _ in ranking] == ["a", "b"]
     assert ranking[0][1] == pytest.approx(3 * 1 / 2) and ranking[1][1] == pytest.approx(1 / 1.5)
 
@@ -192,7 +192,7 @@ def test_euclidean_index_prototypes_are_plain_means(euclidean_index):
     assert db.manifest["metric"] == "l2" and db.info()["metric"] == "l2"
     np.testing.assert_array_equal(db.store.vectors()[1], vectors)  # stored as given, not normalised
     means = {c: vectors[np.array(labels) == c].astype(np.float64).mean(axis=0) for c in ("c0", "c1", "c2")}
-    names, prototypes = query.class_prototypes(vectors, labels, metric="euclidean")
+    names, prototypes = scoring.class_prototypes(vectors, labels, metric="euclidean")
     np.testing.assert_allclose(prototypes, np.stack([means[c] for c in names]), rtol=1e-6)
     prediction = db.classify_vectors(vectors[:1])[0]
     for label, score in prediction.ranking:

@@ -133,7 +133,7 @@ def signature_like(writers=8, genuine=6, forged=5, dim=8, seed=0):
 
 
 def test_reference_trials_follow_the_protocol():
-    from siamesedb import query
+    from siamesedb import rules
     from siamesedb.evaluation import reference_trials
 
     vectors, labels = signature_like()
@@ -149,7 +149,7 @@ def test_reference_trials_follow_the_protocol():
         for _ in range(3):
             chosen = rng.permutation(members)
             refs = vectors[chosen[:2]]
-            expected_genuine += [query.verification_score(vectors[i], refs) for i in chosen[2:]]
+            expected_genuine += [rules.verification_score(vectors[i], refs) for i in chosen[2:]]
     assert np.allclose(genuine, expected_genuine)
     with pytest.raises(InvalidInputError, match="references"):
         reference_trials(vectors, labels, ["U01"], references=6, repeats=1, rng=rng)

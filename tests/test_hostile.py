@@ -7,7 +7,6 @@ kinds of files go through `SiameseDB.build`, `add` and the CLI, where a single b
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import struct
@@ -24,23 +23,13 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from siamesedb.cli import cli
-from siamesedb.data import Preprocessing, load_image
+from siamesedb.data import load_image
 from siamesedb.db import SiameseDB
-from siamesedb.encoder import Encoder, EncoderConfig
 from siamesedb.errors import ImageLoadError, InvalidInputError
 
+from helpers import png_bytes  # tests/helpers.py
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory) -> Path:
-    import torch
-
-    torch.manual_seed(0)
-    config = EncoderConfig(backbone="conv4", embedding_dim=16, width=8, preprocessing=Preprocessing(size=(28, 28)))
-    folder = tmp_path_factory.mktemp("encoder")
-    Encoder(config).save(folder)
-    return folder
 
 
 def shape(kind: int, size: int = 32) -> Image.Image:
@@ -51,12 +40,6 @@ def shape(kind: int, size: int = 32) -> Image.Image:
     else:
         pen.rectangle((5, 5, 25 - kind, 25), outline=0, width=3)
     return image
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def bomb_png(side: int) -> bytes:
@@ -246,17 +229,12 @@ FORMATS = {"PNG": {"1", "L", "P", "RGB", "RGBA", "LA", "I;16"}, "TIFF": {"1", "L
            "WEBP": {"RGB", "RGBA"}, "JPEG": {"L", "RGB", "CMYK"}}
 
 
-@pytest.fixture(scope="module")
-def fuzz_encoder(encoder_dir) -> Encoder:
-    return Encoder.load(encoder_dir)
-
-
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     width=st.integers(1, 200), height=st.integers(1, 200), mode=st.sampled_from(MODES),
     fmt=st.sampled_from(sorted(FORMATS)), seed=st.integers(0, 2**16),
 )
-def test_random_valid_images_of_odd_sizes_and_modes_encode_to_unit_vectors(tmp_path, fuzz_encoder, width, height,
+def test_random_valid_images_of_odd_sizes_and_modes_encode_to_unit_vectors(tmp_path, encoder, width, height,
                                                                             mode, fmt, seed):
     if mode not in FORMATS[fmt]:
         fmt = "TIFF"  # TIFF stores every mode drawn here
@@ -266,6 +244,6 @@ def test_random_valid_images_of_odd_sizes_and_modes_encode_to_unit_vectors(tmp_p
         rng.integers(0, 65535, (height, width)).astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]))
     path = tmp_path / f"odd.{fmt.lower()}"
     image.save(path, format=fmt)
-    vector = fuzz_encoder.encode(path)
+    vector = encoder.encode(path)
     assert vector.shape == (16,) and np.isfinite(vector).all()
     assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-4)

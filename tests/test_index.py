@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from siamesedb.errors import CorruptIndexError, DimensionMismatchError, InvalidInputError
-from siamesedb.index import VectorIndex
-from siamesedb.query import brute_force_search, normalize
+from siamesedb.backends.faiss.index import VectorIndex
+from siamesedb.scoring import brute_force_search, normalize
 
 
 def data(n=500, d=16, nq=20, seed=0):

@@ -3,28 +3,23 @@ efSearch, and the exact torch search (run on CPU tensors here) against FAISS Fla
 
 from __future__ import annotations
 
-import json
 
 import faiss
 import numpy as np
 import pytest
 
-import siamesedb.index as index_module
+from siamesedb.backends.faiss import kernels
+from siamesedb.backends.faiss.gpu import faiss_has_gpu
+from siamesedb.devices import torch_cuda_available
 from siamesedb.errors import InvalidInputError
-from siamesedb.index import VectorIndex, auto_search_defaults, choose_factory, ivf_lists
-from siamesedb.query import brute_force_search, normalize
+from siamesedb.backends.faiss.factory import auto_search_defaults, choose_factory, ivf_lists
+from siamesedb.backends.faiss.index import VectorIndex
+from siamesedb.scoring import brute_force_search, normalize
 
 FACTORIES = ["Flat", "IVF16,Flat", "HNSW16", "IVF16,PQ8x4", "PQ8x4"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """FAISS's OpenMP threads spin while they wait: on a busy 2-core machine k-means then crawls. One thread keeps
-    these small trainings fast and deterministic; the previous setting is restored afterwards."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
 
 
 def clustered(n: int, d: int = 16, centres: int = 40, spread: float = 0.35, seed: int = 0) -> np.ndarray:
@@ -171,7 +166,7 @@ def test_auto_from_vectors_sets_search_defaults():
 
 
 def test_torch_search_matches_faiss_flat_on_cpu_tensors():
-    from siamesedb.torch_search import TorchExactSearch
+    from siamesedb.backends.faiss.torch_search import TorchExactSearch
 
     vectors, queries = clustered(5000, d=24, seed=5), clustered(300, d=24, seed=6)
     ids = np.arange(len(vectors), dtype=np.int64) * 3 + 1
@@ -206,7 +201,7 @@ def test_device_choice_errors():
         VectorIndex(8, device="tpu")
     with pytest.raises(InvalidInputError, match="backend"):
         VectorIndex(8, backend="annoy")
-    if not index_module.faiss_has_gpu() and not index_module._torch_cuda():
+    if not faiss_has_gpu() and not torch_cuda_available():
         with pytest.raises(InvalidInputError, match="GPU"):
             VectorIndex(8, device="cuda")
         assert VectorIndex(8, device="auto").backend == "faiss"
@@ -222,10 +217,10 @@ def test_blas_settings_follow_the_batch_size_at_any_thread_count():
         for count in (1, 2):
             faiss.omp_set_num_threads(count)
             D, I = index.search(vectors[:3], 2)
-            assert faiss.cvar.distance_compute_blas_threshold == index_module._faiss_blas_default[0]
+            assert faiss.cvar.distance_compute_blas_threshold == kernels.FAISS_BLAS_DEFAULT[0]
             assert I[:, 0].tolist() == [0, 1, 2] and faiss.omp_get_max_threads() == count
-            index.search(vectors[: index_module.SMALL_BATCH], 2)
-            assert faiss.cvar.distance_compute_blas_threshold == index_module.CPU_BLAS_THRESHOLD == 0
-            assert faiss.cvar.distance_compute_blas_database_bs == index_module.CPU_BLAS_DATABASE_BS
+            index.search(vectors[: kernels.SMALL_BATCH], 2)
+            assert faiss.cvar.distance_compute_blas_threshold == kernels.CPU_BLAS_THRESHOLD == 0
+            assert faiss.cvar.distance_compute_blas_database_bs == kernels.CPU_BLAS_DATABASE_BS
     finally:
         faiss.omp_set_num_threads(threads)

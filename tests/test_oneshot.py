@@ -6,9 +6,7 @@ one-shot verification); small generated images where it was about mechanics (pat
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,22 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 import siamesedb
-from siamesedb.cli import cli
 from siamesedb.data import DomainWarning
 from siamesedb.db import SiameseDB
 from siamesedb.encoder import Encoder
 from siamesedb.errors import ImageLoadError, InvalidInputError, NotCalibratedError
 
+from helpers import OMNIGLOT_EVALUATION, png_bytes, require  # tests/helpers.py
+from helpers import run_cli as run
+
 ROOT = Path(__file__).resolve().parents[1]
-OMNIGLOT_EVALUATION = ROOT.parent / "shared" / "data" / "omniglot" / "images_evaluation.zip"
-
-
-def run(*args: object):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def run_process(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -48,10 +42,8 @@ def run_process(*args: object, cwd: Path | None = None) -> subprocess.CompletedP
 def alphabet(tmp_path_factory) -> Path:
     """The 20 first characters of Kannada (an evaluation alphabet of close look-alikes), drawers 1-5, unpacked
     from the official zip."""
-    if not OMNIGLOT_EVALUATION.exists():
-        pytest.skip(f"{OMNIGLOT_EVALUATION} not present")
     root = tmp_path_factory.mktemp("alphabet")
-    with zipfile.ZipFile(OMNIGLOT_EVALUATION) as archive:
+    with zipfile.ZipFile(require(OMNIGLOT_EVALUATION)) as archive:
         for name in sorted(archive.namelist()):
             parts = name.split("/")
             if len(parts) != 4 or parts[1] != "Kannada" or not parts[3].endswith(".png"):
@@ -176,12 +168,6 @@ def shapes(tmp_path) -> Path:
         for variant in range(4):
             shape(kind, variant).save(root / name / f"{variant}.png")
     return root
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def test_calibrations_are_kept_per_rule_and_thin_ones_warn(shapes, tmp_path):

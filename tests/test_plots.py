@@ -9,53 +9,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from siamesedb.cli import cli
 from siamesedb.errors import InvalidInputError, UnknownLabelError
 from siamesedb.plots import Tile, choose_classes, contact_sheet, embedding_map, oneshot_accuracy, pca_2d
 
-NAMES = ["round/circle", "round/square", "line", "triangle"]
-
-
-def draw(kind: int, variant: int, size: int = 48) -> Image.Image:
-    image = Image.new("L", (size, size), 255)
-    pen = ImageDraw.Draw(image)
-    o = variant % 5
-    box = (6 + o, 6 + o, 38 + o, 38 - o)
-    if kind == 0:
-        pen.ellipse(box, outline=0, width=4)
-    elif kind == 1:
-        pen.rectangle(box, outline=0, width=4)
-    elif kind == 2:
-        pen.line((6 + o, 6, 40, 40 - o), fill=0, width=4)
-    else:
-        pen.polygon([(24, 4 + o), (6, 42), (42 - o, 42)], outline=0, width=4)
-    return image
+from helpers import draw_shape as draw  # tests/helpers.py
+from helpers import run_cli as run
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shapes")
-    for kind, name in enumerate(NAMES):
-        (root / name).mkdir(parents=True)
-        for v in range(4):
-            draw(kind, v).save(root / name / f"{v:02d}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def index_dir(shapes, tmp_path_factory) -> Path:
+def index_dir(drawn_shapes, tmp_path_factory) -> Path:
     from siamesedb.db import SiameseDB
 
     path = tmp_path_factory.mktemp("index") / "shapes"
-    SiameseDB.build(shapes, path=path, device="cpu").close()
+    SiameseDB.build(drawn_shapes, path=path, device="cpu").close()
     return path
-
-
-def run(*args) -> object:
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def png_pixels(path: Path) -> np.ndarray:
@@ -143,7 +112,7 @@ def test_oneshot_accuracy_png(tmp_path):
 # ---------------------------------------------------------------------------------------------- the CLI
 
 
-def test_query_and_classify_sheets_keep_json_clean(index_dir, shapes, tmp_path):
+def test_query_and_classify_sheets_keep_json_clean(index_dir, drawn_shapes, tmp_path):
     query = tmp_path / "new-square.png"
     draw(1, 7).save(query)
     result = run("query", query, "--index", index_dir, "-k", "3", "--json", "--sheet", tmp_path / "q.png")
@@ -156,12 +125,12 @@ def test_query_and_classify_sheets_keep_json_clean(index_dir, shapes, tmp_path):
     assert png_pixels(tmp_path / "c.png").shape == (440, 510)  # 2 queries, 1 + 2 columns
 
 
-def test_plot_map_and_eval_plots(index_dir, shapes, tmp_path):
+def test_plot_map_and_eval_plots(index_dir, drawn_shapes, tmp_path):
     result = run("plot-map", "--index", index_dir, "--out", tmp_path / "map.png", "--max-classes", "3")
     assert result.exit_code == 0 and png_pixels(tmp_path / "map.png").shape == (650, 900)
     bad = run("plot-map", "--index", index_dir, "--out", tmp_path / "x.png", "--class", "hexagon")
     assert bad.exit_code == 1 and "hexagon" in bad.output
-    result = run("eval", "oneshot", shapes, "--way", "3", "--episodes", "20", "--plots", tmp_path / "plots",
+    result = run("eval", "oneshot", drawn_shapes, "--way", "3", "--episodes", "20", "--plots", tmp_path / "plots",
                  "--json", "--device", "cpu")
     assert result.exit_code == 0
     document = json.loads(result.stdout)
@@ -169,9 +138,9 @@ def test_plot_map_and_eval_plots(index_dir, shapes, tmp_path):
     assert png_pixels(tmp_path / "plots" / "oneshot.png").shape == (380, 1000)
 
 
-def test_progress_bars_on_stderr_never_with_quiet_or_json(shapes, tmp_path):
+def test_progress_bars_on_stderr_never_with_quiet_or_json(drawn_shapes, tmp_path):
     def build(*flags):
-        return run("build", shapes, "--index", tmp_path / f"i{len(flags)}{'-'.join(flags)}", "--device", "cpu", *flags)
+        return run("build", drawn_shapes, "--index", tmp_path / f"i{len(flags)}{'-'.join(flags)}", "--device", "cpu", *flags)
 
     plain, quiet, as_json = build(), build("--quiet"), build("--json")
     assert plain.exit_code == quiet.exit_code == as_json.exit_code == 0

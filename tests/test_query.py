@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from siamesedb import query
+from siamesedb import query, rules, scoring
 from siamesedb.errors import DimensionMismatchError, InvalidInputError
 
 
@@ -31,7 +31,7 @@ def test_brute_force_search_in_blocks_gives_the_same_answer(monkeypatch):
     rng = np.random.default_rng(10)
     corpus, queries = unit(rng, 60), unit(rng, 25)
     D, I = query.brute_force_search(queries, corpus, 7)
-    monkeypatch.setattr(query, "_BLOCK", 100)  # 1 query per block
+    monkeypatch.setattr(scoring, "_BLOCK", 100)  # 1 query per block
     D2, I2 = query.brute_force_search(queries, corpus, 7)
     assert np.array_equal(I, I2) and np.allclose(D, D2, atol=1e-6)  # BLAS may round a lone row differently
 
@@ -185,8 +185,8 @@ def test_genuine_impostor_scores_against_a_double_loop(rule, clustered, monkeypa
     g, imp = query.genuine_impostor_scores(vectors, labels, rule)
     assert g.dtype == np.float64 and imp.dtype == np.float64
     assert np.allclose(g, genuine, atol=1e-5) and np.allclose(imp, impostor, atol=1e-5)  # same order too
-    monkeypatch.setattr(query, "_BLOCK", 4)  # one row per block: the blocked path agrees
-    monkeypatch.setattr(query, "_CONSISTENCY_ROWS", 2)
+    monkeypatch.setattr(rules, "_BLOCK", 4)  # one row per block: the blocked path agrees
+    monkeypatch.setattr(rules, "_CONSISTENCY_ROWS", 2)
     g2, imp2 = query.genuine_impostor_scores(vectors, labels, rule)
     assert np.allclose(g2, g, atol=1e-6) and np.allclose(imp2, imp, atol=1e-6)
     with pytest.raises(InvalidInputError, match="two or more"):
@@ -279,8 +279,12 @@ def test_results_serialise_to_plain_json_types():
     assert json.loads(text)[1]["ranking"][0] == {"label": "a", "score": pytest.approx(0.9)}
 
 
-def test_index_store_query_never_import_torch():
-    code = "import sys, siamesedb.index, siamesedb.store, siamesedb.query; print('torch' in sys.modules)"
+def test_backends_and_array_maths_never_import_torch():
+    # DESIGN.md: backends, scoring and results are numpy only (a query server or a Ray writer must not pay for torch);
+    # the old import paths (index, store, query) are shims over them.
+    modules = ("siamesedb.backends.faiss, siamesedb.backends.milvus, siamesedb.scoring, siamesedb.rules, "
+               "siamesedb.results, siamesedb.checks, siamesedb.classes, siamesedb.index, siamesedb.store, siamesedb.query")
+    code = f"import sys, {modules}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
@@ -322,7 +326,7 @@ def test_lazy_rankings_match_a_full_sort(metric, monkeypatch):
     queries[4] = protos[3]
     names = [f"c{j:03d}" for j in range(300)]
     expected = full_sort(queries, protos, names, metric)
-    monkeypatch.setattr(query, "_BLOCK", 300 * 4)  # 4 queries per block, the last block a lone row
+    monkeypatch.setattr(scoring, "_BLOCK", 300 * 4)  # 4 queries per block, the last block a lone row
     rankings = query.rank_by_prototype(queries, protos, names, metric=metric)
     for ranking, want in zip(rankings, expected):
         assert isinstance(ranking, query.Ranking) and len(ranking) == 300

@@ -21,8 +21,8 @@ pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install '
 from siamesedb.db import SiameseDB  # noqa: E402
 from siamesedb.ray_build import build_with_ray  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-OMNIGLOT_ZIP = ROOT.parent / "shared" / "data" / "omniglot" / "images_evaluation.zip"
+from helpers import OMNIGLOT_EVALUATION  # noqa: E402 - tests/helpers.py
+
 OMNIGLOT_CACHE = Path.home() / ".cache/siamesedb/omniglot/images_evaluation.d/images_evaluation"
 ALPHABETS, CHARACTERS = 2, 3
 
@@ -41,14 +41,14 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    if OMNIGLOT_ZIP.exists():
+    if OMNIGLOT_EVALUATION.exists():
         from siamesedb import datasets
 
-        source = datasets.omniglot("evaluation", source=OMNIGLOT_ZIP)  # unpacked once into the cache
+        source = datasets.omniglot("evaluation", source=OMNIGLOT_EVALUATION)  # unpacked once into the cache
     elif OMNIGLOT_CACHE.is_dir():
         source = OMNIGLOT_CACHE
     else:
-        pytest.skip(f"real Omniglot absent: neither {OMNIGLOT_ZIP} nor {OMNIGLOT_CACHE}")
+        pytest.skip(f"real Omniglot absent: neither {OMNIGLOT_EVALUATION} nor {OMNIGLOT_CACHE}")
     root = tmp_path_factory.mktemp("ray-src") / "omniglot"
     for alphabet in sorted(p for p in source.iterdir() if p.is_dir())[:ALPHABETS]:
         for character in sorted(p for p in alphabet.iterdir() if p.is_dir())[:CHARACTERS]:

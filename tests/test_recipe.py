@@ -15,21 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from siamesedb import training
-from siamesedb.cli import cli
 from siamesedb.encoder import Encoder, EncoderConfig
 from siamesedb.data import Preprocessing
 from siamesedb.recipe import choose_recipe, inspect_folder, train_settings
 from siamesedb.training import TrainConfig, fit_schedule, held_out_score, parse_duration, train
 
-OMNIGLOT_EVALUATION = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot" / "images_evaluation.zip"
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+from helpers import OMNIGLOT_EVALUATION, needs  # tests/helpers.py
+from helpers import run_cli as run
 
 
 def glyphs(root: Path, classes: int = 12, per_class: int = 12, size: int = 40, dark: bool = False) -> Path:
@@ -247,7 +242,7 @@ def test_explicit_epochs_keep_a_fixed_schedule(tmp_path):
 # ---------------------------------------------------------------------------------------------- it learns
 
 
-@pytest.mark.skipif(not OMNIGLOT_EVALUATION.is_file(), reason=f"{OMNIGLOT_EVALUATION} not present")
+@needs(OMNIGLOT_EVALUATION)
 def test_training_learns_on_real_omniglot(tmp_path):
     """Weights move, and held-out 20-way 1-shot accuracy on alphabets never trained on beats the untrained net by
     a wide margin after a few hundred seconds' worth of CPU at most (about 30 s here)."""

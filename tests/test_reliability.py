@@ -21,9 +21,8 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from siamesedb.cli import cli
-from siamesedb.data import Preprocessing
 from siamesedb.db import MANIFEST_FILE, STORE_FILE, VECTORS_FILE, SiameseDB
-from siamesedb.encoder import Encoder, EncoderConfig
+from siamesedb.encoder import Encoder
 from siamesedb.errors import (
     CorruptIndexError,
     DimensionMismatchError,
@@ -38,18 +37,9 @@ from siamesedb.errors import (
 )
 from siamesedb.locking import IndexWriteLock
 
+from helpers import OMNIGLOT_EVALUATION, SHARED_DATA, require  # tests/helpers.py
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory) -> Path:
-    import torch
-
-    torch.manual_seed(0)
-    config = EncoderConfig(backbone="conv4", embedding_dim=16, width=8, preprocessing=Preprocessing(size=(28, 28)))
-    folder = tmp_path_factory.mktemp("encoder")
-    Encoder(config).save(folder)
-    return folder
 
 
 def drawing(kind: int, variant: int) -> Image.Image:
@@ -380,15 +370,11 @@ def test_the_cli_names_a_damaged_store_in_one_line(index):
 
 # ---------------------------------------------------------------------------------------------- the torture tool
 
-OMNIGLOT_DATA = ROOT.parent / "shared" / "data"
-
-
 def test_the_kill_9_torture_tool_runs_clean_on_a_few_trials(tmp_path):
-    if not (OMNIGLOT_DATA / "omniglot" / "images_evaluation.zip").exists():
-        pytest.skip(f"{OMNIGLOT_DATA}/omniglot/images_evaluation.zip not present")
+    require(OMNIGLOT_EVALUATION)
     result = subprocess.run(
         [sys.executable, "tools/torture.py", "--trials", "8", "--classes", "3", "--per-class", "4",
-         "--data", str(OMNIGLOT_DATA), "--work", str(tmp_path / "work")],
+         "--data", str(SHARED_DATA), "--work", str(tmp_path / "work")],
         capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stdout + result.stderr

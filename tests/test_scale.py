@@ -8,15 +8,13 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 import siamesedb.data as data_module
 from siamesedb.cli import cli
-from siamesedb.data import Preprocessing
 from siamesedb.db import SiameseDB
-from siamesedb.encoder import Encoder, EncoderConfig
+from siamesedb.encoder import Encoder
 from siamesedb.errors import (
     DimensionMismatchError,
     EncoderMismatchError,
@@ -26,25 +24,15 @@ from siamesedb.errors import (
 )
 from siamesedb.export import read_export, read_metadata, sidecar_of
 
+from helpers import save_tiny_encoder  # tests/helpers.py
+
 DIM = 16
-
-
-def make_encoder(folder, seed: int) -> Encoder:
-    torch.manual_seed(seed)
-    config = EncoderConfig(backbone="conv4", embedding_dim=DIM, width=8,
-                           preprocessing=Preprocessing(size=(28, 28), channels=1, invert=True))
-    Encoder(config).save(folder)
-    return Encoder.load(folder)
-
-
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory) -> Encoder:
-    return make_encoder(tmp_path_factory.mktemp("enc"), 0)
 
 
 @pytest.fixture(scope="module")
 def other_encoder(tmp_path_factory) -> Encoder:
-    return make_encoder(tmp_path_factory.mktemp("enc2"), 1)
+    """A second tiny encoder, seeded apart from the shared `encoder`: same shapes, other weights."""
+    return Encoder.load(save_tiny_encoder(tmp_path_factory.mktemp("enc2"), seed=1))
 
 
 def shapes(root, classes=3, per_class=5):

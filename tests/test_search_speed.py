@@ -7,26 +7,18 @@ import faiss
 import numpy as np
 import pytest
 
-from siamesedb import index as index_module
-from siamesedb.data import Preprocessing
+from siamesedb.backends.faiss import kernels
 from siamesedb.db import SiameseDB
-from siamesedb.encoder import Encoder, EncoderConfig
-from siamesedb.index import VectorIndex
+from siamesedb.backends.faiss.index import VectorIndex
 from siamesedb.item_table import ItemTable
 
-DIM = 16
+from helpers import tiny_encoder, unit_rows  # tests/helpers.py
 
 
 @pytest.fixture
 def db(tmp_path):
-    encoder = Encoder(EncoderConfig(backbone="conv4", embedding_dim=DIM, width=8, preprocessing=Preprocessing(size=(16, 16))))
-    with SiameseDB.create(tmp_path / "index", encoder=encoder, device="cpu") as handle:
+    with SiameseDB.create(tmp_path / "index", encoder=tiny_encoder(size=16), device="cpu") as handle:
         yield handle
-
-
-def unit_rows(n: int, seed: int) -> np.ndarray:
-    x = np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def hits_of(results) -> list[list[tuple[int, str, str]]]:
@@ -82,7 +74,7 @@ def flat_reference(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k:
                              else faiss.IndexFlatL2(vectors.shape[1]))
     flat.add_with_ids(vectors, ids)
     saved = (faiss.cvar.distance_compute_blas_threshold, faiss.cvar.distance_compute_blas_database_bs)
-    faiss.cvar.distance_compute_blas_threshold, faiss.cvar.distance_compute_blas_database_bs = index_module._faiss_blas_default
+    faiss.cvar.distance_compute_blas_threshold, faiss.cvar.distance_compute_blas_database_bs = kernels.FAISS_BLAS_DEFAULT
     try:
         return flat.search(queries, k)
     finally:
@@ -105,7 +97,7 @@ def same_up_to_ties(D, I, D_ref, I_ref, atol=1e-5) -> bool:
 
 
 @pytest.mark.parametrize("metric", ["inner_product", "l2"])
-@pytest.mark.parametrize("batch", [1, 7, index_module.SMALL_BATCH, 300])
+@pytest.mark.parametrize("batch", [1, 7, kernels.SMALL_BATCH, 300])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_exact_kernels_return_faiss_flat_ids(metric, batch, threads):
     rng = np.random.default_rng(batch)
@@ -126,5 +118,5 @@ def test_exact_kernels_return_faiss_flat_ids(metric, batch, threads):
     D_ref, I_ref = flat_reference(vectors, ids, queries, k, metric)
     if metric == "l2":
         D_ref = -np.sqrt(np.maximum(D_ref, 0))  # VectorIndex scores L2 hits as minus the distance
-    assert index_module.exact_kernel(batch) == ("faiss-scan" if batch < index_module.SMALL_BATCH else "faiss-blas")
+    assert kernels.exact_kernel(batch) == ("faiss-scan" if batch < kernels.SMALL_BATCH else "faiss-blas")
     assert same_up_to_ties(D, I, D_ref, I_ref)

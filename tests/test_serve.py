@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import struct
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, python-multipart) is not installed")
 pytest.importorskip("httpx", reason="httpx (FastAPI's TestClient) is not installed")
@@ -32,43 +31,18 @@ from fastapi.testclient import TestClient  # noqa: E402
 from siamesedb.db import SiameseDB  # noqa: E402
 from siamesedb.serve import UPLOAD_FOLDER, create_app, is_loopback  # noqa: E402
 
+from helpers import SHAPE_NAMES as NAMES  # noqa: E402 - tests/helpers.py
+from helpers import draw_shape as draw  # noqa: E402
+from helpers import free_port, png_bytes  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ["round/circle", "round/square", "line", "triangle"]
-
-
-def draw(kind: int, variant: int, size: int = 48) -> Image.Image:
-    """A dark shape on white: `kind` picks the shape, `variant` jitters it."""
-    image = Image.new("L", (size, size), 255)
-    pen = ImageDraw.Draw(image)
-    o = variant % 5
-    box = (6 + o, 6 + o, 38 + o, 38 - o)
-    if kind == 0:
-        pen.ellipse(box, outline=0, width=4)
-    elif kind == 1:
-        pen.rectangle(box, outline=0, width=4)
-    elif kind == 2:
-        pen.line((6 + o, 6, 40, 40 - o), fill=0, width=4)
-    else:
-        pen.polygon([(24, 4 + o), (6, 42), (42 - o, 42)], outline=0, width=4)
-    return image
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
-def index_dir(tmp_path_factory) -> Path:
+def index_dir(drawn_shapes, tmp_path_factory) -> Path:
     """4 classes x 4 drawn shapes, indexed with the shipped encoder and calibrated."""
-    root = tmp_path_factory.mktemp("shapes")
-    for kind, name in enumerate(NAMES):
-        (root / name).mkdir(parents=True)
-        for v in range(4):
-            draw(kind, v).save(root / name / f"{v:02d}.png")
     path = tmp_path_factory.mktemp("index") / "shapes"
-    with SiameseDB.build(root, path=path, device="cpu") as db:
+    with SiameseDB.build(drawn_shapes, path=path, device="cpu") as db:
         db.calibrate()
     return path
 
@@ -336,12 +310,6 @@ def test_loopback_detection():
 
 
 # ---------------------------------------------------------------------------------------------- a real server
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(index: Path, *args: str) -> tuple[subprocess.Popen, str]:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from siamesedb.errors import CorruptIndexError, DimensionMismatchError, IndexNotFoundError, InvalidInputError
-from siamesedb.store import Item, ItemStore
+from siamesedb.backends.faiss.store import ItemStore
+from siamesedb.backends.items import Item
 
 
 def vectors(n, d=4, seed=0):

@@ -13,10 +13,12 @@ from PIL import Image
 
 from siamesedb import trajectory as T
 
+from helpers import SVC2004_PNG as PNG_ZIP  # tests/helpers.py
+from helpers import SVC2004_RAW as RAW
+from helpers import needs, require
+
 REPO = Path(__file__).resolve().parent.parent
-RAW = REPO.parent / "shared" / "data" / "signatures_svc2004" / "svc2004_task2_raw.zip"
-PNG_ZIP = REPO.parent / "shared" / "data" / "signatures_svc2004" / "svc2004_png.zip"
-needs_raw = pytest.mark.skipif(not RAW.is_file(), reason=f"{RAW} absent (../shared/data is not on this machine)")
+needs_raw = needs(RAW)
 
 
 def _tool():
@@ -83,9 +85,7 @@ def test_render_shape_dtype_polarity():
 
 @needs_raw
 def test_plain_render_matches_the_png_set(tmp_path):
-    if not PNG_ZIP.is_file():
-        pytest.skip(f"{PNG_ZIP} absent")
-    with zipfile.ZipFile(PNG_ZIP) as zf:
+    with zipfile.ZipFile(require(PNG_ZIP)) as zf:
         name = next(m for m in zf.namelist() if m.endswith("U05/genuine/U05S03.png"))
         (tmp_path / "p.png").write_bytes(zf.read(name))
     png = np.asarray(Image.open(tmp_path / "p.png").convert("L"))

@@ -113,7 +113,7 @@ def phase(args: argparse.Namespace) -> dict:
             out["after_rss_mib"] = rss_mib()[0]
         elif args.phase == "sqlite":
             from siamesedb.ingest import array_sha256
-            from siamesedb.store import ItemStore
+            from siamesedb.backends.faiss.store import ItemStore
 
             store = ItemStore(Path(scratch) / "items.sqlite", dim=vectors.shape[1])
             for start in range(0, len(vectors), 16384):

@@ -27,9 +27,8 @@ import numpy as np
 import torch
 
 from bench_search import clustered, unit
-from siamesedb import index as index_module
-from siamesedb.index import VectorIndex
-from siamesedb.torch_search import TorchExactSearch
+from siamesedb.backends.faiss.index import VectorIndex
+from siamesedb.backends.faiss.torch_search import TorchExactSearch
 
 K = 10
 
@@ -100,7 +99,7 @@ def main() -> None:
                     print(f"n={n:<8} queries={nq:<5} threads={threads}  {name:<14} {nq / seconds:10.0f} q/s  "
                           f"{seconds * 1000:9.2f} ms  {base / seconds:5.2f}x faiss-default  ids equal {same:.4f}",
                           flush=True)
-    print(f"# index kernel rule: {index_module.__name__}.exact_kernel; load average at end {os.getloadavg()[0]:.1f}")
+    print(f"# index kernel rule: {kernels.__name__}.exact_kernel; load average at end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

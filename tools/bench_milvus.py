@@ -27,7 +27,7 @@ import numpy as np
 from bench_search import clustered, recall_at_k  # the same generator as tools/bench_search.py
 
 from siamesedb.backends.milvus import MilvusBackend
-from siamesedb.index import VectorIndex
+from siamesedb.backends.faiss.index import VectorIndex
 
 K = 10
 NLIST = 1024

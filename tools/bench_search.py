@@ -22,8 +22,9 @@ import time
 import faiss
 import numpy as np
 
-from siamesedb import index as index_module
-from siamesedb.index import VectorIndex, auto_search_defaults, choose_factory, ivf_lists
+from siamesedb.backends.faiss import kernels
+from siamesedb.backends.faiss.factory import auto_search_defaults, choose_factory, ivf_lists
+from siamesedb.backends.faiss.index import VectorIndex
 
 K = 10
 
@@ -169,7 +170,7 @@ def main() -> None:
     sizes = args.n + ([1_000_000] if args.million else [])
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, faiss {faiss.__version__}, "
           f"{faiss.omp_get_max_threads()} FAISS threads, load average {os.getloadavg()[0]:.1f}, "
-          f"index BLAS settings threshold={index_module.CPU_BLAS_THRESHOLD} database_bs={index_module.CPU_BLAS_DATABASE_BS}")
+          f"index BLAS settings threshold={kernels.CPU_BLAS_THRESHOLD} database_bs={kernels.CPU_BLAS_DATABASE_BS}")
     for n in sizes:
         rng = np.random.default_rng(args.seed)
         corpus, _ = clustered(n, args.dim, centres=max(10, n // 100), spread=0.6, rng=rng)
@@ -224,7 +225,7 @@ def main() -> None:
         if args.db is not None:
             db_overhead(corpus, queries, args.db or ["Flat"], args.runs)
         if n <= 200_000:
-            from siamesedb.torch_search import TorchExactSearch
+            from siamesedb.backends.faiss.torch_search import TorchExactSearch
 
             torch_exact = TorchExactSearch(corpus, ids, device="cpu")
             t_torch, t_flat, _, _ = interleaved(lambda: torch_exact.search(queries, K),

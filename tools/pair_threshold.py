@@ -23,7 +23,7 @@ import datetime
 
 import numpy as np
 
-from siamesedb import query
+from siamesedb import scoring
 from siamesedb.data import image_profile, scan_folder
 from siamesedb.encoder import Encoder
 from siamesedb.evaluation import encode_images, oneshot_verification_trials, roc_auc
@@ -50,7 +50,7 @@ def main() -> None:
     genuine, impostor = zip(*(oneshot_verification_trials(vectors, labels, 1, "group", seed, metric)
                               for seed in range(args.trial_seeds)))
     genuine, impostor = np.concatenate(genuine), np.concatenate(impostor)
-    threshold = query.far_threshold(impostor, args.target_far)
+    threshold = scoring.far_threshold(impostor, args.target_far)
     far, frr = float(np.mean(impostor >= threshold)), float(np.mean(genuine < threshold))
     print(f"# {args.encoder}: {len(held_names)} held-out background classes, one reference each, same-group "
           f"impostors, {args.trial_seeds} reference draws: {len(genuine)} genuine / {len(impostor)} impostor trials, "

@@ -3,30 +3,29 @@
 uri: a file path ending in ".db" is Milvus Lite (embedded, pip `milvus-lite`; one process at a time per file);
 an http(s):// URI is a Milvus standalone server or cluster (token: `token=`, else $SIAMESEDB_MILVUS_TOKEN).
 
-The backend in parts: this module (the collection's schema, opening, writes, search, tuning, close), over
-milvus_client.py (the connection: pymilvus, Milvus Lite bookkeeping, named errors, paging, request batching),
-milvus_meta.py (the `<collection>_meta` record: id high-water mark + version), milvus_rows.py (reads of stored rows)
-and milvus_expr.py (filter expressions).
+The backend in parts: this module (the collection's schema, creating and opening, writes, search, tuning, close),
+over client.py (the connection: pymilvus, Milvus Lite bookkeeping, named errors, paging, request batching), meta.py
+(the `<collection>_meta` record: id high-water mark + version), rows.py (reads of stored rows), expr.py (filter
+expressions), index_types.py (index types, knobs, metric types) and manifest.py (what the manifest records).
+backend_options: "uri" (a Milvus server http(s)://..., or a Lite file; default a Lite file in the index folder).
 
 The collection: id INT64 primary key (chosen by the caller, no auto id), label / path / sha256 VARCHAR, vector
 FLOAT_VECTOR(D). Choices, and why:
-- Metric: "cosine" is Milvus's IP (inner product), not COSINE: SiameseDB's vectors are already L2-normalised and
-  the FAISS backend scores with the inner product, so IP gives the same numbers as FAISS (COSINE would normalise
-  again: extra work, and different scores for a vector that is not exactly unit-length). "euclidean" is L2, whose
-  Milvus distance is the squared distance: score = -sqrt(distance), so higher is more similar, as in index.py.
+- Metric: "cosine" is Milvus's IP, "euclidean" L2 (index_types.py says why not COSINE); Milvus's L2 distance is
+  the squared distance: score = -sqrt(distance), so higher is more similar, as in the FAISS backend.
 - Consistency: the collection is created with consistency level "Strong", and every search / query asks for
   "Strong" too (a collection someone else created may say otherwise): a write is visible to the very next search,
   from this handle or another. A server is never flushed (Strong already gives read-your-writes; flush is slow and
   rate-limited there, and the server seals and indexes segments itself). Milvus Lite is flushed lazily, before
   the first search after a write and on close: Lite searches unflushed rows on a slow path (measured 2026-12-01,
   20k x 64: 300 ms a query unflushed, 16 ms flushed), and one flush after a batch of adds is cheap.
-- Label filters run inside Milvus (milvus_expr.py), so k hits of the wanted labels come back whenever they exist.
+- Label filters run inside Milvus (expr.py), so k hits of the wanted labels come back whenever they exist.
 - Milvus has no multi-request transaction: `add` refuses ids already held (Milvus would keep both rows), sends
   batches under Milvus's 64 MB request limit, and deletes what it inserted if a later batch fails.
-- Id allocation and the version live in Milvus itself, in `<collection>_meta` (milvus_meta.py), so every machine
+- Id allocation and the version live in Milvus itself, in `<collection>_meta` (meta.py), so every machine
   that reaches the collection shares them: `add(None, ...)` spends new ids there before inserting a row (a crash
   wastes ids, never reuses one), and every committed write moves the version after its rows are in. Safe for
-  **one writer at a time per collection** (milvus_meta.py says why and what several writers on a server must do).
+  **one writer at a time per collection** (meta.py says why and what several writers on a server must do).
 numpy only: no torch import (tests check it).
 """
 
@@ -34,25 +33,36 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
-from siamesedb.backends import LabelFilter
-from siamesedb.checks import as_ids, as_item_fields, as_k, as_positive, as_vectors
-from siamesedb.backends.milvus_client import (
-    INSTALL_HINT,
-    READ_BATCH,
-    REQUEST_BYTES,
-    TOKEN_ENV,
-    _batches,
-    is_server_uri,
+from siamesedb.backends.base import BackendBase, scores_from_squared_l2
+from siamesedb.backends.items import LabelFilter
+from siamesedb.backends.milvus.client import READ_BATCH, REQUEST_BYTES, _batches
+from siamesedb.backends.milvus.expr import label_filter, label_literal
+from siamesedb.backends.milvus.index_types import (
+    DEFAULT_BUILD_PARAMS,
+    INDEX_TYPES,
+    MAX_NQ,
+    MAX_TOPK,
+    METRIC_TYPES,
+    SEARCH_KNOBS,
+    STARTING_DEFAULTS,
+    milvus_index_type,
 )
-from siamesedb.backends.milvus_expr import label_filter, label_literal
-from siamesedb.backends.milvus_meta import META_FIELDS, META_SUFFIX, MetaRecord
-from siamesedb.backends.milvus_rows import FIELD_BYTES, HASH_BATCH, ROW_COLUMNS, RowReads, _lookup_ids
+from siamesedb.backends.milvus.manifest import new_record, read_record, resolve_uri
+from siamesedb.backends.milvus.meta import META_SUFFIX, MetaRecord
+from siamesedb.backends.milvus.rows import (
+    FIELD_BYTES,
+    ROW_COLUMNS,
+    RowReads,
+    _lookup_ids,
+)
+from siamesedb.checks import as_ids, as_item_fields, as_k, as_positive, as_vectors
 from siamesedb.errors import (
     CorruptIndexError,
     DimensionMismatchError,
@@ -60,57 +70,18 @@ from siamesedb.errors import (
     InvalidInputError,
 )
 
-__all__ = [
-    "DEFAULT_BUILD_PARAMS",
-    "FIELD_BYTES",
-    "HASH_BATCH",
-    "INDEX_TYPES",
-    "INSTALL_HINT",
-    "MAX_NQ",
-    "MAX_TOPK",
-    "META_FIELDS",
-    "META_SUFFIX",
-    "METRICS",
-    "READ_BATCH",
-    "REQUEST_BYTES",
-    "ROW_COLUMNS",
-    "SEARCH_KNOBS",
-    "STARTING_DEFAULTS",
-    "TOKEN_ENV",
-    "MilvusBackend",
-    "is_server_uri",
-    "label_filter",
-    "label_literal",
-]
 
-# SiameseDB metric -> Milvus metric type (see the module docstring for why IP and not COSINE).
-METRICS = {"cosine": "IP", "euclidean": "L2"}
-INDEX_TYPES = ("FLAT", "IVF_FLAT", "HNSW", "GPU_CAGRA", "GPU_IVF_FLAT")
-# Build parameters when the caller names none: Milvus's own documented defaults / FAISS-like sizes.
-DEFAULT_BUILD_PARAMS = {
-    "FLAT": {},
-    "IVF_FLAT": {"nlist": 1024},
-    "HNSW": {"M": 32, "efConstruction": 200},  # the FAISS backend's graph is HNSW32
-    "GPU_CAGRA": {},
-    "GPU_IVF_FLAT": {"nlist": 1024},
-}
-MAX_TOPK = 16_384  # Milvus's limits on topk and on queries per search request
-MAX_NQ = 16_384
-# Which search knobs an index type takes, and what a search uses when neither the call nor the handle names one
-# (the FAISS backend's measured auto defaults: nprobe 16, efSearch 64).
-SEARCH_KNOBS = {"FLAT": (), "IVF_FLAT": ("nprobe",), "GPU_IVF_FLAT": ("nprobe",), "HNSW": ("ef_search",),
-                "GPU_CAGRA": ("ef_search",)}
-STARTING_DEFAULTS = {"nprobe": 16, "ef_search": 64}
-
-
-class MilvusBackend(RowReads, MetaRecord):
+class MilvusBackend(BackendBase, RowReads, MetaRecord):
     """One Milvus collection as a VectorBackend (see siamesedb/backends/__init__.py for the contract).
 
     Opens the collection if it exists (checking its dimension and metric), else creates it (`must_exist=True`:
     IndexNotFoundError instead). `search_defaults` {"nprobe" / "ef_search": n}: the handle's starting knobs (those
     the collection's index type does not take are dropped); SiameseDB keeps them in its manifest. Its connection
-    plumbing, `_meta` record and row reads come from CollectionClient, MetaRecord and RowReads.
+    plumbing, `_meta` record and row reads come from CollectionClient, MetaRecord and RowReads; the lifecycle hooks
+    are BackendBase's no-ops (the collection is its own truth and index).
     """
+
+    name: ClassVar[str] = "milvus"
 
     def __init__(
         self,
@@ -124,8 +95,8 @@ class MilvusBackend(RowReads, MetaRecord):
         search_defaults: dict[str, int] | None = None,
         must_exist: bool = False,
     ):
-        if metric not in METRICS:
-            raise InvalidInputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+        if metric not in METRIC_TYPES:
+            raise InvalidInputError(f"unknown metric {metric!r}; choose from {', '.join(METRIC_TYPES)}")
         if index_type not in INDEX_TYPES:
             raise InvalidInputError(f"unknown Milvus index type {index_type!r}; choose from {', '.join(INDEX_TYPES)}")
         dimension = as_positive(dimension, "dimension")
@@ -160,7 +131,45 @@ class MilvusBackend(RowReads, MetaRecord):
             self.close()
             raise
 
-    # ------------------------------------------------------------------------------------------ opening
+    # ------------------------------------------------------------------------------------------ index types, opening
+
+    @classmethod
+    def check_factory(cls, factory: str, dimension: int) -> None:
+        """A Milvus type name, or a factory string with a Milvus counterpart (index_types.milvus_index_type)."""
+        if factory != "auto":
+            milvus_index_type(factory)
+
+    @classmethod
+    def resolve_factory(cls, factory: str, dimension: int, expected_items: int = 0,
+                        memory_budget: int | None = None) -> tuple[str, dict[str, int]]:
+        """"auto": the FAISS backend's size rule and search defaults (its factory strings are this backend's index
+        type vocabulary too), then checked for a Milvus counterpart; any other type as given."""
+        if factory != "auto":
+            return super().resolve_factory(factory, dimension, expected_items, memory_budget)
+        from siamesedb.backends.faiss.factory import resolve_factory
+
+        factory, defaults = resolve_factory(factory, dimension, expected_items, memory_budget)
+        cls.check_factory(factory, dimension)
+        return factory, defaults
+
+    @classmethod
+    def create(cls, path: Path, dimension: int, metric: str, factory: str, search_defaults: dict[str, int],
+               options: Mapping[str, Any]) -> tuple[MilvusBackend, dict[str, Any]]:
+        """A new collection for the index at `path` (options["uri"]: a server, or a Lite file; default a Lite file
+        in the folder): (MilvusBackend, the manifest's "milvus" fields)."""
+        index_type, params = milvus_index_type(factory)
+        record = new_record(path, options.get("uri"))
+        backend = cls(resolve_uri(path, record["uri"]), record["collection"], dimension, metric=metric,
+                      index_type=index_type, build_params=params, search_defaults=search_defaults)
+        return backend, {"milvus": {**record, "index_type": index_type}}
+
+    @classmethod
+    def open(cls, path: Path, manifest: dict[str, Any], metric: str, options: Mapping[str, Any]) -> MilvusBackend:
+        """The collection the manifest of the index at `path` names (it must exist)."""
+        record = read_record(path, manifest)
+        return cls(resolve_uri(path, str(record["uri"])), str(record["collection"]), int(manifest["dimension"]),
+                   metric=metric, index_type=str(record.get("index_type", "FLAT")),
+                   search_defaults=manifest.get("search_defaults") or {}, must_exist=True)
 
     def _create(self, DataType: Any, build_params: dict | None) -> None:
         schema = self._client.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -171,7 +180,7 @@ class MilvusBackend(RowReads, MetaRecord):
         index = self._client.prepare_index_params()
         params = DEFAULT_BUILD_PARAMS[self.index_type] if build_params is None else dict(build_params)
         index.add_index(
-            field_name="vector", index_type=self.index_type, metric_type=METRICS[self.metric], params=params
+            field_name="vector", index_type=self.index_type, metric_type=METRIC_TYPES[self.metric], params=params
         )
         self._call("create_collection",
             self.collection,
@@ -196,10 +205,10 @@ class MilvusBackend(RowReads, MetaRecord):
             )
         index = self._call("describe_index", self.collection, "vector") or {}
         held_metric = str(index.get("metric_type", "")).upper()
-        if held_metric and held_metric != METRICS[self.metric]:
+        if held_metric and held_metric != METRIC_TYPES[self.metric]:
             raise CorruptIndexError(
                 f"{self.uri}: collection {self.collection!r} uses metric {held_metric}, not "
-                f"{METRICS[self.metric]} ({self.metric})"
+                f"{METRIC_TYPES[self.metric]} ({self.metric})"
             )
         self.index_type = str(index.get("index_type", self.index_type))  # what it was built with decides
         self._load(self.collection)
@@ -355,7 +364,7 @@ class MilvusBackend(RowReads, MetaRecord):
                     ids[row, column] = int(hit["id"])
                     scores[row, column] = float(hit["distance"])
         if self.metric == "euclidean":  # Milvus's L2 is the squared distance
-            scores = np.where(ids >= 0, np.subtract(0, np.sqrt(np.maximum(scores, 0))), -np.inf).astype(np.float32)
+            scores = np.where(ids >= 0, scores_from_squared_l2(scores), -np.inf).astype(np.float32)
         return scores, ids
 
     def _flush_lite(self) -> None:
@@ -403,22 +412,29 @@ class MilvusBackend(RowReads, MetaRecord):
                 raise InvalidInputError(f"{name} applies to {takes} collections; this one is {self.index_type}")
             self._search_defaults[name] = value
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
+        """The keys VectorBackend.describe names, plus what identifies the collection (never the token)."""
         import pymilvus
 
+        details = {"uri": self.uri, "lite": self.lite, "collection": self.collection, "index_type": self.index_type}
         return {
-            "backend": "milvus",
+            "backend": self.name,
             "uri": self.uri,  # never the token
             "lite": self.lite,
             "collection": self.collection,
             "dimension": self.dimension,
             "metric": self.metric,
-            "milvus_metric": METRICS[self.metric],
+            "milvus_metric": METRIC_TYPES[self.metric],
             "index_type": self.index_type,
             "search_defaults": self.search_defaults,
             "consistency": "Strong",
             "count": self.count(),
             "pymilvus": pymilvus.__version__,
+            "removed_pending": 0,
+            "summary": f"Milvus {self.index_type}",
+            "location": f"Milvus {'Lite ' if self.lite else ''}{self.uri}, collection {self.collection}, "
+                        f"{self.index_type}",
+            "details": details,
         }
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""MetaRecord: MilvusBackend's id high-water mark and version, kept in Milvus itself (siamesedb/backends/milvus.py).
+"""MetaRecord: MilvusBackend's id high-water mark and version, kept in Milvus itself (backend.py).
 
 Id allocation and the version live in a one-row second collection `<collection>_meta` (id 0; `mark`: the highest id
 ever handed out or stored; `version`; a dim-2 dummy vector, since Milvus wants a vector field in every collection),
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from siamesedb.backends.milvus_client import CollectionClient
+from siamesedb.backends.milvus.client import CollectionClient
 from siamesedb.errors import CorruptIndexError
 
 META_SUFFIX = "_meta"  # <collection>_meta: the id high-water mark and the version, one row (id 0)

@@ -1,4 +1,4 @@
-"""Milvus filter expressions: string literals and label filters for MilvusBackend (siamesedb/backends/milvus.py).
+"""Milvus filter expressions: string literals and label filters for MilvusBackend (backend.py).
 
 Label filters run inside Milvus (`label in ["a", "b"]`, each label a string literal with quotes, backslashes and line
 breaks escaped the way Milvus's parser reads them), so k hits of the wanted labels come back whenever they exist.
@@ -6,7 +6,7 @@ breaks escaped the way Milvus's parser reads them), so k hits of the wanted labe
 
 from __future__ import annotations
 
-from siamesedb.backends import LabelFilter
+from siamesedb.backends.items import LabelFilter
 from siamesedb.errors import InvalidInputError
 
 # Milvus's expression parser knows only the short escapes (\\ \" \n \r \t ...): no \uXXXX, \xNN or octal, and a raw

@@ -1,5 +1,5 @@
 """CollectionClient: one pymilvus.MilvusClient on one collection, the plumbing under MilvusBackend
-(siamesedb/backends/milvus.py): importing pymilvus (and quieting its log noise), resolving the URI, Milvus Lite's
+(backend.py): importing pymilvus (and quieting its log noise), resolving the URI, Milvus Lite's
 one-server-per-file bookkeeping, naming Milvus's errors in one line, Strong reads and paging, request batching.
 numpy only: no torch import (tests check it).
 """
@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from siamesedb.errors import IndexLockedError, IndexNotFoundError, InvalidInputError, SiameseDBError, StorageError
+from siamesedb.errors import (
+    IndexLockedError,
+    IndexNotFoundError,
+    InvalidInputError,
+    SiameseDBError,
+    StorageError,
+)
 
 INSTALL_HINT = "pip install siamesedb[milvus]"
 TOKEN_ENV = "SIAMESEDB_MILVUS_TOKEN"

@@ -6,62 +6,102 @@ that names an older store version, and the next open rebuilds the FAISS file fro
 
 FAISS details stay here: training (IVF / PQ train once the store holds enough vectors; until then searches run
 exactly over the store), HNSW tombstones and compaction, the device a search runs on, the file's freshness.
+backend_options: "device" (auto | cpu | cuda | cuda:N, default cpu) and "search_backend" (auto | faiss | torch).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from siamesedb import query
-from siamesedb.backends import Item, LabelFilter
-from siamesedb.errors import CorruptIndexError, DimensionMismatchError, IndexExistsError, InvalidInputError
-from siamesedb.index import METRIC_OF_ENCODER, VectorIndex
-from siamesedb.layout import STORE_FILE, VECTORS_FILE, store_has_items
-from siamesedb.store import ItemStore
+import siamesedb.backends.faiss.factory as factory_policy
+from siamesedb.backends.base import BackendBase
+from siamesedb.backends.faiss.factory import METRIC_OF_ENCODER
+from siamesedb.backends.faiss.index import VectorIndex
+from siamesedb.backends.faiss.store import ItemStore
+from siamesedb.backends.items import Item, LabelFilter
+from siamesedb.errors import (
+    CorruptIndexError,
+    DimensionMismatchError,
+    IndexExistsError,
+    InvalidInputError,
+)
+from siamesedb.scoring import brute_force_search
 
+STORE_FILE = "items.sqlite"  # the truth: every item
+VECTORS_FILE = "vectors.faiss"  # derived: the FAISS index over the store's vectors (+ .removed.npy tombstones)
 TRAIN_SAMPLE = 131072  # rows an untrained index (IVF...) is trained on, from the start of a bulk add
 
 
-class FaissBackend:
+class FaissBackend(BackendBase):
     """The items of one index folder in SQLite, searched through FAISS (see the module docstring)."""
+
+    name: ClassVar[str] = "faiss"
+    reindexable: ClassVar[bool] = True
 
     def __init__(self, path: Path, store: ItemStore, index: VectorIndex, device: str = "cpu",
                  search_backend: str = "auto"):
         self.path = Path(path)
-        self.store = store
+        self._store = store
         self.index = index
         self.dimension = index.dim
         self.metric = "euclidean" if index.metric == "l2" else "cosine"
-        self._device = (device, search_backend)
+        self.items_file = self.path / STORE_FILE
+        self.fresh = True
+        self._search_args = {"device": device, "backend": search_backend}  # VectorIndex's keywords
         # The store version the in-memory FAISS index mirrors: a write that finds the store moved on (another
         # process wrote since) rebuilds it first, so this handle never writes a FAISS file missing their items.
         self._index_version: int | None = None
 
-    # ------------------------------------------------------------------ creating, opening, saving
+    @property
+    def store(self) -> ItemStore:
+        """The SQLite item store (items.sqlite)."""
+        return self._store
+
+    # ------------------------------------------------------------------ index types, creating, opening, saving
 
     @classmethod
-    def create(cls, path: Path, index: VectorIndex, device: str = "cpu", search_backend: str = "auto") -> FaissBackend:
+    def check_factory(cls, factory: str, dimension: int) -> None:
+        factory_policy.check_factory(factory, dimension)
+
+    @classmethod
+    def resolve_factory(cls, factory: str, dimension: int, expected_items: int = 0,
+                        memory_budget: int | None = None) -> tuple[str, dict[str, int]]:
+        return factory_policy.resolve_factory(factory, dimension, expected_items, memory_budget)
+
+    @classmethod
+    def holds_items(cls, path: Path) -> bool:
+        store_path = Path(path) / STORE_FILE
+        return store_path.exists() and ItemStore.holds_items(store_path)
+
+    @classmethod
+    def create(cls, path: Path, dimension: int, metric: str, factory: str, search_defaults: dict[str, int],
+               options: Mapping[str, Any]) -> tuple[FaissBackend, dict[str, Any]]:
         """A new, empty store beside an empty FAISS index (under the caller's write lock). An empty store left by a
         creation cut short is started over; one holding items is refused."""
+        device, search_backend = options.get("device", "cpu"), options.get("search_backend", "auto")
+        index = VectorIndex(dimension, factory=factory, device=device, backend=search_backend,
+                            metric=METRIC_OF_ENCODER[metric])
+        index.set_search_defaults(**search_defaults)
         store_path = path / STORE_FILE
         if store_path.exists():
-            if store_has_items(store_path):
+            if cls.holds_items(path):
                 raise IndexExistsError(f"{path}: {STORE_FILE} holds items but there is no manifest; move the folder aside")
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{store_path}{suffix}").unlink(missing_ok=True)
         backend = cls(path, ItemStore(store_path, dim=index.dim), index, device, search_backend)
         backend._index_version = backend.store.version
-        return backend
+        return backend, {"vectors_store_version": backend.version}
 
     @classmethod
-    def open(cls, path: Path, manifest: dict[str, Any], device: str = "cpu", search_backend: str = "auto") -> FaissBackend:
+    def open(cls, path: Path, manifest: dict[str, Any], metric: str, options: Mapping[str, Any]) -> FaissBackend:
         """Open the store and load the FAISS file if it mirrors the store's version, else rebuild it in memory
         (`fresh` says which; the caller saves a rebuilt one when it can take the write lock)."""
+        device, search_backend = options.get("device", "cpu"), options.get("search_backend", "auto")
         dim = int(manifest["dimension"])
         if not (path / STORE_FILE).exists():
             raise CorruptIndexError(f"{path / STORE_FILE}: missing (the store is the index's truth)")
@@ -69,9 +109,8 @@ class FaissBackend:
         if store.dim is not None and store.dim != dim:
             store.close()
             raise DimensionMismatchError(f"{path / STORE_FILE}: store holds {store.dim}-d vectors, manifest says {dim}")
-        metric = manifest.get("metric", "inner_product")
         index = VectorIndex(dim, factory=manifest.get("factory", "Flat"), device=device, backend=search_backend,
-                            metric=metric)
+                            metric=METRIC_OF_ENCODER[metric])
         backend = cls(path, store, index, device, search_backend)
         backend.fresh = backend._load_file(manifest)
         return backend
@@ -80,22 +119,25 @@ class FaissBackend:
         """Load vectors.faiss when it mirrors the store; else rebuild from the store. Returns whether it loaded."""
         with self.store.snapshot():  # version and count of one committed state, even while a writer commits
             version, count = self.store.version, self.store.count()
-        vectors_path = self.path / VECTORS_FILE
-        if manifest.get("vectors_store_version") == version and vectors_path.exists():
-            try:
-                index = VectorIndex.load(vectors_path, factory=manifest.get("factory", "Flat"), **self._device_args())
-                if index.dim == self.dimension and index.ntotal == count and index.metric == self.index.metric:
-                    self.index = index
-                    self._index_version = version
-                    return True
-            except CorruptIndexError:
-                pass  # derived data: fall through and rebuild it from the store
+        index = self._saved_index(manifest, version, count)
+        if index is not None and index.dim == self.dimension and index.metric == self.index.metric:
+            self.index = index
+            self._index_version = version
+            return True
         self.index = self.index_from_store(manifest)
         return False
 
-    def _device_args(self) -> dict[str, str]:
-        device, search_backend = self._device
-        return {"device": device, "backend": search_backend}
+    def _saved_index(self, manifest: dict[str, Any], version: int, count: int) -> VectorIndex | None:
+        """vectors.faiss when the manifest says it mirrors store version `version` and it holds `count` vectors;
+        None when it does not, or is missing or unreadable (derived data: the caller rebuilds it)."""
+        vectors_path = self.path / VECTORS_FILE
+        if manifest.get("vectors_store_version") != version or not vectors_path.exists():
+            return None
+        try:
+            index = VectorIndex.load(vectors_path, factory=manifest.get("factory", "Flat"), **self._search_args)
+        except CorruptIndexError:
+            return None
+        return index if index.ntotal == count else None
 
     def index_from_store(self, manifest: dict[str, Any], factory: str | None = None) -> VectorIndex:
         """A fresh FAISS index over one committed state of the store, keeping the manifest's search defaults
@@ -108,7 +150,7 @@ class FaissBackend:
             version = self.store.version
             ids, vectors = self.store.vectors()
         factory = factory or manifest.get("factory", "Flat")
-        index = VectorIndex(self.dimension, factory=factory, metric=self.index.metric, **self._device_args())
+        index = VectorIndex(self.dimension, factory=factory, metric=self.index.metric, **self._search_args)
         self._index_version = version
         if len(ids):
             if not index.is_trained:
@@ -155,15 +197,7 @@ class FaissBackend:
         version, else a rebuild in memory (never written: a reader must not race the writer for the files).
         Keeps this handle's search device, as open() gave it."""
         version = self.store.version
-        index = None
-        vectors_path = self.path / VECTORS_FILE
-        if manifest.get("vectors_store_version") == version and vectors_path.exists():
-            try:
-                index = VectorIndex.load(vectors_path, factory=manifest.get("factory", "Flat"), **self._device_args())
-                if index.ntotal != self.store.count():
-                    index = None
-            except CorruptIndexError:
-                index = None
+        index = self._saved_index(manifest, version, self.store.count())
         if index is not None:
             self.index = index
             self._index_version = version
@@ -216,7 +250,7 @@ class FaissBackend:
         present = np.asarray([item.id for item in self.store.items(ids) if item is not None], dtype=np.int64)
         self.store.remove_ids(present)
         self._drop_from_index(present)
-        return int(len(present))
+        return len(present)
 
     def remove_label(self, label: str) -> np.ndarray:
         removed = self.store.remove_label(label)
@@ -243,8 +277,7 @@ class FaissBackend:
             return self.index.search(queries, k, nprobe=nprobe, ef_search=ef_search)
         self.index.search(np.empty((0, self.dimension), np.float32), k, nprobe=nprobe, ef_search=ef_search)  # checks
         ids, corpus = self.store.vectors()
-        D, rows = query.brute_force_search(queries, corpus, k, metric=self.metric)
-        return D, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
+        return self._exact(queries, k, ids, corpus)
 
     def _search_within(self, labels: list[str], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         with self.store.snapshot():
@@ -252,8 +285,11 @@ class FaissBackend:
         ids = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
         corpus = np.concatenate([p[1] for p in parts]) if parts else np.empty((0, self.dimension), np.float32)
         order = np.argsort(ids, kind="stable")  # id order, as a search over all items sees them (ties alike)
-        ids, corpus = ids[order], corpus[order]
-        D, rows = query.brute_force_search(queries, corpus, k, metric=self.metric)
+        return self._exact(queries, k, ids[order], corpus[order])
+
+    def _exact(self, queries: np.ndarray, k: int, ids: np.ndarray, corpus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over (n, D) `corpus` whose rows are the items `ids`: (D, I) with ids, -1 padding."""
+        D, rows = brute_force_search(queries, corpus, k, metric=self.metric)
         return D, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
 
     @property
@@ -303,18 +339,20 @@ class FaissBackend:
         return self.store.ids_by_label_hash(pairs)
 
     def describe(self) -> dict[str, Any]:
+        """The keys VectorBackend.describe names, plus "store" (the SQLite file) and "factory"."""
         return {
-            "backend": "faiss",
+            "backend": self.name,
             "store": str(self.path / STORE_FILE),
             "factory": self.index.factory,
+            "index_type": self.index.factory,
             "metric": self.metric,
             "search_defaults": self.index.search_defaults,
             "removed_pending": self.index.removed_pending,
             "count": self.store.count(),
+            "summary": f"FAISS {self.index.factory}",
+            "location": None,
+            "details": {},
         }
 
     def __repr__(self) -> str:
         return f"FaissBackend({str(self.path)!r}, {self.index.factory!r})"
-
-
-__all__ = ["FaissBackend", "METRIC_OF_ENCODER", "TRAIN_SAMPLE"]

@@ -1,4 +1,4 @@
-"""RowReads: MilvusBackend's reads of stored rows (siamesedb/backends/milvus.py): items by id, counts, and the
+"""RowReads: MilvusBackend's reads of stored rows (backend.py): items by id, counts, and the
 whole-collection scans (iter_rows, vectors, label / hash lookups) the VectorBackend protocol asks for.
 
 Every read is Strong (a write is visible to the very next read, from this handle or another); scans page through
@@ -12,12 +12,11 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from siamesedb.backends import Item
-from siamesedb.checks import as_positive
-from siamesedb.backends.milvus_client import READ_BATCH, CollectionClient
-from siamesedb.backends.milvus_expr import label_literal
+from siamesedb.backends.items import Item
+from siamesedb.backends.milvus.client import READ_BATCH, CollectionClient
+from siamesedb.backends.milvus.expr import label_literal
+from siamesedb.checks import as_positive, is_utf8
 from siamesedb.errors import InvalidInputError, StorageError
-from siamesedb.store import _is_utf8  # one rule for "can this text be stored": the SQLite store's
 
 FIELD_BYTES = {"label": 65_535, "path": 65_535, "sha256": 128}  # VARCHAR max_length (65,535 is Milvus's cap)
 HASH_BATCH = 256  # content hashes per `sha256 in [...]` filter (ids_by_label_hash)
@@ -124,7 +123,7 @@ class RowReads(CollectionClient):
     def ids_by_label_hash(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
         """{(label, sha256): id} for those of `pairs` held (the lowest id where one is held twice): a filter on the
         hashes, HASH_BATCH at a time. Pairs no UTF-8 field can hold are never held."""
-        wanted = [pair for pair in dict.fromkeys(pairs) if all(isinstance(t, str) and _is_utf8(t) for t in pair)]
+        wanted = [pair for pair in dict.fromkeys(pairs) if all(isinstance(t, str) and is_utf8(t) for t in pair)]
         found: dict[tuple[str, str], int] = {}
         for start in range(0, len(wanted), HASH_BATCH):
             batch = wanted[start : start + HASH_BATCH]
