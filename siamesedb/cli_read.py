@@ -184,13 +184,10 @@ def info(index_dir: Path, list_labels: bool, as_json: bool) -> None:
     click.echo(f"index      {summary['path']}")
     click.echo(f"items      {summary['items']} in {summary['classes']} classes")
     defaults = ", ".join(f"{key} {value}" for key, value in summary.get("search_defaults", {}).items())
-    kind = f"Milvus {summary['milvus']['index_type']}" if "milvus" in summary else f"FAISS {summary['factory']}"
-    click.echo(f"vectors    {summary['dimension']}-d, {summary['metric']}, {kind}"
+    click.echo(f"vectors    {summary['dimension']}-d, {summary['metric']}, {summary['backend_summary']}"
                + (f" ({defaults})" if defaults else ""))
-    if "milvus" in summary:
-        milvus = summary["milvus"]
-        click.echo(f"backend    Milvus {'Lite ' if milvus['lite'] else ''}{milvus['uri']}, collection "
-                   f"{milvus['collection']}, {milvus['index_type']}")
+    if summary["backend_location"]:
+        click.echo(f"backend    {summary['backend_location']}")
     enc = summary["encoder"]
     extras = "".join([f", {enc['members']} members" if enc["members"] > 1 else "",
                       ", whitened" if enc["whitening"] else "",

@@ -33,7 +33,8 @@ from siamesedb.scoring import METRICS
 @click.option("--lr", type=float, default=None, help="Adam learning rate.")
 @click.option("--margin", type=float, default=None, help="Margin of the contrastive / triplet loss.")
 @click.option("--backbone", default=None,
-              help="Backbone from the registry: conv4, conv4map, signet, resnet (default: the recipe's).")
+              help="Backbone: a name in siamesedb/backbones.py's registry, e.g. conv4, conv4map, resnet, signet, mlp "
+                   "(default: the recipe's); an unknown name lists them all.")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None,
               help="Input channels: 1 grey, 3 colour (default: 3 when the sampled images carry colour).")
 @click.option("--invert/--no-invert", default=None,
@@ -163,7 +164,11 @@ def _mlp_and_metric_options(backbone: str | None, embedding_dim: int | None, met
                                      param_hint="--hidden") from None
         if not sizes or min(sizes) < 1:
             raise click.BadParameter(f"{hidden!r}: give positive integers, e.g. 128,64,32", param_hint="--hidden")
-    dim = 16 if backbone == "mlp" and embedding_dim is None else None
+    dim = None
+    if backbone is not None and embedding_dim is None:  # a backbone with a dimension of its own (the MLP twin: 16)
+        from siamesedb.backbones import get_backbone
+
+        dim = get_backbone(backbone).embedding_dim
     return {"metric": metric, "hidden": sizes, "dropout": dropout, **({"embedding_dim": dim} if dim else {})}
 
 

@@ -30,6 +30,7 @@ from siamesedb.encoder import Encoder
 from siamesedb.episodes import mean_ci95, run_episodes, sample_episode  # noqa: F401  (sample_episode: its old home)
 from siamesedb.errors import InvalidInputError
 from siamesedb.plots import verification_plots
+from siamesedb.rules import DEFAULT_RULE
 from siamesedb.scoring import eer_threshold, far_threshold
 from siamesedb.trials import (  # noqa: F401  (pair_scores, oneshot_verification_trials: their old home)
     group_pair_trials,
@@ -222,7 +223,7 @@ def evaluate_verification(
     references: int = 5,
     test_groups: str | None = "U31-U40",
     calibration_groups: str | None = "U01-U30",
-    rule: str = "prototype",
+    rule: str = DEFAULT_RULE,
     repeats: int = 10,
     seed: int = 0,
     plots: str | Path | None = None,

@@ -331,6 +331,8 @@ class IndexQueries:
             "factory": self.manifest.get("factory", "Flat"),
             "search_defaults": self.backend.search_defaults,
             "removed_pending": described["removed_pending"],
+            "backend_summary": described["summary"],  # "FAISS Flat", "Milvus HNSW": the index type, named
+            "backend_location": described["location"],  # where the items live (None: in this folder)
             "encoder": {
                 "fingerprint": self.encoder.fingerprint,
                 "backbone": self.encoder.config.backbone,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from siamesedb.augmentation import augment, photometric
+from siamesedb.backbones import get_backbone
 from siamesedb.batches import BATCH_KINDS
 from siamesedb.checkpoints import restore_checkpoint, save_checkpoint
 from siamesedb.data import Preprocessing, group_of, image_profile, iter_batches, scan_folder, select_groups
@@ -49,7 +50,6 @@ LOSSES = tuple(LOSS_RECIPES)
 PRECISIONS = ("auto", "fp32", "bf16")
 CHECKPOINT_DIR = "checkpoint"
 # Backbones whose training step measured faster under CPU bfloat16 autocast (tools/bench_train_bf16.py, BENCHMARKS.md)
-BF16_FASTER_BACKBONES = frozenset({"conv4", "conv4map", "resnet", "signet"})
 
 
 @dataclass
@@ -100,7 +100,7 @@ class TrainConfig:
     dropout: float | None = None  # mlp backbone: dropout after the hidden layers (None: 0.1)
     flip: bool = False  # augmentation: random left-right flips (photos; never glyphs or signatures)
     color_jitter: float = 0.0  # augmentation: brightness and contrast scaled by up to +-this (photos)
-    precision: str = "auto"  # auto: bfloat16 autocast on CUDA, and on CPUs with native bf16 for BF16_FASTER backbones
+    precision: str = "auto"  # auto: bfloat16 autocast on CUDA, and on CPUs with native bf16 for backbones registered bf16_faster
     time_budget: float | None = None  # seconds for the whole run: epochs fitted after timing the first steps
     patience: int | None = None  # stop after this many epochs without a better validation score (None: never)
     final_episodes: int = 1000  # episodes of the final held-out score (with its 95% interval)
@@ -119,7 +119,8 @@ class TrainConfig:
             raise InvalidInputError(f"augment_strength must lie in [0, 3], got {self.augment_strength}")
         if self.metric not in ("cosine", "euclidean"):
             raise InvalidInputError(f"unknown metric {self.metric!r}; choose from cosine, euclidean")
-        if (self.hidden is not None or self.dropout is not None) and self.backbone != "mlp":
+        if self.hidden is not None and "hidden" not in get_backbone(self.backbone).options or (
+                self.dropout is not None and "dropout" not in get_backbone(self.backbone).options):
             raise InvalidInputError(f"--hidden and --dropout apply to the mlp backbone, not {self.backbone!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise InvalidInputError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
@@ -159,7 +160,7 @@ def use_bf16(precision: str, device: torch.device, backbone: str) -> bool:
         return True
     if precision == "bf16":
         return True
-    return device.type == "cpu" and backbone in BF16_FASTER_BACKBONES and cpu_has_native_bf16()
+    return device.type == "cpu" and get_backbone(backbone).bf16_faster and cpu_has_native_bf16()
 
 
 def _load_folder(folder: Path, config: TrainConfig, log: Callable[[str], None]) -> tuple[torch.Tensor, np.ndarray, list[str]]:

@@ -25,6 +25,7 @@ import numpy as np
 from siamesedb.backends.faiss import kernels
 from siamesedb.backends.faiss.factory import auto_search_defaults, choose_factory, ivf_lists
 from siamesedb.backends.faiss.index import VectorIndex
+from siamesedb.backends.faiss.structure import search_parameters
 
 K = 10
 
@@ -202,7 +203,7 @@ def main() -> None:
             raw = index._index  # the very FAISS object VectorIndex searches
             kind = "HNSW" if factory.startswith("HNSW") else "IVF" if factory.startswith("IVF") else "Flat"
             for params in grids[kind]:
-                faiss_params, keep = index._search_params(params.get("nprobe"), params.get("ef_search"), None)
+                faiss_params, keep = search_parameters(index._parts(), params.get("nprobe"), params.get("ef_search"), None)
 
                 def ours():
                     return index.search(queries, K, **params)
