@@ -8,8 +8,11 @@ checks, so every path refuses exactly the same inputs. numpy only.
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -81,36 +84,98 @@ def as_positive(value: object, name: str) -> int | None:
 
 
 def as_threshold(threshold: float) -> float:
-    """A caller's verification threshold as a float (accept when score >= threshold).
+    """A caller's verification threshold as a float (accept when score >= threshold): a finite real number.
 
-    NaN and infinity are not refused yet: every caller takes them today (refusing them is a change of its own).
+    Negative thresholds are fine (a Euclidean score is minus a distance); NaN would reject everything and an
+    infinity accept or reject everything, silently, so both are refused, as are text and booleans.
     """
-    return float(threshold)
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise InvalidInputError(f"threshold must be a number, got {threshold!r}")
+    value = float(threshold)
+    if not math.isfinite(value):
+        raise InvalidInputError(f"threshold must be a finite number, got {value}")
+    return value
 
 
 def as_target_far(target_far: float) -> float:
-    """A target false-accept rate: a number in [0, 1], returned as given (so a manifest records it unchanged)."""
-    if not 0.0 <= target_far <= 1.0:
+    """A target false-accept rate: a number in [0, 1] (0: above every impostor; 1: accept all), NaN refused;
+    returned as given (so a manifest records it unchanged)."""
+    if isinstance(target_far, bool) or not isinstance(target_far, numbers.Real):
+        raise InvalidInputError(f"target FAR must be a number in [0, 1], got {target_far!r}")
+    if not 0.0 <= target_far <= 1.0:  # False for NaN too
         raise InvalidInputError(f"target FAR must lie in [0, 1], got {target_far}")
     return target_far
 
 
-def as_labels(labels: Sequence[str]) -> list[str]:
-    """The class labels of an add, as a list: each a str with at least one non-blank character.
+# ---------------------------------------------------------------------------------------- labels
 
-    A caller that takes other values as labels (numbers) passes their `str()`.
-    """
-    labels = list(labels)
-    if any(not isinstance(label, str) or not label.strip() for label in labels):
-        raise InvalidInputError("labels must be non-empty text")
-    return labels
+# The one label rule (README "Labels"). A label is text naming a class; a folder build makes it the image's folder
+# path relative to the root, so it may hold "/" between path components. Refused: no text, blank text, control
+# characters (Unicode Cc: newline, tab, NUL, DEL, C1) and line / paragraph separators (they break every
+# one-label-per-line listing), lone surrogates (not UTF-8), backslashes (a path separator elsewhere), and anything
+# path-like beyond a relative path: a leading or trailing "/", an empty component ("a//b"), "." or "..".
+_LABEL_BREAKERS = re.compile("[\x00-\x1f\x7f-\x9f]|([\u2028\u2029])|([\ud800-\udfff])|(\\)")
+
+
+def label_problem(label: object) -> str | None:
+    """What breaks the label rule in `label` (a phrase), or None when it is a valid label."""
+    if not isinstance(label, str):
+        return f"must be text, got {type(label).__name__}"
+    if not label.strip():
+        return "is empty"
+    bad = _LABEL_BREAKERS.search(label)
+    if bad is not None:
+        if bad.group(1):
+            return "holds a line break (U+2028 / U+2029)"
+        if bad.group(2):
+            return "is not valid UTF-8 text (a file or folder name in another encoding?)"
+        if bad.group(3):
+            return "holds a backslash (write a folder path with '/')"
+        return f"holds a control character (U+{ord(bad.group(0)):04X})"
+    parts = label.split("/")
+    if "" in parts:
+        return "has an empty path component (a leading, trailing or doubled '/')"
+    if "." in parts or ".." in parts:
+        return "has a '.' or '..' path component"
+    return None
+
+
+def shown_label(label: object) -> str:
+    """A label as one printable line for a message: its repr (escapes control characters), cut at 80 characters."""
+    text = repr(label)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def as_label(label: str) -> str:
-    """One label naming a class to act on (remove_label): a non-empty str."""
-    if not isinstance(label, str) or not label:
-        raise InvalidInputError("a label must be a non-empty string")
+    """One label, checked against the label rule (see label_problem); InvalidInputError naming it otherwise."""
+    problem = label_problem(label)
+    if problem is not None:
+        raise InvalidInputError(f"label {shown_label(label)} {problem}")
     return label
+
+
+def as_labels(labels: Sequence[str]) -> list[str]:
+    """The class labels of an add, as a list, each checked by the label rule (each distinct label once)."""
+    labels = list(labels)
+    seen: set[str] = set()
+    for label in labels:
+        if type(label) is str and label in seen:
+            continue
+        as_label(label)
+        seen.add(label)
+    return labels
+
+
+def labels_for(label: str | Sequence[str], n: int) -> list[str]:
+    """The labels of an `add` of n images: one label for all (a str) or one per image, each checked (as_labels)."""
+    if isinstance(label, str):
+        return [as_label(label)] * n
+    if label is None or isinstance(label, (bytes, bytearray)) or not isinstance(label, (Sequence, np.ndarray)):
+        raise InvalidInputError(f"label must be text (or one text per image), got {type(label).__name__}")
+    labels = as_labels(label)
+    if len(labels) != n:
+        raise InvalidInputError(f"{n} images but {len(labels)} labels")
+    return labels
 
 
 def _utf8_length(text: str) -> int:
@@ -138,8 +203,7 @@ def as_item_fields(
         raise InvalidInputError(
             f"lengths differ: {n} vectors, {len(labels)} labels, {len(paths)} paths, {len(hashes)} hashes"
         )
-    if any(not isinstance(label, str) or not label for label in labels):
-        raise InvalidInputError("every label must be a non-empty string")
+    as_labels(labels)
     if any(not isinstance(h, str) for h in hashes):
         raise InvalidInputError("every content hash must be a string")
     if any(not isinstance(p, (str, os.PathLike)) for p in paths):
