@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/python tools/demo.py --data $(DATA)
 
+# The real data comes from ../shared/data, or from $SIAMESEDB_DATA when set (not from DATA). Under CI=true (as .ci/run
+# runs it) a test whose real data or browser is absent fails instead of skipping: README "Tests".
 test: install
 	$(BIN)/python -m pytest -q
 

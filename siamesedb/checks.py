@@ -114,13 +114,16 @@ def as_target_far(target_far: float) -> float:
 # characters (Unicode Cc: newline, tab, NUL, DEL, C1) and line / paragraph separators (they break every
 # one-label-per-line listing), lone surrogates (not UTF-8), backslashes (a path separator elsewhere), and anything
 # path-like beyond a relative path: a leading or trailing "/", an empty component ("a//b"), "." or "..".
-_LABEL_BREAKERS = re.compile("[\x00-\x1f\x7f-\x9f]|([\u2028\u2029])|([\ud800-\udfff])|(\\)")
+_LABEL_BREAKERS = re.compile(r"[\x00-\x1f\x7f-\x9f]|([\u2028\u2029])|([\ud800-\udfff])|(\\)")
+_LABEL_TROUBLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\\]|//|^/|/$|(?:^|/)\.\.?(?:/|$)|^\s*$")
 
 
 def label_problem(label: object) -> str | None:
     """What breaks the label rule in `label` (a phrase), or None when it is a valid label."""
     if not isinstance(label, str):
         return f"must be text, got {type(label).__name__}"
+    if _LABEL_TROUBLE.search(label) is None:  # the usual case, in one scan
+        return None
     if not label.strip():
         return "is empty"
     bad = _LABEL_BREAKERS.search(label)
@@ -159,7 +162,7 @@ def as_labels(labels: Sequence[str]) -> list[str]:
     labels = list(labels)
     seen: set[str] = set()
     for label in labels:
-        if type(label) is str and label in seen:
+        if isinstance(label, str) and label in seen:
             continue
         as_label(label)
         seen.add(label)

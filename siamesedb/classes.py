@@ -9,7 +9,7 @@ registry of `rules`.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +17,11 @@ import numpy as np
 
 from siamesedb.checks import as_target_far
 from siamesedb.errors import CorruptIndexError, EmptyIndexError, InvalidInputError, NotCalibratedError, UnknownLabelError
-from siamesedb.rules import DEFAULT_RULE, check_rule, genuine_impostor_scores
+from siamesedb.rules import DEFAULT_RULE, check_rule, genuine_impostor_scores, get_rule
 from siamesedb.scoring import brute_force_search, eer_threshold, far_threshold
 
 __all__ = ["CLASSIFY_METHODS", "ClassTable", "calibrate_items", "calibration_record", "calibrations_of", "check_rule",
-           "default_rule", "read_class_table", "threshold_for"]
+           "default_rule", "is_stale", "read_class_table", "threshold_for", "with_staleness"]
 
 CLASSIFY_METHODS = ("prototype", "knn")
 # Fewer pairs than these and a calibration says how thin it is: with 2 genuine pairs an "equal-error" threshold is
@@ -142,10 +142,34 @@ def calibrations_of(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return found
 
 
+def is_stale(calibration: dict[str, Any], items_now: int, version_now: int | None) -> bool:
+    """Whether the index changed since `calibration` was made: its backend version moved (any add, remove or
+    reroot), or, for a calibration made before versions were recorded, its item count differs."""
+    if calibration.get("store_version") is not None and version_now is not None:
+        return int(calibration["store_version"]) != int(version_now)
+    return calibration.get("items") is not None and int(calibration["items"]) != int(items_now)
+
+
+def with_staleness(calibration: dict[str, Any] | None, items_now: int, version_now: int | None) -> dict[str, Any] | None:
+    """A copy of `calibration` with "stale" (is_stale) and "items_now" (the items held now), for `info`."""
+    if not calibration:
+        return calibration
+    return {**calibration, "stale": is_stale(calibration, items_now, version_now), "items_now": int(items_now)}
+
+
 def threshold_for(manifest: dict[str, Any], encoder_threshold: float | None, rule: str | None,
-                  where: object) -> tuple[str, float, str]:
-    """(rule, threshold, source) that `verify` uses when no threshold is passed: the index's calibration for the
-    rule, else the encoder's pair threshold; `rule` None means `default_rule(manifest)`."""
+                  where: object, state: Callable[[], tuple[int, int | None]] | None = None,
+                  encoder_rule: str | None = None) -> tuple[str, float, str]:
+    """(rule, threshold, source) that `verify` uses when no threshold is passed; `rule` None means
+    `default_rule(manifest)`. The source always names where the threshold came from:
+
+    - the index's calibration for the rule: `index:<rule>:<genuine>/<impostor> pairs`, with `, stale (<n> items
+      then, <m> now)` appended when the index changed since (`state()` gives (items held, backend version) now);
+    - else the encoder's pair threshold, `encoder`, for a rule whose score is on a pair score's scale
+      (rules.VerifyRule.pair_scale) or the rule the encoder's threshold was measured for (`encoder_rule`);
+    - else NotCalibratedError naming the rule and the command that calibrates it: a threshold on another rule's
+      scale ("relative" divides by the references' consistency) would accept or refuse for no reason.
+    """
     calibrations = calibrations_of(manifest)
     if rule is None:
         rule = default_rule(manifest)
@@ -153,11 +177,21 @@ def threshold_for(manifest: dict[str, Any], encoder_threshold: float | None, rul
     calibration = calibrations.get(rule)
     if calibration:
         source = f"index:{rule}:{calibration['genuine_pairs']}/{calibration['impostor_pairs']} pairs"
+        if state is not None:
+            items_now, version_now = state()
+            if is_stale(calibration, items_now, version_now):
+                source += f", stale ({calibration.get('items')} items then, {items_now} now)"
         return rule, float(calibration["threshold"]), source
+    command = f"run `siamesedb calibrate --index {where} --rule {rule}` or pass --threshold"
     if encoder_threshold is None:
         raise NotCalibratedError(
             f"{where}: no threshold for rule {rule!r}: the index is not calibrated for it and its encoder "
-            f"carries none; run `siamesedb calibrate --index {where} --rule {rule}` or pass --threshold"
+            f"carries none; {command}"
+        )
+    if not get_rule(rule).pair_scale and rule != encoder_rule:
+        raise NotCalibratedError(
+            f"{where}: no threshold for rule {rule!r}: the index is not calibrated for it, and the encoder's "
+            f"threshold is a pair score, not on {rule!r}'s scale; {command}"
         )
     return rule, encoder_threshold, "encoder"
 
@@ -210,6 +244,7 @@ def calibrate_items(backend: Any, rule: str, target_far: float | None, metric: s
     if target_far is not None:
         as_target_far(target_far)
     with backend.snapshot():
+        version = backend.version
         ids, vectors = backend.vectors()
         labels = backend.labels_of(ids)
     if len(ids) == 0:
@@ -217,4 +252,5 @@ def calibrate_items(backend: Any, rule: str, target_far: float | None, metric: s
     if len(set(labels)) < 2:
         raise InvalidInputError(f"{where}: calibration needs at least two classes (impostor pairs)")
     genuine, impostor = genuine_impostor_scores(vectors, labels, rule=rule, require_genuine=False, metric=metric)
-    return calibration_record(genuine, impostor, rule, target_far, len(ids), where)
+    # "store_version": the backend version it was made at, so `info` and `verify` can say when it went stale.
+    return {**calibration_record(genuine, impostor, rule, target_far, len(ids), where), "store_version": int(version)}

@@ -61,6 +61,16 @@ class ImageFailures(click.ClickException):
 # ---------------------------------------------------------------------------------------------- shared options
 
 
+def writable_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """A click callback for an output file (--sheet, --out): its folder must exist (nothing creates it), checked
+    before any work is done; otherwise an InvalidInputError naming the folder (one line, by SiameseGroup.invoke)."""
+    if value is not None:
+        from siamesedb.plots import check_out_file
+
+        check_out_file(value)
+    return value
+
+
 def index_option(required: bool = True) -> Callable:
     return click.option(
         "--index",
@@ -104,6 +114,7 @@ lock_timeout_option = click.option(
 )
 images_argument = click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 sheet_option = click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                            callback=writable_file,
                             help="Also write a contact sheet PNG: each image beside its answers, labels and scores.")
 nprobe_option = click.option("--nprobe", type=click.IntRange(min=1), default=None,
                              help="IVF indexes: inverted lists to visit for this query (more = slower, closer to exact).")
@@ -117,7 +128,8 @@ def emit_json(document: Any) -> None:
 
 def encode_each(db: Any, images: tuple[Path, ...]) -> tuple[list[Path], Any]:
     """(readable images, their (n, D) vectors). An unreadable image is reported on stderr (one line each) and left
-    out, so one bad file does not cost the others their answers; `finish_batch` then exits non-zero."""
+    out, so one bad file does not cost the others their answers; `finish_batch` then exits non-zero. When none can
+    be read the answer is empty ((0, D) vectors): each command still prints its document (`[]` with --json)."""
     import numpy as np
 
     from siamesedb.errors import ImageLoadError
@@ -132,12 +144,21 @@ def encode_each(db: Any, images: tuple[Path, ...]) -> tuple[list[Path], Any]:
             vectors.append(db.encoder.encode(image))
             good.append(image)
         except ImageLoadError as exc:
-            click.echo(f"Error: {exc}", err=True)
-    failed = len(images) - len(good)
-    if not good:
-        raise ImageFailures(f"none of the {failed} image(s) could be read")
-    click.get_current_context().meta["failed_images"] = failed
-    return good, np.stack(vectors)
+            report_image_error(image, exc)
+    return good, np.stack(vectors) if vectors else np.empty((0, db.dimension), dtype=np.float32)
+
+
+def report_image_error(image: Any, exc: Exception) -> None:
+    """One image of a batch could not be read: its one line on stderr now; the command exits 1 after its answers."""
+    click.echo(f"Error: {exc}", err=True)
+    meta = click.get_current_context().meta
+    meta["failed_images"] = meta.get("failed_images", 0) + 1
+    meta.setdefault("image_errors", {})[str(image)] = str(exc)
+
+
+def image_error(image: Any) -> str | None:
+    """The message `report_image_error` gave for `image`, if it failed."""
+    return click.get_current_context().meta.get("image_errors", {}).get(str(image))
 
 
 def finish_batch() -> None:

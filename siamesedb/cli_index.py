@@ -21,6 +21,7 @@ from siamesedb.cli_common import (
     open_db,
     quiet_option,
 )
+from siamesedb.errors import FolderError
 from siamesedb.rules import DEFAULT_RULE, VERIFY_RULES
 
 
@@ -57,22 +58,13 @@ def build(folder: Path, index_dir: Path, encoder: str, factory: str, device: str
       siamesedb build ~/photos --index indexes/photos --ray --ray-address auto
       siamesedb build ~/photos --index indexes/photos --backend milvus --milvus-uri http://milvus:19530
     """
-    from siamesedb.db import SiameseDB
-
-    if ray_address is not None and not use_ray:
-        raise click.UsageError("--ray-address needs --ray")
-    if use_ray:
-        if workers is not None:
-            raise click.UsageError("--workers is for the in-process build; Ray sizes its own read tasks")
-        from siamesedb.ray_build import build_with_ray
-
-        db = build_with_ray(folder, path=index_dir, encoder=encoder, factory=factory, device=device,
-                            batch_size=batch_size, address=ray_address, progress=not (quiet or as_json),
-                            **new_index_keywords(backend, milvus_uri))
-    else:
-        db = SiameseDB.build(folder, path=index_dir, encoder=encoder, factory=factory, device=device,
-                             batch_size=batch_size, workers=workers, progress=not (quiet or as_json),
-                             **new_index_keywords(backend, milvus_uri))
+    try:
+        db = _build(folder, index_dir, encoder, factory, device, batch_size, workers, backend, milvus_uri, use_ray,
+                    ray_address, quiet or as_json)
+    except FolderError as exc:  # none of the folder's images could be read: say why for each, then the one line
+        for path, reason in getattr(exc, "skipped", []):
+            click.echo(f"warning: skipped {path}: {reason}", err=True)
+        raise
     report = db.last_report
     for path, reason in report.skipped:
         click.echo(f"warning: skipped {path}: {reason}", err=True)
@@ -84,6 +76,26 @@ def build(folder: Path, index_dir: Path, encoder: str, factory: str, device: str
         f"{report.already_indexed} already indexed, {len(report.skipped)} skipped; "
         f"{len(db)} items in {len(db.labels())} classes"
     )
+
+
+def _build(folder: Path, index_dir: Path, encoder: str, factory: str, device: str, batch_size: int,
+           workers: int | None, backend: str, milvus_uri: str | None, use_ray: bool, ray_address: str | None,
+           quiet: bool):
+    from siamesedb.db import SiameseDB
+
+    if ray_address is not None and not use_ray:
+        raise click.UsageError("--ray-address needs --ray")
+    if use_ray:
+        if workers is not None:
+            raise click.UsageError("--workers is for the in-process build; Ray sizes its own read tasks")
+        from siamesedb.ray_build import build_with_ray
+
+        return build_with_ray(folder, path=index_dir, encoder=encoder, factory=factory, device=device,
+                              batch_size=batch_size, address=ray_address, progress=not quiet,
+                              **new_index_keywords(backend, milvus_uri))
+    return SiameseDB.build(folder, path=index_dir, encoder=encoder, factory=factory, device=device,
+                           batch_size=batch_size, workers=workers, progress=not quiet,
+                           **new_index_keywords(backend, milvus_uri))
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)

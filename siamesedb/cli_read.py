@@ -15,15 +15,20 @@ from siamesedb.cli_common import (
     encode_each,
     encoder_option,
     finish_batch,
+    image_error,
     images_argument,
     index_option,
     json_option,
     nprobe_option,
     open_db,
+    report_image_error,
     sheet_option,
+    writable_file,
 )
 from siamesedb.classes import CLASSIFY_METHODS
 from siamesedb.rules import VERIFY_RULES
+
+EXIT_REJECTED = 3  # `verify --exit-code` when an image is rejected: apart from 1 (an error) and 2 (a usage error)
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -47,8 +52,8 @@ def query(images: tuple[Path, ...], index_dir: Path, k: int, nprobe: int | None,
     """
     db = open_db(index_dir, device)
     images, vectors = encode_each(db, images)
-    results = db.search_vectors(vectors, k=k, nprobe=nprobe, ef_search=ef_search)
-    if sheet is not None:
+    results = db.search_vectors(vectors, k=k, nprobe=nprobe, ef_search=ef_search) if images else []
+    if sheet is not None and images:
         from siamesedb.plots import search_sheet
 
         click.echo(f"wrote {search_sheet(list(images), results, sheet)}", err=True)
@@ -89,8 +94,8 @@ def classify(images: tuple[Path, ...], index_dir: Path, method: str, k: int, cla
     images, vectors = encode_each(db, images)
     # Only --json lists every class; printing needs the best `top` (with 100k classes: a FAISS search, not a sort).
     predictions = db.classify_vectors(vectors, method=method, k=k, classes=list(classes) or None, nprobe=nprobe,
-                                      ef_search=ef_search, top=None if as_json else max(1, top))
-    if sheet is not None:
+                                      ef_search=ef_search, top=None if as_json else max(1, top)) if images else []
+    if sheet is not None and images:
         from siamesedb.plots import classify_sheet
 
         click.echo(f"wrote {classify_sheet(db, list(images), predictions, sheet, top=top)}", err=True)
@@ -112,13 +117,15 @@ def classify(images: tuple[Path, ...], index_dir: Path, method: str, k: int, cla
 @encoder_option
 @click.option("--threshold", type=float, default=None,
               help="Accept at or above this score (default: the index's calibration for the rule, else the "
-                   "encoder's own threshold).")
+                   "encoder's own threshold, which does not serve --rule relative).")
 @click.option("--rule", type=click.Choice(VERIFY_RULES), default=None,
               help="Scoring rule against the support set (default: the rule calibrated last, else prototype).")
 @device_option
 @json_option
+@click.option("--exit-code", "exit_code", is_flag=True,
+              help=f"Exit {EXIT_REJECTED} when any image is REJECTED (0: all accepted; 1: an error, as always).")
 def verify(images: tuple[Path, ...], index_dir: Path | None, label: str | None, encoder: str,
-           threshold: float | None, rule: str | None, device: str, as_json: bool) -> None:
+           threshold: float | None, rule: str | None, device: str, as_json: bool, exit_code: bool) -> None:
     """Verify IMAGE(s) against a claimed --label of an index, or IMAGE_A against IMAGE_B.
 
     With --index and --label, each IMAGE is scored against that class's support set and
@@ -126,35 +133,54 @@ def verify(images: tuple[Path, ...], index_dir: Path | None, label: str | None, 
     rule if there is one, else the encoder's own (so a one-reference-per-class index
     verifies without calibration). The answer names the threshold's source. With two
     images and no index, they are compared directly with the encoder's pair threshold.
+    --json prints one object for one IMAGE (or a pair), a list for several. --exit-code
+    exits 3 when any image is rejected, for shell scripts.
 
     \b
     Example:
       siamesedb verify questioned.png --index indexes/signatures --label U31/genuine
+      siamesedb verify questioned.png --index indexes/signatures --label U31/genuine --exit-code
       siamesedb verify a.png b.png --json
     """
     if index_dir is not None:
         if label is None:
             raise click.UsageError("with --index, give the claimed class with --label")
         db = open_db(index_dir, device)
-        images, vectors = encode_each(db, images)
-        db.check_domain(images)
+        answered, vectors = encode_each(db, images)
+        if answered:
+            db.check_domain(answered)
         results = [db.verify_vector(v, label, threshold=threshold, rule=rule) for v in vectors]
+        single = len(images) == 1
     else:
         if len(images) != 2:
             raise click.UsageError("give IMAGE... --index DIR --label LABEL, or two images IMAGE_A IMAGE_B")
         from siamesedb.db import verify_pair
+        from siamesedb.errors import ImageLoadError
 
-        results = [verify_pair(images[0], images[1], encoder=encoder, threshold=threshold, device=device)]
-    documents = [{**result.to_dict(), "query": str(path)} for path, result in zip(images, results)]
+        answered, results, single, label = images[:1], [], True, str(images[1])
+        try:
+            results = [verify_pair(images[0], images[1], encoder=encoder, threshold=threshold, device=device)]
+        except ImageLoadError as exc:
+            if not as_json:
+                raise
+            report_image_error(images[0], exc)
+            answered = []
+    documents = [{**result.to_dict(), "query": str(path)} for path, result in zip(answered, results)]
     if as_json:
-        emit_json(documents[0] if len(documents) == 1 else documents)
+        if not single:
+            emit_json(documents)
+        elif documents:
+            emit_json(documents[0])
+        else:  # one IMAGE that could not be read: still one object, saying why (no verdict)
+            emit_json({"query": str(images[0]), "label": label, "error": image_error(images[0])})
     else:
-        for path, result in zip(images, results):
+        for path, result in zip(answered, results):
             verdict = "ACCEPTED" if result.accepted else "REJECTED"
             click.echo(f"{path} as {result.label}: {verdict} (score {result.score:.4f}, threshold "
                        f"{result.threshold:.4f} from {result.threshold_source})")
-    if index_dir is not None:
-        finish_batch()
+    finish_batch()
+    if exit_code and not all(result.accepted for result in results):
+        click.get_current_context().exit(EXIT_REJECTED)
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -196,11 +222,13 @@ def info(index_dir: Path, list_labels: bool, as_json: bool) -> None:
                f"{extras})")
     for rule, cal in sorted((summary.get("calibrations") or {}).items()):
         latest = " (verify's default rule)" if calibration and calibration.get("rule") == rule else ""
+        stale = f", stale: the index changed since ({cal['items_now']} items now)" if cal.get("stale") else ""
         click.echo(f"threshold  {cal['threshold']:.4f} ({rule}, {cal['method']}, {cal['genuine_pairs']} genuine / "
-                   f"{cal['impostor_pairs']} impostor pairs){latest}")
+                   f"{cal['impostor_pairs']} impostor pairs{stale}){latest}")
     carried = summary["encoder"].get("pair_threshold")
     if carried is not None:
-        click.echo(f"threshold  {carried:.4f} (the encoder's own: used for any rule not calibrated here)")
+        click.echo(f"threshold  {carried:.4f} (the encoder's own: used for a rule not calibrated here whose score "
+                   "is on its scale; not `relative`)")
     elif not calibration:
         click.echo("threshold  none: run `siamesedb calibrate`, or pass --threshold to verify")
 
@@ -239,7 +267,8 @@ def serve(index_dir: Path, host: str, port: int, token: str | None, max_upload_m
 
 @click.command(name="plot-map", context_settings=CONTEXT_SETTINGS)
 @index_option()
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), callback=writable_file,
+              help="PNG to write (into a folder that exists).")
 @click.option("--class", "classes", multiple=True, help="Draw these classes (repeatable; default: the largest ones).")
 @click.option("--max-classes", default=20, show_default=True, help="How many of the largest classes to draw.")
 def plot_map(index_dir: Path, out: Path, classes: tuple[str, ...], max_classes: int) -> None:

@@ -31,6 +31,7 @@ from siamesedb.images import (  # noqa: F401
     Preprocessing,
     load_image,
     read_file_like,
+    stat_failure_reason,
 )
 from siamesedb.samplers import ClassBalancedSampler, EpisodeSampler, PairSampler  # noqa: F401
 
@@ -237,12 +238,8 @@ def _read_for_build(path: str) -> EncodedFile | str:
     """One read of a regular file: its bytes (to hash and decode) or, when very large, just its path."""
     try:
         info = os.stat(path)
-    except FileNotFoundError:
-        raise ImageLoadError(path, "no such file") from None
-    except PermissionError:
-        raise ImageLoadError(path, "permission denied") from None
     except OSError as exc:
-        raise ImageLoadError(path, exc.strerror or str(exc)) from None
+        raise ImageLoadError(path, stat_failure_reason(path, exc)) from None
     if stat.S_ISDIR(info.st_mode):
         raise ImageLoadError(path, "is a folder, not an image")
     if not stat.S_ISREG(info.st_mode):

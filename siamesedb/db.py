@@ -13,6 +13,7 @@ moves, so no write has to remember to drop them.
 from __future__ import annotations
 
 import os
+import shutil
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,13 +23,13 @@ from siamesedb.backends import create_backend, open_backend, resolve_factory
 from siamesedb.classes import CLASSIFY_METHODS, MIN_GENUINE_PAIRS, MIN_IMPOSTOR_PAIRS, ClassTable
 from siamesedb.data import scan_folder
 from siamesedb.encoder import DEFAULT_ENCODER, Encoder
-from siamesedb.errors import EncoderMismatchError, IndexExistsError, IndexNotFoundError, StorageError
+from siamesedb.errors import EncoderMismatchError, FolderError, IndexExistsError, IndexNotFoundError, StorageError
 from siamesedb.export import read_metadata
 from siamesedb.ingest import BuildReport, split_unindexable
 from siamesedb.item_table import ItemTable
 from siamesedb.layout import (DEFAULT_HOME, ENCODER_DIR, FORMAT_VERSION, MANIFEST_FILE, manifest_metric, new_manifest,
                               read_checked, read_manifest, remove_temporaries)
-from siamesedb.locking import IndexWriteLock
+from siamesedb.locking import LOCK_FILE, OWNER_FILE, IndexWriteLock
 from siamesedb.reading import verify_pair
 from siamesedb.results import SearchResults
 from siamesedb.writing import IndexWrites
@@ -60,8 +61,81 @@ def _refuse_existing(path: Path) -> None:
 
 
 def _refuse_non_folder(path: Path) -> None:
+    """IndexExistsError when `path` is not a folder, or is a folder without a manifest holding files that are not an
+    index's (the user's own): nothing is written beside them. An empty folder, or one holding only what a creation
+    cut short left (README "Reliability"), is fine."""
     if path.exists() and not path.is_dir():
         raise IndexExistsError(f"{path}: exists and is not a folder")
+    foreign = _foreign_entries(path)
+    if foreign and not (path / MANIFEST_FILE).exists():
+        shown = ", ".join(repr(name) for name in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise IndexExistsError(f"{path}: exists, is not an index and holds other files ({shown}); give a new or "
+                               "empty folder")
+
+
+# What an index folder may hold before its manifest exists (a creation cut short): the manifest and encoder, the
+# write lock, the embedded backend's store and FAISS file, a Milvus Lite file (with their -wal / .suffix companions),
+# temporary files, hidden entries. Anything else is someone's own file.
+_OWN_EXACT = (MANIFEST_FILE, ENCODER_DIR)
+_OWN_STEMS = (LOCK_FILE, "items.sqlite", "vectors.faiss", "milvus.db")
+
+
+def _own_entry(name: str) -> bool:
+    return (name in _OWN_EXACT or name.startswith(".") or name.endswith(".tmp")
+            or any(name == stem or name.startswith((stem + ".", stem + "-")) for stem in _OWN_STEMS))
+
+
+def _foreign_entries(path: Path) -> list[str]:
+    try:
+        return sorted(name for name in os.listdir(path) if not _own_entry(name))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _nothing_readable(folder: Path, skipped: list[tuple[str, str]], index: Path, created: bool) -> FolderError:
+    """The FolderError of a build that could read none of its folder's images (each reason kept in `.skipped`)."""
+    first, reason = skipped[0]
+    outcome = "no index was made" if created else f"the index {index} is unchanged"
+    error = FolderError(f"{folder}: none of its {len(skipped)} images could be read (e.g. {first}: {reason}); {outcome}")
+    error.skipped = skipped
+    return error
+
+
+def _discard_created(db: SiameseDB, before: set[str] | None) -> None:
+    """Under the write lock: undo a creation that stored nothing. The manifest goes first (the folder is then a
+    creation cut short, never an empty index), then whatever the creation wrote, the lock files last (by the caller,
+    `_remove_lock_files`, once the lock is released)."""
+    db.backend.close()
+    (db.path / MANIFEST_FILE).unlink(missing_ok=True)
+    for name in os.listdir(db.path):
+        if name in (before or set()) or name in (LOCK_FILE, OWNER_FILE):
+            continue
+        entry = db.path / name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _remove_lock_files(path: Path, before: set[str] | None) -> None:
+    """After `_discard_created`: drop the lock files this build made, and the folder when it made that too, unless
+    another writer has started there meanwhile."""
+    lock = IndexWriteLock(path, timeout=0)
+    if not lock.try_acquire():
+        return
+    try:
+        if set(os.listdir(path)) - (before or set()) - {LOCK_FILE, OWNER_FILE}:
+            return  # another build is at work here now
+        for name in (OWNER_FILE, LOCK_FILE):
+            if name not in (before or set()):
+                (path / name).unlink(missing_ok=True)
+    finally:
+        lock.release()
+    if before is None:
+        try:
+            path.rmdir()
+        except OSError:
+            pass
 
 
 class SiameseDB(IndexWrites):
@@ -196,15 +270,36 @@ class SiameseDB(IndexWrites):
         images = scan_folder(folder)  # FolderError for a missing / empty folder, before anything is created
         images, unstorable = split_unindexable(images)
         path = Path(path) if path is not None else DEFAULT_HOME / folder.resolve().name
+        if not images:  # every file is a loop, a FIFO, a name the store cannot hold...: as an empty folder, an error
+            raise _nothing_readable(folder, unstorable, path, not (path / MANIFEST_FILE).exists())
         loaded = resolved = None
+        before: set[str] | None = None  # what the folder held before this build (None: it did not exist)
         if not (path / MANIFEST_FILE).exists():
             loaded = _loaded(encoder, device)
             resolved = resolve_factory(backend, factory, loaded.dimension, len(images))  # checks it
             # Not _refuse_existing: another build may create the index meanwhile; the lock below settles who did.
             _refuse_non_folder(path)
+            before = set(os.listdir(path)) if path.is_dir() else None
             path.mkdir(parents=True, exist_ok=True)
         lock = IndexWriteLock(path, timeout=lock_timeout)
+        try:
+            return cls._build_locked(folder, path, images, unstorable, lock, loaded, resolved, before, encoder,
+                                     factory, device, batch_size, workers, progress, lock_timeout, backend,
+                                     milvus_uri, backend_options)
+        except FolderError as exc:
+            if getattr(exc, "discarded", False):  # the creation was undone: its lock files (and folder) go too
+                _remove_lock_files(path, before)
+            raise
+
+    @classmethod
+    def _build_locked(cls, folder: Path, path: Path, images: list, unstorable: list[tuple[str, str]],
+                      lock: IndexWriteLock, loaded: Encoder | None, resolved: Any, before: set[str] | None,
+                      encoder: Any, factory: str, device: str, batch_size: int, workers: int | None, progress: bool,
+                      lock_timeout: float | None, backend: str, milvus_uri: str | None,
+                      backend_options: Mapping[str, Any] | None) -> SiameseDB:
+        """`build` from the write lock on: create or resume, add, and undo a creation that could store nothing."""
         with lock:  # taken before deciding create-or-resume, so two builds of one new index cannot both create it
+            created = False
             if (path / MANIFEST_FILE).exists():
                 db = cls.open(path, device=device, lock_timeout=lock_timeout, _lock=lock)
                 if not isinstance(encoder, Encoder) and encoder != DEFAULT_ENCODER:
@@ -219,11 +314,20 @@ class SiameseDB(IndexWrites):
                 db = cls.create(path, encoder=loaded, factory=factory, device=device, expected_items=len(images),
                                 backend=backend, backend_options=backend_options, milvus_uri=milvus_uri, _lock=lock,
                                 _encoder_name=name, _resolved=resolved)
+                created = True
             remove_temporaries(path)
             db.check_domain([image.path for image in images])
             report = db._add_images(images, batch_size=batch_size, workers=workers, progress=progress)
-        report.scanned += len(unstorable)
-        report.skipped[:0] = unstorable
+            report.scanned += len(unstorable)
+            report.skipped[:0] = unstorable
+            if report.added == 0 and report.already_indexed == 0:  # not one image could be read
+                error = _nothing_readable(folder, report.skipped, path, created)
+                if created:
+                    _discard_created(db, before)
+                else:
+                    db.close()
+                error.discarded = created
+                raise error
         return db
 
     @classmethod

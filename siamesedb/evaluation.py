@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from siamesedb.data import GENUINE, LabelledImage, group_of, iter_batches, parse_groups, scan_folder, select_groups
+from siamesedb.checks import as_threshold
 from siamesedb.encoder import Encoder
 from siamesedb.episodes import mean_ci95, run_episodes, sample_episode  # noqa: F401  (sample_episode: its old home)
 from siamesedb.errors import InvalidInputError
@@ -365,6 +366,7 @@ def evaluate_oneshot_verification(
     false-accept rate on these trials and its FRR (a measurement, not a threshold to ship: it saw the answers).
     """
     images = select_groups(scan_folder(Path(folder)), groups)
+    threshold = as_threshold(threshold) if threshold is not None else None  # a NaN refused before encoding
     vectors, kept, _ = encode_images(images, encoder, progress=progress)
     labels = [image.label for image in kept]
     metric = getattr(encoder.config, "metric", "cosine")

@@ -58,10 +58,13 @@ def sidecar_of(path: str | os.PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def _layout(path: str | os.PathLike) -> str:
+def _layout(path: str | os.PathLike, reading: bool = False) -> str:
+    """The file's layout by its suffix (".parquet" / ".npy"); InvalidInputError saying what export writes, or what
+    import reads (`reading`), otherwise."""
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
-        raise InvalidInputError(f"{path}: export to a .parquet or .npy file (got {suffix or 'no suffix'!r})")
+        expected = "import a .parquet or .npy export" if reading else "export to a .parquet or .npy file"
+        raise InvalidInputError(f"{path}: {expected} (got {suffix or 'no suffix'!r})")
     return suffix
 
 
@@ -164,7 +167,7 @@ def _write_npy(to: Path, metadata: dict[str, Any], rows: Any, dim: int) -> None:
 def read_export(path: str | os.PathLike) -> ExportedVectors:
     """Read an export written by `export_vectors` (by suffix); ExportFormatError names the file and the problem."""
     path = Path(path)
-    layout = _layout(path)
+    layout = _layout(path, reading=True)
     if not path.is_file():
         raise ExportFormatError(f"{path}: no such file")
     exported = _read_parquet(path) if layout == ".parquet" else _read_npy(path)
@@ -181,7 +184,7 @@ def read_export(path: str | os.PathLike) -> ExportedVectors:
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata document of an export without reading its rows (a Parquet footer, or the .npy's sidecar)."""
     path = Path(path)
-    if _layout(path) == ".npy":
+    if _layout(path, reading=True) == ".npy":
         return read_export(path).metadata  # the sidecar holds the rows too: read and checked together
     if not path.is_file():
         raise ExportFormatError(f"{path}: no such file")

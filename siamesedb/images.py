@@ -3,6 +3,7 @@ image, numpy array) as a PIL image in mode 'L' or 'RGB', then preprocess it as t
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import warnings
@@ -75,10 +76,24 @@ def _decode_opened(opened: Image.Image, source: Any, draft: tuple[int, int] | No
         return opened.copy()
 
 
+def stat_failure_reason(path: str | os.PathLike, exc: OSError) -> str:
+    """Why `os.stat(path)` failed, in the words every reader of a file uses (a query, `add` and `build` alike):
+    "symbolic link loop", "broken symbolic link", "no such file", "permission denied", else the OS's own words."""
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loop"
+    if exc.errno == errno.ENOENT:
+        return "broken symbolic link" if os.path.islink(path) else "no such file"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return exc.strerror or str(exc)
+
+
 def _open_path(source: str | os.PathLike, draft: tuple[int, int] | None = None) -> Image.Image:
     path = Path(source)
-    if not path.exists():
-        raise ImageLoadError(source, "no such file")
+    try:
+        os.stat(path)
+    except OSError as exc:
+        raise ImageLoadError(source, stat_failure_reason(path, exc)) from None
     if path.is_dir():
         raise ImageLoadError(source, "is a folder, not an image")
     if not path.is_file():

@@ -7,9 +7,10 @@
 
 from __future__ import annotations
 
-import errno
+import functools
 import hashlib
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Sequence
@@ -19,13 +20,16 @@ from typing import Any
 
 import numpy as np
 
+from siamesedb.checks import as_labels, label_problem, shown_label
 from siamesedb.data import LabelledImage, file_sha256, iter_hashed_batches
 from siamesedb.errors import DimensionMismatchError, InvalidInputError
-from siamesedb.images import EncodedFile, read_file_like
+from siamesedb.images import EncodedFile, read_file_like, stat_failure_reason
 
 ImageLike = Any  # a path (str / Path), a PIL image, a numpy array, encoded bytes or a binary file object
 VECTOR_CHUNK = 16384  # rows per transaction when adding vectors (bounds the per-chunk temporaries)
 NOT_UTF8 = "file or folder name is not valid UTF-8 (rename it)"
+_label_problem = functools.lru_cache(maxsize=4096)(label_problem)  # a folder's images share one label
+_LINE_BREAKERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 @dataclass
@@ -58,8 +62,10 @@ class BuildReport:
 
 
 def printable(path: str | os.PathLike) -> str:
-    """A path as text that always prints: undecodable bytes shown as \\xNN."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A path as text that always prints on one line: undecodable bytes shown as \\xNN, control characters and
+    line separators escaped (\\n, \\t, \\x00, \\u2028)."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return _LINE_BREAKERS.sub(lambda found: repr(found.group(0))[1:-1], text)
 
 
 def unindexable_reason(image: LabelledImage) -> str | None:
@@ -70,14 +76,13 @@ def unindexable_reason(image: LabelledImage) -> str | None:
         image.label.encode("utf-8")
     except UnicodeEncodeError:
         return NOT_UTF8
+    problem = _label_problem(image.label)  # the label rule (checks.py): a folder build refuses what add refuses
+    if problem is not None:
+        return f"label {shown_label(image.label)} {problem} (rename the file or folder)"
     try:
         mode = os.stat(image.path).st_mode
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return "symbolic link loop"
-        if exc.errno == errno.ENOENT and os.path.islink(image.path):
-            return "broken symbolic link"
-        return exc.strerror or str(exc)
+        return stat_failure_reason(image.path, exc)  # the words a query or `add` of the same file uses
     return None if stat.S_ISREG(mode) else "not a regular file"
 
 
@@ -215,8 +220,7 @@ def checked_vector_batch(
     for name, column in (("labels", labels), ("paths", paths), ("hashes", hashes), ("ids", ids)):
         if column is not None and len(column) != n:
             raise InvalidInputError(f"{n} vectors but {len(column)} {name}")
-    if any(not isinstance(label, str) or not label.strip() for label in labels):
-        raise InvalidInputError("labels must be non-empty text")
+    as_labels(labels)
     for start in range(0, n, VECTOR_CHUNK):
         chunk = vectors[start : start + VECTOR_CHUNK]
         bad = ~np.isfinite(chunk).all(axis=1)

@@ -51,8 +51,20 @@ def _thumbnail(source: Any, size: int = 128) -> np.ndarray | None:
     return np.asarray(image)
 
 
+def check_out_file(out: str | os.PathLike) -> Path:
+    """A PNG the user named on the command line (--sheet, plot-map --out) goes into a folder that exists: nothing
+    creates the folders of a mistyped path (as `export --to`). InvalidInputError naming the folder otherwise."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise InvalidInputError(f"{out.parent}: folder not found")
+    if out.is_dir():
+        raise InvalidInputError(f"{out}: is a folder, not a file")
+    return out
+
+
 def _save(fig: Any, out: str | os.PathLike) -> Path:
-    """Lay out, write (creating the folder) and close a figure; returns the PNG's path."""
+    """Lay out, write (creating the folder: the Python API's callers name it on purpose; the command line checks
+    the files a user names with `check_out_file` first) and close a figure; returns the PNG's path."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()

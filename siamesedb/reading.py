@@ -15,8 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from siamesedb.checks import as_vectors
-from siamesedb.classes import CLASSIFY_METHODS, ClassTable, calibrations_of, check_rule, read_class_table, threshold_for
+from siamesedb.checks import as_k, as_threshold, as_vectors
+from siamesedb.classes import (
+    CLASSIFY_METHODS,
+    ClassTable,
+    calibrations_of,
+    check_rule,
+    read_class_table,
+    threshold_for,
+    with_staleness,
+)
 from siamesedb.data import DomainWarning, image_profile, profile_mismatch
 from siamesedb.encoder import DEFAULT_ENCODER, Encoder
 from siamesedb.errors import EmptyIndexError, InvalidInputError, NotCalibratedError, UnknownLabelError
@@ -143,8 +151,7 @@ class IndexQueries:
         read from the backend in one query when a Hit is first asked for, or before this handle next writes or
         closes, whichever comes first (an item another process removes before then is left out).
         """
-        if k < 1:
-            raise InvalidInputError(f"k must be at least 1, got {k}")
+        k = as_k(k)  # an integer of at least 1; a k beyond the collection returns what there is (rows min(k, held))
         D, I = self.backend.search(self._queries(vectors), k, nprobe=nprobe, ef_search=ef_search)
         results = SearchResults(D, I, self._labels_and_paths, metric=self.metric)
         self._unread_results = [r for r in self._unread_results if r() is not None and not r().fetched]
@@ -199,6 +206,10 @@ class IndexQueries:
     ) -> Prediction | list[Prediction]:
         """Which class is each image? `prototype`: nearest class mean; `knn`: score-weighted vote of the top k.
 
+        Scores are on the index's scale (a cosine, or minus a Euclidean distance): `prototype`'s is the score against
+        the class prototype; `knn` ranks classes by their vote and reports, for each, the mean score of its
+        neighbours among the k (the best class's score is the mean similarity of its neighbours that voted).
+
         `classes` restricts the candidates (an N-way episode); by default every class in the index competes.
         `nprobe` / `ef_search` tune the knn search over the whole index (prototype ranking is always exact).
         `top` keeps only the best `top` classes in each ranking. Rankings are lazy: each query's best class is
@@ -232,15 +243,14 @@ class IndexQueries:
             names, protos = self._prototypes(classes)
             rankings = rank_by_prototype(vectors, protos, names, metric=self.metric)
         elif method == "knn":
-            if k < 1:
-                raise InvalidInputError(f"k must be at least 1, got {k}")
+            k = as_k(k)
             if len(self) == 0:
                 raise EmptyIndexError(f"{self.path}: the index holds no items")
             if classes is not None:
                 self._prototypes(classes)  # raises UnknownLabelError for a class the index lacks
             # `classes` filter inside the backend (Milvus: a label expression), so k hits of those classes return.
             D, I = self.backend.search(vectors, k, classes, nprobe=nprobe, ef_search=ef_search)
-            rankings = rank_by_knn(self._class_table().labels_of_hits(I), D, k, metric=self.metric)
+            rankings = rank_by_knn(self._class_table().labels_of_hits(I), D, k, metric=self.metric, scores="mean")
         else:
             raise InvalidInputError(f"unknown method {method!r}; choose from {', '.join(CLASSIFY_METHODS)}")
         if top is not None:
@@ -263,8 +273,10 @@ class IndexQueries:
     ) -> Verification | list[Verification]:
         """Is each image of class `label`? Scores it against the class's support set and compares with a threshold.
 
-        The threshold: `threshold` if given; else the index's calibration for the rule (`calibrate`); else the
-        pair threshold the encoder carries, so a fresh index of one reference per class verifies out of the box.
+        The threshold: `threshold` if given; else the index's calibration for the rule (`calibrate`; its source says
+        when the index changed since); else the pair threshold the encoder carries, for the rules scored on a pair
+        score's scale (prototype, max, mean_top3), so a fresh index verifies out of the box; "relative" without a
+        calibration of its own raises NotCalibratedError naming the `calibrate` command.
         `rule` defaults to the rule calibrated last (else "prototype"). Each answer's `threshold_source` says which.
         One image in -> one Verification out; a list in -> a list out.
         """
@@ -300,8 +312,15 @@ class IndexQueries:
         return calibrations_of(self.manifest)
 
     def threshold_for(self, rule: str | None = None) -> tuple[str, float, str]:
-        """(rule, threshold, source) that `verify` uses when no threshold is passed (see `verify`)."""
-        return threshold_for(self.manifest, self.encoder.config.pair_threshold, rule, self.path)
+        """(rule, threshold, source) that `verify` uses when no threshold is passed (see `verify`,
+        classes.threshold_for: a rule off the pair scale needs its own calibration; a stale one says so)."""
+        return threshold_for(self.manifest, self.encoder.config.pair_threshold, rule, self.path, state=self._state,
+                             encoder_rule=(self.encoder.config.pair_calibration or {}).get("rule"))
+
+    def _state(self) -> tuple[int, int]:
+        """(items held, backend version) of one committed state: what a calibration's staleness is judged by."""
+        with self.backend.snapshot():
+            return self.backend.count(), self.backend.version
 
     def verify_vector(
         self, vector: np.ndarray, label: str, threshold: float | None = None, rule: str | None = None
@@ -312,15 +331,18 @@ class IndexQueries:
             rule, threshold, source = self.threshold_for(rule)
         else:
             rule = check_rule(rule or (self.manifest.get("calibration") or {}).get("rule", "prototype"))
-            threshold, source = float(threshold), "given"
+            threshold, source = as_threshold(threshold), "given"
         score = verification_score(vector, self.support(label), rule=rule, metric=self.metric)
         return Verification(label=label, accepted=bool(score >= threshold), score=float(score),
                                   threshold=float(threshold), threshold_source=source)
 
     def info(self) -> dict[str, Any]:
         """Counts, classes, dimension, encoder and calibration of this index."""
-        counts = self.backend.label_counts()
+        with self.backend.snapshot():
+            counts = self.backend.label_counts()
+            state = (int(sum(counts.values())), self.backend.version)
         described = self.backend.describe()
+        calibrations = {rule: with_staleness(c, *state) for rule, c in self.calibrations.items()}
         return {
             "path": str(self.path),
             "items": int(sum(counts.values())),
@@ -343,8 +365,11 @@ class IndexQueries:
                 "test_time_shift": self.encoder.config.test_time_shift,
                 "pair_threshold": self.encoder.config.pair_threshold,  # verify's threshold where none is calibrated
             },
-            "calibration": self.manifest.get("calibration"),  # the latest: the rule verify uses when given none
-            "calibrations": self.calibrations,  # one per rule
+            # The latest calibration (the rule verify uses when given none) and one per rule, each with "stale"
+            # (the index changed since it was made) and "items_now"; "calibration_stale": any of them is.
+            "calibration": with_staleness(self.manifest.get("calibration"), *state),
+            "calibrations": calibrations,
+            "calibration_stale": any(c["stale"] for c in calibrations.values()),
             "format_version": self.manifest.get("format_version"),
             "largest_classes": sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5],
             # What the backend adds about itself (Milvus: uri, lite, collection, index_type), under its name.
@@ -363,7 +388,9 @@ def verify_pair(
     encoder) against the encoder's calibrated pair threshold."""
     enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder, device=device)
     source = "given"
-    if threshold is None:
+    if threshold is not None:
+        threshold = as_threshold(threshold)
+    else:
         threshold, source = enc.config.pair_threshold, "encoder"
         if threshold is None:
             raise NotCalibratedError("this encoder carries no pair threshold; pass one with --threshold")

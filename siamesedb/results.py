@@ -120,7 +120,9 @@ class Verification:
     """A verification decision: accepted when score >= threshold.
 
     `threshold_source` says where the threshold came from: `index:<rule>:<genuine>/<impostor> pairs` (the index's
-    own calibration for that rule), `encoder` (the pair threshold the encoder carries), or `given` (the caller's).
+    own calibration for that rule; `, stale (<n> items then, <m> now)` follows when the index changed since it was
+    calibrated), `encoder` (the pair threshold the encoder carries, used only for rules scored on its scale), or
+    `given` (the caller's).
     `query` names the verified image when the caller gave one (a path), else it is None.
     """
 

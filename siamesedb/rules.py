@@ -34,6 +34,10 @@ class VerifyRule:
     description: str  # one line, for help texts
     score: Callable[[np.ndarray, np.ndarray, str], float]
     left_out: Callable[[np.ndarray, np.ndarray, np.ndarray, str], np.ndarray]
+    # Whether the rule's score is a pair score (a cosine, or minus a distance, to references): then the encoder's
+    # pair threshold is on its scale and serves where the index holds no calibration of the rule. "relative"
+    # divides by the references' consistency, another scale: it needs a calibration of its own.
+    pair_scale: bool = True
 
 
 def check_rule(rule: str) -> str:
@@ -312,7 +316,7 @@ REGISTRY: dict[str, VerifyRule] = {
         VerifyRule("mean_top3", "the mean of the best three references (less swayed by one outlier than max)",
                    partial(_best_of_score, best_of=3), partial(_reference_scores, best_of=3)),
         VerifyRule("relative", "the prototype score divided by the references' own consistency (Euclidean: "
-                   "their spread)", _relative_score, _left_out_relative),
+                   "their spread)", _relative_score, _left_out_relative, pair_scale=False),
     )
 }
 VERIFY_RULES = tuple(REGISTRY)  # the rule names, in the registry's order (CLI choices, HTTP API)

@@ -94,9 +94,13 @@ def _as_vectors(x: np.ndarray, dim: int | None = None, what: str = "vectors") ->
 
 
 def _as_count(k: int) -> int:
-    """k as an int: an integral number of at least 1 (2.0 passes, 2.5 does not)."""
-    if int(k) != k or k < 1:
-        raise InvalidInputError(f"k must be an integer of at least 1, got {k}")
+    """k as an int: an integral number of at least 1 (2.0 passes; 2.5, None and "3" do not)."""
+    try:
+        integral = not isinstance(k, (str, bytes)) and int(k) == k
+    except (TypeError, ValueError, OverflowError):
+        integral = False
+    if not integral or k < 1:
+        raise InvalidInputError(f"k must be an integer of at least 1, got {k!r}")
     return int(k)
 
 
@@ -133,7 +137,8 @@ def _best_columns(scores: np.ndarray, take: int) -> np.ndarray:
 def brute_force_search(
     queries: np.ndarray, corpus: np.ndarray, k: int, metric: str = "cosine"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by score (`score_matrix`): (D (nq, k) float32, I (nq, k) int64), padded with -inf / -1 past the corpus.
+    """Exact top-k by score (`score_matrix`): (D (nq, w) float32, I (nq, w) int64) with w = min(k, corpus rows):
+    a k beyond the corpus returns what there is (memory bounded by the answer, never by k).
 
     I holds row numbers of `corpus`; equal scores are ordered by row number.
     """
@@ -142,13 +147,12 @@ def brute_force_search(
     if corpus.size == 0:
         corpus = np.empty((0, queries.shape[1]), np.float32)
     corpus = _as_vectors(corpus, queries.shape[1], "corpus")
-    k = _as_count(k)
     nq, n = len(queries), len(corpus)
-    D = np.full((nq, k), -np.inf, dtype=np.float32)
-    I = np.full((nq, k), -1, dtype=np.int64)
-    if n == 0 or nq == 0:
+    take = min(_as_count(k), n)
+    D = np.full((nq, take), -np.inf, dtype=np.float32)
+    I = np.full((nq, take), -1, dtype=np.int64)
+    if take == 0 or nq == 0:
         return D, I
-    take = min(k, n)
     step = max(1, _BLOCK // n)  # queries per block: bounds the (block, n) score matrix
     # Cosine scores go into one buffer reused by every block (a fresh array per block faults its pages in again).
     buffer = np.empty((min(step, nq), n), np.float32) if check_metric(metric) == "cosine" else None
@@ -348,33 +352,50 @@ def rank_by_prototype(
     ]
 
 
+KNN_SCORES = ("vote", "mean")  # what rank_by_knn reports per class: the vote itself, or the mean similarity
+
+
 def rank_by_knn(
-    hit_labels: Sequence[Sequence[str | None]], hit_scores: np.ndarray, k: int, metric: str = "cosine"
+    hit_labels: Sequence[Sequence[str | None]], hit_scores: np.ndarray, k: int, metric: str = "cosine",
+    scores: str = "vote",
 ) -> list[list[tuple[str, float]]]:
-    """Score-weighted vote of the top-k hits: a class's score is the sum of its hits' similarities (cosine), or of
+    """Score-weighted vote of the top-k hits: a class's vote is the sum of its hits' similarities (cosine), or of
     1 / (1 + distance) under the Euclidean metric (a vote must be positive and shrink with the distance; a sum of
     negative distances would rank a class lower for every extra neighbour it has).
 
     `hit_labels` (nq, >=k) holds each hit's label (None for a missing hit, FAISS id -1); ties in the vote are broken
-    by the class's best single similarity. Only classes with at least one hit appear in the ranking.
+    by the class's best single similarity. Only classes with at least one hit appear in the ranking. Classes are
+    always ranked by the vote; `scores` says what each entry carries: "vote" (the vote itself) or "mean" (the mean
+    score of the class's hits among the k, on the index's own scale: a cosine, or minus a distance; what
+    `classify --method knn` reports).
     """
-    hit_scores = np.atleast_2d(np.asarray(hit_scores, dtype=np.float64))  # (nq, >=k)
+    if scores not in KNN_SCORES:
+        raise InvalidInputError(f"unknown kNN scores {scores!r}; choose from {', '.join(KNN_SCORES)}")
+    similarities = np.atleast_2d(np.asarray(hit_scores, dtype=np.float64))  # (nq, >=k), the index's scale
+    hit_scores = similarities
     if check_metric(metric) == "euclidean":
         hit_scores = 1.0 / (1.0 - hit_scores)  # score = -distance -> 1 / (1 + distance) in (0, 1]; -inf -> 0
     if len(hit_labels) != len(hit_scores):
         raise InvalidInputError(f"{len(hit_labels)} rows of hit labels but {len(hit_scores)} rows of scores")
     k = _as_count(k)
     rankings = []
-    for labels, scores in zip(hit_labels, hit_scores):
+    for labels, weights, sims in zip(hit_labels, hit_scores, similarities):
         votes: dict[str, float] = {}
         best: dict[str, float] = {}
-        for label, score in list(zip(labels, scores))[:k]:
-            if label is None or not np.isfinite(score):
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for label, weight, sim in list(zip(labels, weights, sims))[:k]:
+            if label is None or not np.isfinite(weight):
                 continue
-            votes[label] = votes.get(label, 0.0) + float(score)
-            best[label] = max(best.get(label, -np.inf), float(score))
+            votes[label] = votes.get(label, 0.0) + float(weight)
+            best[label] = max(best.get(label, -np.inf), float(weight))
+            sums[label] = sums.get(label, 0.0) + float(sim)
+            counts[label] = counts.get(label, 0) + 1
         ranked = sorted(votes, key=lambda c: (-votes[c], -best[c], c))
-        rankings.append([(c, votes[c]) for c in ranked])
+        if scores == "mean":
+            rankings.append([(c, sums[c] / counts[c]) for c in ranked])
+        else:
+            rankings.append([(c, votes[c]) for c in ranked])
     if any(not r for r in rankings):
         raise InvalidInputError("a query has no neighbours to vote")
     return rankings

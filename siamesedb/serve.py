@@ -2,14 +2,14 @@
 
 Endpoints (the answers use the CLI's `--json` schema; one upload -> one element of the CLI's list):
 
-    POST   /search          image -> {"query", "hits": [{"id", "label", "path", "score"}]}
+    POST   /search          image -> {"query", "hits": [{"id", "label", "path", "score"[, "distance"]}]}
     POST   /classify        image -> {"query", "label", "score", "ranking": [{"label", "score"}]}
     POST   /verify?label=L  image -> {"query", "label", "accepted", "score", "threshold", "threshold_source"}
     GET    /info                  -> `siamesedb info --json`
     GET    /labels                -> [{"label", "count"}]
     GET    /items/{id}            -> {"id", "label", "path", "sha256", "image"}
     GET    /items/{id}/image      -> the item's image as PNG
-    POST   /items?label=L   image -> {"label", "ids", "paths"}        (token-guarded unless bound to localhost)
+    POST   /items?label=L   image -> {"label", "ids", "paths", "added", "already_stored"}  (token unless localhost)
     DELETE /items/{id}            -> {"removed", "items"}              (token-guarded unless bound to localhost)
     GET    /                      -> the web page (siamesedb/static/, no external resources)
     GET    /openapi.json, /docs   -> FastAPI's own schema and its interactive page
@@ -19,13 +19,12 @@ names it in the answer) or as multipart/form-data with one file field named `fil
 
 Safety: the request body is capped (`max_upload_bytes`, checked on Content-Length and again while streaming), an
 image's declared pixel count is checked before any pixel is decoded (`max_pixels`), only known image formats are
-opened, and nothing the client sends is ever used as a file path: an added image is saved under the index's
-`uploads/` folder by the SHA-256 of its bytes, and `/items/{id}/image` reads only paths the store holds.
+opened, labels pass the label rule (`checks.as_label`), and nothing the client sends is ever used as a file path: an
+added image is saved as `uploads/<sha256>.<ext>` in the index, and `/items/{id}/image` reads only stored paths.
 
-Concurrency: requests are served from a thread pool. Encoding (the slow part) runs in parallel; every call into
-the index (FAISS, SQLite, the prototype cache) holds one lock, so reads never see a half-done write. Before each
-call the server catches up with writes other processes made to the index (`SiameseDB.refresh`: items added or
-removed by the CLI, a new calibration), reading only.
+Concurrency: requests are served from a thread pool. Encoding (the slow part) runs in parallel; every call into the
+index (FAISS, SQLite, the prototype cache) holds one lock, so reads never see a half-done write. Before each call the
+server catches up, reading only, with what other processes wrote (`SiameseDB.refresh`: adds, removals, calibrations).
 """
 
 from __future__ import annotations
@@ -53,6 +52,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from siamesedb import __version__
+from siamesedb.checks import as_label, as_threshold
 from siamesedb.data import load_image
 from siamesedb.errors import (EmptyIndexError, ImageLoadError, IndexNotFoundError, InvalidInputError,
                               NotCalibratedError, SiameseDBError, UnknownLabelError, UploadError)
@@ -82,6 +82,7 @@ class HitModel(BaseModel):
     label: str
     path: str
     score: float
+    distance: float | None = None  # Euclidean indexes only (score = -distance), as the CLI's JSON; left out otherwise
 
 
 class SearchAnswer(BaseModel):
@@ -121,7 +122,9 @@ class ItemAnswer(BaseModel):
 class AddAnswer(BaseModel):
     label: str
     ids: list[int]
-    paths: list[str]
+    paths: list[str]  # as stored (absolute), the path GET /items/{id} gives
+    added: int  # 1, or 0 when the index held this image under this label already (its id is returned)
+    already_stored: int  # 1 - added, as `siamesedb add --json` counts them
 
 
 class RemoveAnswer(BaseModel):
@@ -340,7 +343,8 @@ def create_app(
 
     # ------------------------------------------------------------------ questions about an image
 
-    @app.post("/search", response_model=SearchAnswer, responses=ERRORS, openapi_extra=IMAGE_BODY, tags=["query"])
+    @app.post("/search", response_model=SearchAnswer, response_model_exclude_none=True, responses=ERRORS,
+              openapi_extra=IMAGE_BODY, tags=["query"])
     async def search(request: Request, k: int = Query(5, ge=1, le=1000, description="Neighbours to return.")):
         """The k most similar indexed items (highest cosine similarity first)."""
         vector, name = await encode_upload(request)
@@ -371,6 +375,8 @@ def create_app(
         rule: Literal[VERIFY_RULES] | None = Query(None, description="Scoring rule (default: the calibrated one)."),  # type: ignore[valid-type]
     ):
         """Is the image of class `label`? Its score against the class's support set, compared with the threshold."""
+        if threshold is not None:
+            as_threshold(threshold)  # NaN / infinity: refused before the upload is decoded
         vector, name = await encode_upload(request)
         result = await run_in_threadpool(locked, db.verify_vector, vector[0], label, threshold, rule)
         return {**result.to_dict(), "query": name}
@@ -420,6 +426,7 @@ def create_app(
               openapi_extra=IMAGE_BODY, dependencies=[Depends(require_token)], tags=["items"])
     async def add_item(request: Request, label: str = Query(..., min_length=1, description="Class of the image.")):
         """Add the image under `label`. It is stored as <index>/uploads/<sha256>.<ext>, a name the server chooses."""
+        as_label(label)  # the label rule (README "Labels"), before the upload is read or written
         data, name = await read_upload(request)
 
         def work() -> dict[str, Any]:
@@ -432,13 +439,17 @@ def create_app(
                 partial = target.with_name(target.name + f".{secrets.token_hex(4)}.part")
                 partial.write_bytes(data)
                 os.replace(partial, target)
+            def add() -> tuple[int, int, str]:  # (id, images added, stored path), read under the lock
+                item_id = int(db.add(target, label))
+                return item_id, 1 - db.last_add_duplicates, get_item(item_id).path
+
             try:
-                item_id = locked(db.add, target, label)
+                item_id, added, path = locked(add)
             except Exception:
                 if created:
                     target.unlink(missing_ok=True)  # the store refused it: leave no orphan file
                 raise
-            return {"label": label, "ids": [int(item_id)], "paths": [str(target)]}
+            return {"label": label, "ids": [item_id], "paths": [path], "added": added, "already_stored": 1 - added}
 
         return await run_in_threadpool(work)
 

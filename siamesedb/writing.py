@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from siamesedb.backends import resolve_factory
+from siamesedb.checks import labels_for
 from siamesedb.classes import calibrate_items
 from siamesedb.data import scan_folder
 from siamesedb.errors import (DimensionMismatchError, EncoderMismatchError, InvalidInputError, StorageError,
@@ -159,14 +160,9 @@ class IndexWrites(IndexQueries):
         """
         single = is_single(images)
         batch = [images] if single else list(images)
-        labels = [label] * len(batch) if isinstance(label, str) else list(label)
-        if len(labels) != len(batch):
-            raise InvalidInputError(f"{len(batch)} images but {len(labels)} labels")
+        labels = labels_for(label, len(batch))  # the one label rule (checks.label_problem)
         if not batch:
             return np.empty(0, dtype=np.int64)
-        if any(not str(lab).strip() for lab in labels):
-            raise InvalidInputError("labels must be non-empty text")
-        labels = [str(x) for x in labels]
         batch = read_file_objects(batch)
         vectors = self._encode(batch)  # every image decoded before anything is stored: all or nothing
         paths = [stored_path(src) for src in batch]
@@ -339,7 +335,8 @@ class IndexWrites(IndexQueries):
     @_locked_write
     def reroot(self, old: str | os.PathLike, new: str | os.PathLike) -> int:
         """The images moved from folder `old` to `new`: rewrite the stored paths that start with `old` (whole path
-        components). Vectors, ids and labels are untouched. Returns how many paths changed."""
+        components). Vectors, ids and labels are untouched. Returns how many paths changed; InvalidInputError when
+        no stored path starts with `old` (a mistyped folder would otherwise pass unnoticed)."""
         old_text, new_text = str(old), str(new)
         if not old_text or not new_text:
             raise InvalidInputError("reroot needs both the old and the new folder")
@@ -347,8 +344,12 @@ class IndexWrites(IndexQueries):
         if changed == 0 and not Path(old_text).is_absolute():
             # Stored paths are absolute (resolved at build/add): try the absolute form of a relative OLD too.
             changed = self.backend.reroot_paths(str(Path(old_text).resolve()), str(Path(new_text).resolve()))
-        if changed:
-            self._save()  # the FAISS file is unchanged, but the manifest must name the store version it mirrors
+        if not changed:
+            # A typo in OLD must not pass as "0 of N rewritten": say what the stored paths look like.
+            example = next((rows[0][0] for _, rows in self.backend.iter_rows("path", chunk=1) if rows), None)
+            raise InvalidInputError(f"no stored path starts with {old_text} ({len(self)} items"
+                                    + (f"; e.g. {example})" if example is not None else ")"))
+        self._save()  # the FAISS file is unchanged, but the manifest must name the store version it mirrors
         return changed
 
     @_locked_write

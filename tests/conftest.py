@@ -1,6 +1,8 @@
-"""Fixtures shared by the test files: the tiny encoder (as a folder and loaded), one FAISS thread, drawn shapes.
+"""Fixtures shared by the test files: the tiny encoder (as a folder and loaded), one FAISS thread, drawn shapes;
+and the hook that decides, for tests marked `helpers.needs(path)`, whether absent real data skips them or (CI=true)
+fails them.
 
-Each is module scoped, as every copy it replaces was: built once per test file that asks for it, never shared
+Each fixture is module scoped, as every copy it replaces was: built once per test file that asks for it, never shared
 between files. Helpers that tests call with arguments are in helpers.py.
 """
 
@@ -10,7 +12,25 @@ from pathlib import Path
 
 import pytest
 
-from helpers import SHAPE_NAMES, draw_shape, save_tiny_encoder
+from helpers import SHAPE_NAMES, SHARED_DATA, draw_shape, in_ci, require, save_tiny_encoder
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_data(path): the test needs this file or folder of the real data "
+                                       "(helpers.needs): skipped when absent, failed when absent under CI=true")
+
+
+def pytest_report_header(config):
+    mode = ("CI=true: absent real data or browser FAIL their tests" if in_ci()
+            else "not CI: absent real data or browser skip their tests (CI=true makes them fail)")
+    return f"siamesedb real data: {SHARED_DATA} ({'present' if SHARED_DATA.is_dir() else 'ABSENT'}); {mode}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before any fixture of the test runs: every path its `needs` marks name must exist (helpers.require)."""
+    for mark in item.iter_markers("real_data"):
+        require(*mark.args)
 
 
 @pytest.fixture(scope="module")

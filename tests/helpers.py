@@ -7,36 +7,57 @@ imports sit inside the functions that need them, so test files that never build 
 from __future__ import annotations
 
 import io
+import os
 import socket
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 from PIL import Image, ImageDraw
 
-# The real archives sit in ../shared/data beside the checkout; machines without it skip the tests that need them.
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The real archives sit in ../shared/data beside the checkout, or wherever SIAMESEDB_DATA points (the package's own
+# default_data_root() honours the same variable). Without them the tests that need them skip, or fail under CI=true.
+CHECKOUT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("SIAMESEDB_DATA") or CHECKOUT_DATA).resolve()
 OMNIGLOT_EVALUATION = SHARED_DATA / "omniglot" / "images_evaluation.zip"
 OMNIGLOT_BACKGROUND = SHARED_DATA / "omniglot" / "images_background.zip"
 SVC2004_PNG = SHARED_DATA / "signatures_svc2004" / "svc2004_png.zip"
 SVC2004_RAW = SHARED_DATA / "signatures_svc2004" / "svc2004_task2_raw.zip"  # the pen trajectories
+PROVIDE_DATA = ("put the official archives in ../shared/data beside the checkout (layout: that folder's README) or "
+                "set SIAMESEDB_DATA to a folder holding them")
 
 TINY_DIM = 16  # vector length of the tiny encoders
 SHAPE_NAMES = ["round/circle", "round/square", "line", "triangle"]  # the classes of `drawn_shapes`, nested labels
 
 
+def in_ci() -> bool:
+    """True when the environment says this is CI (CI=true, as CI services set it; also 1 / yes): there a missing
+    resource the suite needs (the real data, the browser) fails its tests instead of skipping them."""
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+def missing(what: str, how: str) -> NoReturn:
+    """A resource the calling test or fixture needs is absent: fail under CI=true, skip otherwise. `what` names it,
+    `how` says how to provide it."""
+    if in_ci():
+        pytest.fail(f"{what}, and CI=true requires it: {how}", pytrace=False)
+    pytest.skip(f"{what} (fails under CI=true): {how}")
+
+
 def needs(path: Path) -> pytest.MarkDecorator:
-    """Mark a test to be skipped, naming `path`, when that file or folder of real data is absent."""
-    return pytest.mark.skipif(not path.exists(), reason=f"{path} not present (real data absent)")
+    """Mark a test as needing `path` of the real data: when that file or folder is absent, conftest.py skips the
+    test naming it (outside CI) or fails it (CI=true), before any of its fixtures run."""
+    return pytest.mark.real_data(Path(path))
 
 
 def require(path: Path) -> Path:
-    """`path`, or skip the calling test or fixture, naming it, when that real data is absent."""
-    if not path.exists():
-        pytest.skip(f"{path} not present")
+    """`path`, or (when that real data is absent) skip the calling test or fixture naming it; fail under CI=true."""
+    if not Path(path).exists():
+        missing(f"{path} not present (real data absent)", PROVIDE_DATA)
     return path
 
 
@@ -108,7 +129,7 @@ def unpack(target: Callable[[str, str, str, int], Path | None], alphabets: int =
            drawers: int = 4) -> None:
     """Write the drawings 1..`drawers` of the first `characters` characters of the first `alphabets` alphabets
     (zip order) of the official Omniglot evaluation zip to `target(alphabet, character, filename, drawer)`, or skip
-    one where it returns None. Skips the test, saying why, when the zip is absent."""
+    one where it returns None. When the zip is absent: `require` (skip, or fail under CI=true)."""
     chosen: dict[str, list[str]] = {}
     with zipfile.ZipFile(require(OMNIGLOT_EVALUATION)) as archive:
         for name in sorted(archive.namelist()):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +103,27 @@ def test_search_gives_the_same_ids_and_scores(index, reference, drawings):
             assert [h.id for h in a] == [h.id for h in b]
     vectors = index.encoder.encode(queries[:3])
     res_a, res_b = index.search_vectors(vectors, k=100), reference.search_vectors(vectors, k=100)
-    assert res_a.ids.shape == res_b.ids.shape == (3, 100)
-    assert ((res_a.ids == -1) == (res_b.ids == -1)).all()  # fewer than k items: the same -1 padding
+    assert res_a.ids.shape == res_b.ids.shape == (3, ITEMS)  # k beyond the collection: what there is, no padding
+    assert (res_a.ids >= 0).all() and (res_b.ids >= 0).all()
+    # Under an address-space limit (what is mapped now + 2 GiB): (3, 10**9) arrays would raise, not swap.
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    mapped = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                  if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + (2 << 30) if hard == resource.RLIM_INFINITY
+                                            else min(hard, mapped + (2 << 30)), hard))
+    try:
+        huge_a, huge_b = index.search_vectors(vectors, k=10**9), reference.search_vectors(vectors, k=10**9)
+        knn = index.classify_vectors(vectors, method="knn", k=10**9)
+        knn_reference = reference.classify_vectors(vectors, method="knn", k=10**9)
+        labels = reference.labels()[:2]
+        D, I = index.backend.search(vectors, 10**9, labels)  # filtered: padded up to the items held only
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert huge_a.ids.shape == huge_b.ids.shape == (3, ITEMS)  # memory bounded by the answer, never by k
+    np.testing.assert_allclose(huge_a.scores, res_a.scores, atol=1e-6)
+    assert [p.label for p in knn] == [p.label for p in knn_reference]
+    assert all(-1 - 1e-5 <= s <= 1 + 1e-5 for p in knn for _, s in p.ranking)  # mean cosines, not vote sums
+    assert I.shape == (3, ITEMS) and (I[:, :6] >= 0).all() and (I[:, 6:] == -1).all() and np.isneginf(D[:, 6:]).all()
 
 
 def test_classify_gives_the_same_answers(index, reference, drawings):

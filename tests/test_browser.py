@@ -2,11 +2,13 @@
 predicted class, ranking and verification, and compare them with the Python API's answers for the same image.
 
 Needs Debian's `chromium` + `chromium-driver` (`.ci/run` installs them) and selenium; skips, saying which is missing,
-only when they are absent. Saves a screenshot of the page to test-artifacts/web-page.png (or $SIAMESEDB_ARTIFACTS).
+only when they are absent, and fails instead under CI=true. Saves a screenshot of the page to
+test-artifacts/web-page.png (or $SIAMESEDB_ARTIFACTS).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import threading
@@ -16,20 +18,23 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, unpack  # tests/helpers.py
+from helpers import free_port, missing, unpack  # tests/helpers.py
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("SIAMESEDB_ARTIFACTS") or ROOT / "test-artifacts")
 
 
 def find_browser() -> tuple[str, str]:
-    """(chromium binary, chromedriver binary), or skip naming what is missing."""
-    pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
-    pytest.importorskip("uvicorn", reason="the serve extra is not installed")
+    """(chromium binary, chromedriver binary), or skip naming what is missing (fail under CI=true: helpers.missing)."""
+    for module, extra in (("selenium", "dev"), ("uvicorn", "serve")):
+        if importlib.util.find_spec(module) is None:
+            missing(f"{module} is not installed", f"pip install -e '.[{extra}]'")
     browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
     driver = shutil.which("chromedriver")
     if browser is None or driver is None:
-        pytest.skip("no headless browser: install Debian's chromium and chromium-driver (.ci/run does)")
+        absent = " and ".join(name for name, found in (("chromium", browser), ("chromedriver", driver)) if not found)
+        missing(f"no headless browser: {absent} not on PATH",
+                "apt-get install chromium chromium-driver (Debian's packages; .ci/run installs them)")
     return browser, driver
 
 

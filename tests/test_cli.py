@@ -246,4 +246,10 @@ def test_signature_recipe_with_seeds_joined_and_whitened(tmp_path, monkeypatch):
     result = run("eval", "verify", folder, "--encoder", joined, "--references", "2", "--test-groups", "W05-W06",
                  "--calibration-groups", "W01-W04", "--repeats", "2", "--rule", "relative", "--json")
     assert result.exit_code == 0, result.output
-    assert 0 <= json.loads(result.stdout)["eer"] <= 1
+    report = json.loads(result.stdout)
+    # EER is the mean of FAR and FRR at one threshold: (a / forgeries + r / genuine) / 2 for whole counts a and r,
+    # and the ROC curve passes through (a / f, 1 - r / g), which bounds the AUC from both sides.
+    g, f = report["genuine_trials"], report["forgery_trials"]
+    points = [(a / f, r / g) for a in range(f + 1) for r in range(g + 1)
+              if (a / f + r / g) / 2 == pytest.approx(report["eer"], abs=1e-9)]
+    assert any((1 - x) * (1 - y) - 1e-9 <= report["auc"] <= 1 - x * y + 1e-9 for x, y in points), (report, points)

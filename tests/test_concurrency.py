@@ -141,7 +141,10 @@ def test_a_second_writer_waits_then_names_the_holder(index, ctx):
             waited = time.perf_counter() - started
         message = str(info.value)
         assert f"index {index} is being written by pid {holder.pid}" in message and "\n" not in message
-        assert 0.5 <= waited < 10
+        # It waited its timeout, then gave up while the holder still held the lock (which it does until released,
+        # so a writer that waited forever would hang here). The upper bound is generous on purpose: the machine
+        # running the suite is shared and busy; the point is that it returns at all.
+        assert waited >= 0.5 and waited < 120
         # The CLI: --lock-timeout, or the environment variable; one line, exit status 1, nothing written.
         result = CliRunner().invoke(cli, ["remove", "--index", str(index), "--label", "seed-a", "--lock-timeout", "0.2"])
         assert result.exit_code == 1 and f"pid {holder.pid}" in result.output and result.output.count("\n") == 1
@@ -162,11 +165,11 @@ def test_a_writer_killed_with_sigkill_frees_the_lock(index, ctx):
     assert held.wait(60)
     os.kill(holder.pid, signal.SIGKILL)
     holder.join(30)
-    started = time.perf_counter()
-    with SiameseDB.open(index, lock_timeout=5) as db:
+    # Freed at once, with no stale-lock wait: a timeout of 0 tries once and would raise IndexLockedError were the
+    # dead writer's lock still held (a behaviour, not a wall-clock bound).
+    with SiameseDB.open(index, lock_timeout=0) as db:
         db.remove(label="seed-a")
         assert db.labels() == ["seed-b"]
-    assert time.perf_counter() - started < 5
 
 
 def test_two_builds_of_one_new_index_create_it_once(tmp_path, ctx):

@@ -20,7 +20,8 @@ from siamesedb.data import scan_folder
 from siamesedb.datasets import cache_root, default_data_root, fashion_mnist, omniglot, svc2004
 from siamesedb.errors import FolderError
 
-from helpers import SHARED_DATA as DATA  # tests/helpers.py
+from helpers import CHECKOUT_DATA  # tests/helpers.py
+from helpers import SHARED_DATA as DATA
 from helpers import needs
 
 needs_data = needs(DATA / "omniglot")
@@ -203,8 +204,8 @@ def test_default_data_root_and_cache_honour_the_environment(monkeypatch, tmp_pat
     monkeypatch.setenv("SIAMESEDB_DATA", str(tmp_path))
     assert default_data_root() == tmp_path
     monkeypatch.delenv("SIAMESEDB_DATA")
-    if DATA.is_dir():
-        assert default_data_root() == DATA  # the shared/data folder beside the checkout
+    if CHECKOUT_DATA.is_dir():
+        assert default_data_root() == CHECKOUT_DATA.resolve()  # the shared/data folder beside the checkout
     monkeypatch.setenv("SIAMESEDB_CACHE", str(tmp_path / "c"))
     assert cache_root() == tmp_path / "c"
     monkeypatch.delenv("SIAMESEDB_CACHE")

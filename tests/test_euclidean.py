@@ -55,9 +55,11 @@ def test_flat_l2_search_equals_a_norm_loop():
     Db, Ib = scoring.brute_force_search(queries, corpus, 7, metric="euclidean")
     assert np.array_equal(ids[Ib], I)
     np.testing.assert_allclose(Db, D, rtol=1e-5, atol=1e-5)
-    # Fewer items than k: padding stays -inf / -1.
+    # Fewer items than k: the answer is clamped to the 3 held (issue 29: memory bounded by the answer, not by k).
     D, I = VectorIndex.from_vectors(corpus[:3], ids[:3], metric="l2").search(queries[:1], 5)
-    assert list(I[0, 3:]) == [-1, -1] and np.isneginf(D[0, 3:]).all()
+    distances, rows = loop_top_k(queries[:1], corpus[:3], 3)
+    assert I.shape == D.shape == (1, 3) and list(I[0]) == list(ids[rows[0]])
+    np.testing.assert_allclose(D, -distances, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF8,Flat", "IVF8,PQ4"])
@@ -242,9 +244,20 @@ def test_losses_on_raw_embeddings_match_loops():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(8, 4, generator=g, dtype=torch.float64) * 2, torch.randn(8, 4, generator=g, dtype=torch.float64) * 2
     same = torch.tensor([1, 0, 1, 0, 0, 1, 1, 0], dtype=torch.float64)
-    expected = sum(float(((a[i] - b[i]) ** 2).sum()) if same[i] else max(0.0, 2 - float(torch.dist(a[i], b[i]))) ** 2
+    # Half the impostors far beyond the margin (hinge zero), half inside it (hinge active: a loss without its
+    # impostor term, or with the hinge unsquared, gives another value and gradient).
+    b = b.clone()
+    b[[3, 7]] = a[[3, 7]] + 0.3 * torch.randn(2, 4, generator=g, dtype=torch.float64)
+    assert all(float(torch.dist(a[i], b[i])) < 2 for i in (3, 7)) and float(torch.dist(a[1], b[1])) > 2
+    a, b = a.requires_grad_(), b.requires_grad_()
+    expected = sum(((a[i] - b[i]) ** 2).sum() if same[i] else torch.clamp(2 - torch.dist(a[i], b[i]), min=0) ** 2
                    for i in range(8)) / 8 / 2
-    assert float(ContrastiveLoss(2.0)(a, b, same)) == pytest.approx(expected, rel=1e-9)  # margin 2, distance units
+    loss = ContrastiveLoss(2.0)(a, b, same)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-9)  # margin 2, distance units
+    for x in (a, b):
+        assert torch.allclose(torch.autograd.grad(loss, x, retain_graph=True)[0],
+                              torch.autograd.grad(expected, x, retain_graph=True)[0], atol=1e-9)
+    a, b = a.detach(), b.detach()
     support, query_x = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
     labels, answers = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([2, 0, 1])
     prototypes = [support[labels == c].mean(0) for c in range(3)]
@@ -293,7 +306,13 @@ def test_cli_flow_mlp_contrastive_margin_2_euclidean(tmp_path):
     assert verdict["threshold"] == pytest.approx(calibration["threshold"]) and verdict["score"] <= 0
     pairs = json.loads(run("eval", "pairs", folder, "--encoder", tmp_path / "enc", "--test-groups", "c3,c4",
                            "--calibration-groups", "c0-c2", "--pairs", 100, "--json"))
-    assert pairs["metric"] == "euclidean" and pairs["test_groups"] == ["c3", "c4"] and 0 <= pairs["accuracy"] <= 1
+    assert pairs["metric"] == "euclidean" and pairs["test_groups"] == ["c3", "c4"]
+    # 100 test pairs, half genuine and half impostor: the rates are whole counts of 50, accuracy is what they leave,
+    # and the ROC curve passes through (FAR, 1 - FRR), which bounds its area from both sides.
+    far, frr, auc = pairs["far"], pairs["frr"], pairs["auc"]
+    assert far * 50 == pytest.approx(round(far * 50)) and frr * 50 == pytest.approx(round(frr * 50))
+    assert pairs["accuracy"] == pytest.approx(1 - (far + frr) / 2)
+    assert (1 - far) * (1 - frr) - 1e-9 <= auc <= 1 - far * frr + 1e-9, pairs
     info = json.loads(run("info", "--index", index, "--json"))
     assert info["metric"] == "l2" and info["encoder"]["backbone"] == "mlp"
     assert "l2" in run("info", "--index", index)

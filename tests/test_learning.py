@@ -55,7 +55,6 @@ def losses(folder, out, loss: str, lr: float) -> list[float]:
 def test_each_loss_learns_a_separable_task(shapes, tmp_path, loss):
     untrained = losses(shapes, tmp_path / "frozen", loss, lr=0.0)
     trained = losses(shapes, tmp_path / "trained", loss, lr=1e-2)
-    print(loss, untrained, trained)
     assert all(np.isfinite(untrained + trained))
     # Same batches, same start: the last epoch's loss must fall well below the frozen net's on those batches.
     assert trained[-1] < 0.6 * untrained[-1], (loss, trained, untrained)

@@ -39,6 +39,52 @@ def test_contrastive_matches_loop_values_and_gradients():
     assert torch.allclose(grad_loss, grad_explicit, atol=1e-9)
 
 
+def contrastive_loop(a, b, same, margin):
+    """Hadsell et al.'s loss written out pair by pair: d^2 for a genuine pair, max(0, margin - d)^2 for an
+    impostor, mean over pairs, halved."""
+    total = 0.0
+    for i in range(len(same)):
+        d = torch.sqrt(((a[i] - b[i]) ** 2).sum())
+        total = total + (d**2 if same[i] else torch.clamp(margin - d, min=0) ** 2)
+    return total / len(same) / 2
+
+
+def near_pairs(a, spread, seed):
+    """Partners of `a` at small, varied distances (so impostor pairs fall inside the margin)."""
+    g = torch.Generator().manual_seed(seed)
+    return a.detach() + spread * torch.randn(a.shape, generator=g, dtype=a.dtype)
+
+
+@pytest.mark.parametrize("unit", [True, False], ids=["unit-cosine", "raw-euclidean"])
+def test_contrastive_with_impostors_inside_the_margin_matches_loop(unit):
+    """Impostors closer than the margin, so the hinge is active: dropping the impostor term, or not squaring the
+    hinge, changes both the value and the gradient (the pairs above are all beyond the margin)."""
+    a = emb(10, seed=7) if unit else torch.randn(10, 5, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 3
+    b = near_pairs(a, 0.15 if unit else 0.6, seed=8)
+    if unit:
+        b = torch.nn.functional.normalize(b, dim=1)
+    margin = 0.9 if unit else 2.5
+    a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+    same = torch.tensor([1, 0, 0, 1, 0, 0, 1, 0, 0, 0], dtype=torch.float64)
+    d = torch.linalg.norm(a - b, dim=1).detach()
+    impostor = same == 0
+    assert bool((d[impostor] < margin).all()) and bool((d[impostor] > 0.05).all()), d  # every hinge active
+    loss = ContrastiveLoss(margin)(a, b, same)
+    explicit = contrastive_loop(a, b, same, margin)
+    assert loss.item() == pytest.approx(explicit.item(), rel=1e-9)
+    impostor_part = sum(float((margin - d[i]) ** 2) for i in range(10) if not same[i]) / 10 / 2
+    assert impostor_part > 0.1 * loss.item()  # the impostor term carries a real share of the value
+    for x in (a, b):
+        grad_loss = torch.autograd.grad(loss, x, retain_graph=True)[0]
+        grad_explicit = torch.autograd.grad(explicit, x, retain_graph=True)[0]
+        assert torch.allclose(grad_loss, grad_explicit, atol=1e-9)
+        # impostor rows are pushed apart: the gradient on a points from b towards a, scaled by (margin - d) / d
+        rows = impostor.nonzero().flatten()
+        sign = 1.0 if x is b else -1.0
+        expected = sign * ((margin - d[rows]) / d[rows] / 10).unsqueeze(1) * (a - b).detach()[rows]
+        assert torch.allclose(grad_loss[rows], expected, atol=1e-9)
+
+
 def all_triplets(labels):
     n = len(labels)
     for a, p, ng in itertools.product(range(n), repeat=3):

@@ -65,6 +65,27 @@ def test_target_far_keeps_its_value():
     assert checks.as_target_far(0.05) == 0.05 and checks.as_target_far(0.0) == 0.0 and checks.as_target_far(1) == 1
 
 
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_verify_refuses_a_threshold_that_is_no_finite_number_on_every_path(encoder_dir, tmp_path, value):
+    from siamesedb.reading import verify_pair
+
+    index = tmp_path / "index"
+    with SiameseDB.create(index, encoder=encoder_dir, device="cpu") as db:
+        db.add([draw_shape(0, 0), draw_shape(0, 1)], "round")
+        with pytest.raises(InvalidInputError, match="threshold"):  # was REJECTED "from given"
+            db.verify_vector(unit_rows(1, seed=3)[0], "round", threshold=value)
+        with pytest.raises(InvalidInputError, match="threshold"):
+            db.verify(draw_shape(0, 2), "round", threshold=value)
+    with pytest.raises(InvalidInputError, match="threshold"):
+        verify_pair(draw_shape(0, 0), draw_shape(0, 1), encoder=encoder_dir, threshold=value, device="cpu")
+    image = tmp_path / "q.png"
+    draw_shape(0, 2).save(image)
+    result = run_cli("verify", image, "--index", index, "--label", "round", "--threshold", str(value),
+                     "--device", "cpu")
+    assert result.exit_code == 1 and "threshold" in result.output, result.output
+    assert "REJECTED" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
 # ---------------------------------------------------------------------------------------- the label rule
 
 
@@ -78,7 +99,7 @@ def test_the_label_rule_refuses_control_characters_and_path_tricks(label):
         checks.as_labels(["fine", label])
 
 
-@pytest.mark.parametrize("label", [None, 3, b"bytes", ["a"]])
+@pytest.mark.parametrize("label", [None, 3, b"bytes", {"a"}])
 def test_a_label_that_is_not_text_is_an_invalid_input_not_a_type_error(label):
     with pytest.raises(InvalidInputError, match="text"):
         checks.as_label(label)
@@ -133,7 +154,8 @@ def test_a_folder_build_skips_files_whose_label_breaks_the_rule_naming_each(enco
         report = db.last_report
         assert db.label_counts() == {"good": 1}
         skipped = {Path(path).relative_to(root).as_posix(): reason for path, reason in report.skipped}
-        assert set(skipped) == {"line\nbreak.png", "tab\tfolder/0.png", "back\\slash.png"}, skipped
+        # Printed on one line each: the control characters of a path are escaped.
+        assert set(skipped) == {"line\\nbreak.png", "tab\\tfolder/0.png", "back\\slash.png"}, skipped
         assert all(reason.startswith("label ") and "\n" not in reason for reason in skipped.values()), skipped
         assert report.scanned == 4 and report.added == 1
     finally:
@@ -182,19 +204,19 @@ def client(shapes_index, tmp_path, monkeypatch):
 
 
 def test_post_items_answers_the_path_get_items_gives_and_says_when_nothing_was_added(client):
-    body = png_bytes(draw_shape(2, 3))
+    body = png_bytes(draw_shape(2, 4))  # variants 0-3 are indexed already
     first = client.post("/items?label=line", content=body, headers=PNG)
     assert first.status_code == 200, first.text
     answer = first.json()
     [item_id], [path] = answer["ids"], answer["paths"]
-    assert answer["added"] is True and answer["already_indexed"] is False
+    assert answer["added"] == 1 and answer["already_stored"] == 0  # counts, as `siamesedb add --json` gives them
     assert Path(path).is_absolute()
     assert client.get(f"/items/{item_id}").json()["path"] == path
     items = client.get("/info").json()["items"]
     again = client.post("/items?label=line", content=body, headers=PNG)
     assert again.status_code == 200, again.text
     assert again.json()["ids"] == [item_id] and again.json()["paths"] == [path]
-    assert again.json()["added"] is False and again.json()["already_indexed"] is True
+    assert again.json()["added"] == 0 and again.json()["already_stored"] == 1
     assert client.get("/info").json()["items"] == items
 
 

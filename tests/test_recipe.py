@@ -173,8 +173,10 @@ def test_a_tiny_budget_stops_on_time(tmp_path, monkeypatch):
     elapsed = time.perf_counter() - started
     notes = json.loads((tmp_path / "run" / "config.json").read_text())["notes"]
     assert notes["stopped"].startswith("time budget reached") and notes["epochs_run"] == 1
-    # a reserve for the final scoring is kept; a few seconds' slack for a busy machine and one-time imports
-    assert elapsed < 8.0 + 6.0, elapsed
+    # The behaviour is pinned above (stopped by the budget inside its one endless epoch, a step count far below
+    # the promised million). An ignored deadline would run those million steps for hours, so the bound is generous:
+    # the suite runs on a shared, busy 2-core machine (speed belongs to tools/ benchmarks).
+    assert elapsed < 8.0 + 120.0, elapsed
     assert 0 < json.loads((tmp_path / "run" / "history.json").read_text())[0]["steps"] < 1_000_000
 
 
@@ -183,7 +185,7 @@ def test_a_budget_refits_the_epochs_to_their_real_cost(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "fit_schedule", lambda *args: (10_000, 10))  # far more epochs than fit
     started = time.perf_counter()
     train(folder, tmp_path / "run", tiny_config(time_budget=8.0, epochs=10_000), progress=False)
-    assert time.perf_counter() - started < 8.0 + 6.0
+    assert time.perf_counter() - started < 8.0 + 120.0  # 10,000 epochs, were the refit ignored: generous, as above
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     notes = json.loads((tmp_path / "run" / "config.json").read_text())["notes"]
     # re-fitted after the first epoch, or (a very busy machine) the deadline cut the first epoch itself
@@ -210,7 +212,15 @@ def test_early_stop_restores_the_best_epoch(tmp_path, monkeypatch):
 
 
 def test_colour_folder_trains_builds_and_queries_in_colour(tmp_path):
-    folder = photos(tmp_path / "p", classes=4, per_class=6, size=24)
+    import shutil
+
+    folder = photos(tmp_path / "p", classes=4, per_class=10, size=24)
+    # Enrolled: images 0-4 of each class; held out (never indexed): images 5-9.
+    gallery = tmp_path / "gallery"
+    for c in range(4):
+        (gallery / f"thing{c}").mkdir(parents=True)
+        for i in range(5):
+            shutil.copy(folder / f"thing{c}" / f"{i}.png", gallery / f"thing{c}" / f"{i}.png")
     model, index = tmp_path / "model", tmp_path / "index"
     result = run("train", folder, "--out", model, "--time-budget", "8s", "--width", "4", "--quiet")
     assert result.exit_code == 0, result.output
@@ -225,6 +235,17 @@ def test_colour_folder_trains_builds_and_queries_in_colour(tmp_path):
     assert result.exit_code == 0, result.output
     hit = json.loads(result.stdout)[0]["hits"][0]
     assert hit["label"] == "thing2" and hit["score"] == pytest.approx(1.0, abs=1e-3)  # the image itself
+    # What a broken colour path (channels dropped, mixed up, or not trained on) would fail: images the index has
+    # never seen, classified against an index of other images, well above chance (1 in 4).
+    held = tmp_path / "held-index"
+    result = run("build", gallery, "--index", held, "--encoder", model, "--json")
+    assert result.exit_code == 0, result.output
+    probes = [folder / f"thing{c}" / f"{i}.png" for c in range(4) for i in range(5, 10)]
+    result = run("classify", *probes, "--index", held, "--json")
+    assert result.exit_code == 0, result.output
+    answers = json.loads(result.stdout)
+    correct = sum(a["label"] == p.parent.name for a, p in zip(answers, probes))
+    assert len(answers) == 20 and correct >= 10, answers  # chance: 5 of 20
 
 
 def test_explicit_epochs_keep_a_fixed_schedule(tmp_path):

@@ -253,9 +253,12 @@ def slow_knn_ranking(vectors, labels, queries, k):
     for q in queries:
         sims = sorted(((float(np.dot(v, q)), i) for i, v in enumerate(vectors)), reverse=True)[:k]
         votes: dict[str, float] = {}
+        members: dict[str, list[float]] = {}
         for s, i in sims:
             votes[labels[i]] = votes.get(labels[i], 0.0) + s
-        out.append(sorted(votes.items(), key=lambda cs: -cs[1]))
+            members.setdefault(labels[i], []).append(s)
+        # Ranked by the vote; each class reports the mean similarity of its neighbours (classify --method knn).
+        out.append([(c, sum(members[c]) / len(members[c])) for c, _ in sorted(votes.items(), key=lambda cs: -cs[1])])
     return out
 
 

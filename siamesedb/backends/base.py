@@ -26,8 +26,13 @@ class VectorBackend(Protocol):
     """Items and their nearest-neighbour search, behind the FAISS (D, I) contract.
 
     Scores: higher is always more similar — the inner product for metric "cosine" (SiameseDB's vectors are
-    L2-normalised, so it is the cosine similarity), minus the Euclidean distance for "euclidean". Where fewer than
-    k results exist, I holds -1 and D holds -inf.
+    L2-normalised, so it is the cosine similarity), minus the Euclidean distance for "euclidean".
+
+    Width: a search answers rows of w = min(k, items held) columns, so a k beyond the collection returns what there
+    is and memory is bounded by the answer, never by k (k = 10**9 on 41 items gives 41 columns; an empty backend
+    gives 0). Where fewer than w results come back (a label filter, an approximate index), I holds -1 and D holds
+    -inf in the remaining columns: padding goes up to the items held, never up to k. A backend with a cap on k
+    (Milvus: 16,384) refuses a k above it only when min(k, items held) is above it too.
 
     Ids are chosen by the caller (SiameseDB allocates them), non-negative int64, never reused within one backend.
     Every write is visible to the next call on any handle of the same backend (read-your-writes).
@@ -113,7 +118,9 @@ class VectorBackend(Protocol):
         nprobe: int | None = None,
         ef_search: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """queries (nq, D) -> (D (nq, k) float32 scores best first, I (nq, k) int64 ids), -inf / -1 padding.
+        """queries (nq, D) -> (D (nq, w) float32 scores best first, I (nq, w) int64 ids), w = min(k, items held),
+        -inf / -1 padding where fewer than w results exist (see the class docstring). k: an integer of at least 1
+        (checks.as_k), else InvalidInputError.
 
         `labels` restricts the candidates (done by the backend, not by filtering k results afterwards, so k hits
         of the wanted labels come back when they exist). `nprobe` (IVF) and `ef_search` (graph indexes) apply to

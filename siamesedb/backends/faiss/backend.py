@@ -24,6 +24,7 @@ from siamesedb.backends.faiss.factory import METRIC_OF_ENCODER
 from siamesedb.backends.faiss.index import VectorIndex
 from siamesedb.backends.faiss.store import ItemStore
 from siamesedb.backends.items import Item, LabelFilter
+from siamesedb.checks import as_k
 from siamesedb.errors import (
     CorruptIndexError,
     DimensionMismatchError,
@@ -270,7 +271,9 @@ class FaissBackend(BackendBase):
     def search(self, queries: np.ndarray, k: int, labels: LabelFilter = None, *, nprobe: int | None = None,
                ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(D, I) from the FAISS index; exact over the store while a type that needs training cannot train yet,
-        and exact over the items of `labels` when given (an episode's support set is small: brute force)."""
+        and exact over the items of `labels` when given (an episode's support set is small: brute force). Rows are
+        min(k, items held) wide (VectorBackend.search)."""
+        k = as_k(k)
         if labels is not None:
             return self._search_within([labels] if isinstance(labels, str) else list(labels), queries, k)
         if self.index.is_trained or self.store.count() == 0:
@@ -282,10 +285,17 @@ class FaissBackend(BackendBase):
     def _search_within(self, labels: list[str], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         with self.store.snapshot():
             parts = [self.store.vectors(label=label) for label in dict.fromkeys(labels)]
+            held = self.store.count()
         ids = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
         corpus = np.concatenate([p[1] for p in parts]) if parts else np.empty((0, self.dimension), np.float32)
         order = np.argsort(ids, kind="stable")  # id order, as a search over all items sees them (ties alike)
-        return self._exact(queries, k, ids[order], corpus[order])
+        D, I = self._exact(queries, k, ids[order], corpus[order])  # min(k, items of those labels) wide
+        width = min(k, held)  # the contract's width: padded up to the items held, never up to k
+        if D.shape[1] < width:
+            pad = width - D.shape[1]
+            D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
+            I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
+        return D, I
 
     def _exact(self, queries: np.ndarray, k: int, ids: np.ndarray, corpus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Brute force over (n, D) `corpus` whose rows are the items `ids`: (D, I) with ids, -1 padding."""

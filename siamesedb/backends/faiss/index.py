@@ -42,7 +42,7 @@ class VectorIndex:
     metric "inner_product" (the default): scores are inner products of L2-normalised vectors (cosine similarity).
     metric "l2": FAISS's METRIC_L2 natively (every factory), and scores are minus the Euclidean distance. Either
     way higher is more similar. Where fewer than k results exist, I holds -1 and D holds -inf, so callers never
-    mistake padding for a hit.
+    mistake padding for a hit; rows are never wider than the vectors held (a huge k is clamped to the collection).
 
     Removal works for every factory: where FAISS cannot remove correctly (HNSW graphs; IVF, whose positions
     IndexIDMap2 would mismatch after a removal), removed ids become tombstones (tombstones.py) that every search
@@ -262,16 +262,18 @@ class VectorIndex:
     def search(
         self, queries: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(D (nq, k) float32 scores best first, I (nq, k) int64 ids); -inf / -1 where fewer than k exist.
+        """(D (nq, w) float32 scores best first, I (nq, w) int64 ids), w = min(k, vectors held): a k beyond the
+        collection returns what there is (memory bounded by the answer, never by k); -inf / -1 where fewer than w
+        results come back (an IVF probe, an HNSW graph).
 
         `nprobe` (IVF: inverted lists visited) and `ef_search` (HNSW: candidate list size) apply to this call only;
         bigger means slower and closer to exact. Exact engines (Flat, the torch search) accept and ignore them.
         """
-        k = as_k(k)
+        k = min(as_k(k), self.ntotal)
         queries = as_vectors(queries, self.dim, "queries")
         nprobe, ef_search = self._check_params(nprobe, ef_search)
         nq = len(queries)
-        if self.ntotal == 0 or nq == 0:
+        if k == 0 or nq == 0:
             return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
         if self.engine != "faiss":
             D, I = self._accelerated_search(queries, k, nprobe)

@@ -1,8 +1,8 @@
 """Exact top-k search in torch (inner product, or L2 as minus the distance): a chunked matrix product + top-k, on a
 GPU or (for tests) the CPU.
 
-The same (D, I) contract as VectorIndex.search: D (nq, k) float32 scores best first, I (nq, k) int64 ids, padded
-with -inf / -1 when the collection holds fewer than k vectors. Used where FAISS has no GPU support but torch sees a
+The same (D, I) contract as VectorIndex.search: D (nq, w) float32 scores best first, I (nq, w) int64 ids, with
+w = min(k, vectors held): a k beyond the collection returns what there is, never (nq, k) arrays of padding. Used where FAISS has no GPU support but torch sees a
 GPU; results equal FAISS Flat's up to float rounding (ties between equal scores may order differently).
 torch is imported when a TorchExactSearch is made, never when this module is: the backends stay numpy-only until a
 search is asked to run on torch.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from siamesedb.checks import as_k
 from siamesedb.errors import DimensionMismatchError, InvalidInputError
 
 # Most scores held at once: a (query rows, corpus rows) float32 block of this many entries (~256 MB).
@@ -54,9 +55,9 @@ class TorchExactSearch:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise DimensionMismatchError(f"queries have shape {queries.shape}, the corpus holds {self.dim}-d vectors")
         nq, n = len(queries), len(self)
-        D = np.full((nq, k), -np.inf, dtype=np.float32)
-        I = np.full((nq, k), -1, dtype=np.int64)
-        take = min(k, n)
+        take = min(as_k(k), n)  # the answer's width: memory bounded by the collection, not by k
+        D = np.full((nq, take), -np.inf, dtype=np.float32)
+        I = np.full((nq, take), -1, dtype=np.int64)
         if nq == 0 or take == 0:
             return D, I
         with self._torch.inference_mode():

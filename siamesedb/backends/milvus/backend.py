@@ -333,14 +333,20 @@ class MilvusBackend(BackendBase, RowReads, MetaRecord):
         nprobe: int | None = None,
         ef_search: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        k = as_k(k, MAX_TOPK)
+        k = as_k(k)
         queries = as_vectors(queries, self.dimension, "queries")  # (nq, D) float32
         nprobe, ef_search = as_positive(nprobe, "nprobe"), as_positive(ef_search, "ef_search")
         expression = label_filter(labels)
         nq = len(queries)
+        # Rows of min(k, items held) columns (VectorBackend.search): a k beyond the collection returns what there
+        # is; Milvus's cap on k refuses only a search that would really need more than MAX_TOPK results.
+        held = self.count()
+        if min(k, held) > MAX_TOPK:
+            raise InvalidInputError(f"k must be at most {MAX_TOPK} on this backend (it holds {held} items), got {k}")
+        k = min(k, held)
         scores = np.full((nq, k), -np.inf, dtype=np.float32)
         ids = np.full((nq, k), -1, dtype=np.int64)
-        if nq == 0 or expression is None:
+        if nq == 0 or k == 0 or expression is None:
             return scores, ids
         nprobe = self._search_defaults.get("nprobe") if nprobe is None else nprobe
         ef_search = self._search_defaults.get("ef_search") if ef_search is None else ef_search
