@@ -53,11 +53,15 @@ def register_backbone(name: str, *, bf16_faster: bool = False, embedding_dim: in
 
 
 def get_backbone(name: str) -> Backbone:
-    """The registry entry of `name`; an unknown name is an EncoderError listing the known ones."""
+    """The registry entry of `name` (`hf:HUB_ID_OR_DIR`: the pretrained entry); an unknown name is an EncoderError
+    listing the known ones."""
+    if isinstance(name, str) and name.startswith(PRETRAINED_PREFIX):
+        return PRETRAINED
     try:
         return BACKBONES[name]
     except KeyError:
-        raise EncoderError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}") from None
+        raise EncoderError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}, "
+                           f"or {PRETRAINED_PREFIX}HUB_ID_OR_DIR (a Hugging Face vision model)") from None
 
 
 def create_backbone(name: str, *, channels: int, embedding_dim: int, image_size: tuple[int, int],
@@ -71,6 +75,25 @@ def create_backbone(name: str, *, channels: int, embedding_dim: int, image_size:
     if width is not None:
         options["width"] = width
     return backbone.factory(channels=channels, embedding_dim=embedding_dim, image_size=image_size, **options)
+
+
+PRETRAINED_PREFIX = "hf:"
+
+
+def _pretrained(*, channels: int, embedding_dim: int, image_size: tuple[int, int], width: int = 0,
+                pretrained: dict | None = None) -> nn.Module:
+    """A Hugging Face vision model (`hf:HUB_ID_OR_DIR`, siamesedb.pretrained) rebuilt from the description an
+    encoder's config keeps (`pretrained`); the common arguments come from the model itself and are not used.
+    A new one is made from its source with `Encoder.from_pretrained`."""
+    if not pretrained:
+        raise EncoderError("an hf: backbone is made from its source with Encoder.from_pretrained (or train --backbone "
+                           "hf:... --epochs 0), not from a bare config")
+    from siamesedb.pretrained import net_from_spec
+
+    return net_from_spec(pretrained)
+
+
+PRETRAINED = Backbone("hf", _pretrained)  # every hf:... name; not in BACKBONES (no one name)
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:

@@ -218,8 +218,9 @@ def info(index_dir: Path, list_labels: bool, as_json: bool) -> None:
     extras = "".join([f", {enc['members']} members" if enc["members"] > 1 else "",
                       ", whitened" if enc["whitening"] else "",
                       f", test-time shift {enc['test_time_shift']}" if enc["test_time_shift"] else ""])
+    size = f", {enc['parameters']:,} parameters ({enc['parameters'] * 4 / 1e6:.1f} MB)" if enc.get("parameters") else ""
     click.echo(f"encoder    {enc['backbone']} {enc['name']} (fingerprint {enc['fingerprint']}, input {enc['image_size']}"
-               f"{extras})")
+               f"{size}{extras})")
     for rule, cal in sorted((summary.get("calibrations") or {}).items()):
         latest = " (verify's default rule)" if calibration and calibration.get("rule") == rule else ""
         stale = f", stale: the index changed since ({cal['items_now']} items now)" if cal.get("stale") else ""

@@ -34,7 +34,8 @@ from siamesedb.scoring import METRICS
 @click.option("--margin", type=float, default=None, help="Margin of the contrastive / triplet loss.")
 @click.option("--backbone", default=None,
               help="Backbone: a name in siamesedb/backbones.py's registry, e.g. conv4, conv4map, resnet, signet, mlp "
-                   "(default: the recipe's); an unknown name lists them all.")
+                   "(default: the recipe's); an unknown name lists them all. hf:HUB_ID_OR_DIR: a pretrained Hugging "
+                   "Face vision model (pip install siamesedb[pretrained]); with --epochs 0 its own embedding, untrained.")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None,
               help="Input channels: 1 grey, 3 colour (default: 3 when the sampled images carry colour).")
 @click.option("--invert/--no-invert", default=None,
@@ -76,6 +77,9 @@ from siamesedb.scoring import METRICS
 @click.option("--seed", type=int, default=None, help="Random seed (runs are deterministic on CPU).")
 @click.option("--init", "init", default=None, metavar="NAME_OR_DIR",
               help="Start from this encoder's weights (same backbone and input size): fine-tune it.")
+@click.option("--unfreeze", type=click.IntRange(0), default=None, metavar="N",
+              help="hf: backbones: also fine-tune the model's last N blocks (default 0: only a linear head, trained "
+                   "on the frozen model's features, computed once per image).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
 @device_option
 @quiet_option
@@ -88,7 +92,7 @@ def train(folder: Path, out_dir: Path, loss: str | None, time_budget: str | None
           color_jitter: float | None, precision: str | None,
           augment_strength: float | None, forgery_episodes: bool | None,
           within_group: float | None, val_fraction: float | None, seed: int | None, init: str | None,
-          resume: bool, device: str, quiet: bool, metric: str | None = None, hidden: str | None = None,
+          unfreeze: int | None, resume: bool, device: str, quiet: bool, metric: str | None = None, hidden: str | None = None,
           dropout: float | None = None) -> None:
     """Train a Siamese encoder on a labelled FOLDER (twin networks, shared weights).
 
@@ -111,6 +115,8 @@ def train(folder: Path, out_dir: Path, loss: str | None, time_budget: str | None
       siamesedb train ~/svc2004 --out runs/signatures --groups U01-U30 --loss contrastive \\
           --backbone signet --image-size 64 --image-width 128 --keep-aspect
       siamesedb train ~/mnist --out runs/mlp --backbone mlp --loss contrastive --margin 2 --metric euclidean
+      siamesedb train ~/photos --out runs/dino --backbone hf:facebook/dinov2-small --epochs 0
+      siamesedb train ~/photos --out runs/dino-ft --backbone hf:facebook/dinov2-small --time-budget 20m --unfreeze 2
     """
     from siamesedb.recipe import DEFAULT_TIME_BUDGET, choose_recipe, inspect_folder, train_settings
     from siamesedb.training import TrainConfig, parse_duration, train as run_training
@@ -124,6 +130,7 @@ def train(folder: Path, out_dir: Path, loss: str | None, time_budget: str | None
         "forgery_episodes": forgery_episodes, "init": init, "within_group": within_group,
         "val_fraction": val_fraction, "channels": int(channels) if channels else None, "invert": invert,
         "flip": flip, "color_jitter": color_jitter, "precision": precision, "patience": patience,
+        "unfreeze": unfreeze,
     }
     overrides.update(_mlp_and_metric_options(backbone, embedding_dim, metric, hidden, dropout))
     given = {key: value for key, value in overrides.items() if value is not None}
@@ -134,8 +141,12 @@ def train(folder: Path, out_dir: Path, loss: str | None, time_budget: str | None
     say(f"looked at {profile.sampled} of {profile.images} images ({profile.classes} classes, {profile.groups} groups, "
         f"{profile.per_class_min}-{profile.per_class_median:g} images per class, median "
         f"{profile.median_width:g}x{profile.median_height:g} px): {recipe.domain}")
-    for line in recipe.lines():
-        say(line)
+    pretrained = bool(backbone) and backbone.startswith("hf:")
+    for key, line in zip(recipe.reasons, recipe.lines()):
+        if not (pretrained and key in _PRETRAINED_OWN):
+            say(line)
+    if pretrained:
+        say("  input, preprocessing and embedding = the model's own  (its image processor; no image augmentation)")
     settings = train_settings(recipe)
     if (epochs is not None or steps_per_epoch is not None) and time_budget is None:
         settings.pop("patience")  # a fixed schedule runs to its end, as before, unless --patience is given
@@ -147,8 +158,21 @@ def train(folder: Path, out_dir: Path, loss: str | None, time_budget: str | None
     settings.update(given)
     settings["recipe"] = {"domain": recipe.domain, "reasons": recipe.reasons, "profile": profile.to_dict()}
     config = TrainConfig(**settings)
-    encoder = run_training(folder, out_dir, config, progress=not quiet, resume=resume, log=say, started=started)
+    if config.backbone.startswith("hf:"):  # a pretrained Hugging Face model (siamesedb.pretrained_train)
+        from siamesedb.pretrained_train import train_pretrained
+
+        if resume:
+            raise click.UsageError("--resume is not available for hf: backbones yet; run again without it")
+        encoder = train_pretrained(folder, out_dir, config, log=say, started=started, head_dim=embedding_dim,
+                                   progress=not quiet)
+    else:
+        encoder = run_training(folder, out_dir, config, progress=not quiet, resume=resume, log=say, started=started)
     click.echo(f"saved encoder {encoder.fingerprint} ({encoder.config.backbone}, {encoder.dimension}-d) to {out_dir}")
+
+
+# Recipe choices an hf: backbone makes itself (its image processor, its embedding) or does not use (augmentation).
+_PRETRAINED_OWN = frozenset({"image_size", "image_width", "keep_aspect", "width", "embedding_dim", "channels", "invert",
+                             "augment", "augment_strength", "flip", "color_jitter", "precision"})
 
 
 def _mlp_and_metric_options(backbone: str | None, embedding_dim: int | None, metric: str | None, hidden: str | None,

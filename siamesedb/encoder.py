@@ -113,6 +113,9 @@ class EncoderConfig:
     # for the out-of-domain warning.
     pair_calibration: dict[str, Any] = field(default_factory=dict)
     data_profile: dict[str, Any] = field(default_factory=dict)
+    # hf: backbones only (siamesedb.pretrained): source (hub id or folder), model class and config, pooling, the
+    # feature and head sizes, the sha256 and parameter count of the weights it was built from.
+    pretrained: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -126,7 +129,7 @@ class EncoderConfig:
         options = set(self.backbone_options)
         if options:  # only backbones whose factory takes these options (the mlp) accept them
             takers = [name for name, entry in BACKBONES.items() if options <= entry.options]
-            if self.backbone not in takers:
+            if not options <= get_backbone(self.backbone).options:
                 raise EncoderError(f"hidden sizes and dropout apply to the {' / '.join(takers)} backbone, "
                                    f"not {self.backbone!r}")
         if self.precision not in PRECISIONS:
@@ -146,7 +149,8 @@ class EncoderConfig:
     @property
     def backbone_options(self) -> dict[str, Any]:
         """The backbone's own keyword options this config sets (`create_backbone(..., **options)`)."""
-        return {key: value for key, value in (("hidden", self.hidden), ("dropout", self.dropout)) if value is not None}
+        return {key: value for key, value in (("hidden", self.hidden), ("dropout", self.dropout),
+                                              ("pretrained", self.pretrained or None)) if value is not None}
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -175,6 +179,8 @@ class EncoderConfig:
             d["pair_calibration"] = self.pair_calibration
         if self.data_profile:
             d["data_profile"] = self.data_profile
+        if self.pretrained:  # only when set: other encoders keep their fingerprints
+            d["pretrained"] = self.pretrained
         return d
 
     @property
@@ -202,6 +208,7 @@ class EncoderConfig:
             precision=d.get("precision", "float32"),
             pair_calibration=dict(d.get("pair_calibration", {})),
             data_profile=dict(d.get("data_profile", {})),
+            pretrained=dict(d.get("pretrained", {})),
         )
 
 
@@ -253,6 +260,28 @@ class Encoder:
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
+
+    @property
+    def parameters(self) -> int:
+        """How many numbers the net holds (its size: 4 bytes each in model.safetensors)."""
+        return int(sum(p.numel() for p in self.net.parameters()))
+
+    @classmethod
+    def from_pretrained(cls, source: str, head: int | bool | None = None, device: str | torch.device = "cpu",
+                        name: str = "") -> Encoder:
+        """An encoder on a Hugging Face vision model (`hf:HUB_ID_OR_DIR` or the bare id / folder): its own image
+        processor, its image embedding (siamesedb.pretrained), L2-normalised; `head`: a linear head after it for
+        fine-tuning (True: at the model's own dimension, identity-initialised; a number: that output size). Saved
+        self-contained: weights, processor settings, source and sha256."""
+        from siamesedb.pretrained import PREFIX, load_source, source_of
+
+        source = source_of(str(source))
+        loaded = load_source(source, head=head)
+        config = EncoderConfig(backbone=PREFIX + source, embedding_dim=loaded.net.dimension, width=0,
+                               preprocessing=Preprocessing(size=loaded.size, channels=3, invert=False,
+                                                           processor=loaded.processor),
+                               name=name, pretrained=loaded.spec)
+        return cls(config, net=loaded.net, device=device)
 
     @property
     def normalizes(self) -> bool:

@@ -226,6 +226,9 @@ class Preprocessing:
     mean: float = 0.0
     std: float = 1.0
     keep_aspect: bool = False  # fit inside size and pad with background (signatures are wide)
+    # A Hugging Face image processor's settings (hf: backbones, siamesedb.pretrained): when set, it alone turns the
+    # image (made RGB) into pixel values; `size` is then its output size and the fields above are not used.
+    processor: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -247,6 +250,10 @@ class Preprocessing:
         """PIL image -> (C, H, W) float32 numpy array (what to_tensor wraps; numpy only, so safe in worker processes)."""
         if image.mode not in ("L", "RGB"):
             image = _to_l_or_rgb(image)
+        if self.processor is not None:
+            from siamesedb.pretrained import process
+
+            return process(self.processor, image)
         wanted = "L" if self.channels == 1 else "RGB"
         if image.mode != wanted:
             image = image.convert(wanted)
@@ -282,7 +289,7 @@ class Preprocessing:
         return torch.from_numpy(self.to_array(image))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "size": list(self.size),
             "channels": self.channels,
             "invert": self.invert,
@@ -290,11 +297,14 @@ class Preprocessing:
             "std": self.std,
             "keep_aspect": self.keep_aspect,
         }
+        if self.processor is not None:  # only when set: other encoders keep their fingerprints
+            d["processor"] = self.processor
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         """Inverse of to_dict; unknown keys are ignored so older readers accept newer configs."""
-        known = {k: d[k] for k in ("size", "channels", "invert", "mean", "std", "keep_aspect") if k in d}
+        known = {k: d[k] for k in ("size", "channels", "invert", "mean", "std", "keep_aspect", "processor") if k in d}
         if "size" in known:
             known["size"] = tuple(known["size"])
         return cls(**known)

@@ -360,6 +360,8 @@ class IndexQueries:
                 "backbone": self.encoder.config.backbone,
                 "name": self.manifest.get("encoder", {}).get("name", ""),
                 "image_size": list(self.encoder.config.preprocessing.size),
+                "parameters": self.encoder.parameters,  # its size: 4 bytes each in model.safetensors
+                "source": self.encoder.config.pretrained.get("source"),  # hf: backbones: the hub id or folder
                 "members": self.encoder.config.members,  # > 1: an ensemble (tools/ensemble.py)
                 "whitening": self.encoder.config.whitening,
                 "test_time_shift": self.encoder.config.test_time_shift,

@@ -105,12 +105,15 @@ class TrainConfig:
     patience: int | None = None  # stop after this many epochs without a better validation score (None: never)
     final_episodes: int = 1000  # episodes of the final held-out score (with its 95% interval)
     recipe: dict[str, Any] | None = None  # what siamesedb.recipe saw and chose, with a reason per choice (record only)
+    unfreeze: int = 0  # hf: backbones: also train the model's last this-many blocks (0: the head only, on cached features)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise InvalidInputError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
-        if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 2:
-            raise InvalidInputError("epochs and steps per epoch must be >= 1, batch size >= 2")
+        # hf: backbones only: epochs 0 keeps the pretrained embedding as it is (siamesedb.pretrained_train).
+        if (self.epochs < (0 if self.backbone.startswith("hf:") else 1) or self.steps_per_epoch < 1
+                or self.batch_size < 2):
+            raise InvalidInputError("epochs and steps per epoch must be >= 1 (epochs 0: hf: backbones), batch size >= 2")
         if self.rotate_classes and self.image_width not in (None, self.image_size):
             raise InvalidInputError("rotate_classes needs square inputs (image_width equal to image_size)")
         if not 0.0 <= self.within_group <= 1.0:
@@ -122,6 +125,8 @@ class TrainConfig:
         if self.hidden is not None and "hidden" not in get_backbone(self.backbone).options or (
                 self.dropout is not None and "dropout" not in get_backbone(self.backbone).options):
             raise InvalidInputError(f"--hidden and --dropout apply to the mlp backbone, not {self.backbone!r}")
+        if self.unfreeze and not (self.backbone.startswith("hf:") and self.unfreeze > 0):
+            raise InvalidInputError(f"--unfreeze applies to hf: backbones (a number of blocks >= 0), not {self.backbone!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise InvalidInputError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
         if self.precision not in PRECISIONS:
@@ -417,7 +422,7 @@ def _finish(final: Encoder, folder: str | os.PathLike, out: Path, config: TrainC
         notes["held_out"] = {"way": val_way, "shot": 1, "accuracy": accuracy, "ci95": ci,
                              "episodes": config.final_episodes, "classes": held}
         log(f"held-out score: {val_way}-way 1-shot {accuracy:.2%} ± {ci:.2%} (95% CI, {config.final_episodes} episodes "
-            f"on the {held} held-out classes, which also chose the best epoch)")
+            f"on the {held} held-out classes" + (", which also chose the best epoch)" if state["epoch"] else ")"))
         notes.update(pair_threshold(final, data.x_val, data.y_val, seed=config.seed, forgery_of=forgeries))
         if forgeries:
             notes["held_out"]["pair_eer"] = notes["pair_eer"]
