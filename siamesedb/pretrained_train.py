@@ -29,31 +29,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from siamesedb.batches import BATCH_KINDS
-from siamesedb.data import iter_batches, scan_folder, select_groups
 from siamesedb.encoder import Encoder, resolve_device
 from siamesedb.episodes import run_episodes
 from siamesedb.errors import InvalidInputError
 from siamesedb.losses import LOSS_RECIPES
 from siamesedb.pretrained import PretrainedNet, is_pretrained, source_of
 from siamesedb.schedule import fit_schedule, time_steps
-from siamesedb.training import TrainConfig, _Classes, _finish, _split_for_training
+from siamesedb.training import TrainConfig, _Classes, _finish, _load_folder, _split_for_training
 
 BACKBONE_LR_SCALE = 0.1  # unfrozen pretrained blocks learn at this fraction of the head's learning rate
-
-
-def _load_images(folder: Path, encoder: Encoder, config: TrainConfig,
-                 log: Callable[[str], None]) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    """Every readable image of the folder through the model's own image processor: (pixels, class index, names)."""
-    images = select_groups(scan_folder(folder), config.groups)
-    chunks, kept_labels, skipped = [], [], 0
-    for kept, tensor, bad in iter_batches(images, encoder.config.preprocessing, batch_size=256, workers=config.workers):
-        chunks.append(tensor)
-        kept_labels.extend(images[i].label for i in kept)
-        skipped += len(bad)
-    if skipped:
-        log(f"skipped {skipped} unreadable files")
-    names, index = np.unique(np.asarray(kept_labels, dtype=object).astype(str), return_inverse=True)
-    return torch.cat(chunks), index.astype(np.int64), [str(n) for n in names]
 
 
 def train_pretrained(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig,
@@ -86,7 +70,7 @@ def train_pretrained(folder: str | os.PathLike, out_dir: str | os.PathLike, conf
     log(f"backbone {config.backbone}: {spec['model_class']}, {spec['parameters']:,} parameters, its {spec['pooling']} "
         f"embedding ({spec['feature_dim']}-d) after its own image processor "
         f"({encoder.config.preprocessing.size[0]}x{encoder.config.preprocessing.size[1]} px); {what}")
-    images, labels, names = _load_images(Path(folder), encoder, config, log)
+    images, labels, names = _load_folder(Path(folder), config, log, encoder.config.preprocessing, batch_size=256)
     data = _split_for_training(folder, images, labels, names, config, log)
     state: dict[str, Any] = {"epoch": 0, "history": [], "best_epoch": None, "best_val": None}
     if trains:

@@ -168,11 +168,14 @@ def use_bf16(precision: str, device: torch.device, backbone: str) -> bool:
     return device.type == "cpu" and get_backbone(backbone).bf16_faster and cpu_has_native_bf16()
 
 
-def _load_folder(folder: Path, config: TrainConfig, log: Callable[[str], None]) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    """Every readable image of the folder: ((N, C, H, W) float32, class index (N,), class names)."""
+def _load_folder(folder: Path, config: TrainConfig, log: Callable[[str], None], preprocessing: Preprocessing | None = None,
+                 batch_size: int = 512) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """Every readable image of the folder: ((N, C, H, W) float32, class index (N,), class names), preprocessed as
+    `config` says, or by `preprocessing` (a pretrained model's own image processor)."""
     images = select_groups(scan_folder(folder), config.groups)
     chunks, kept_labels, skipped = [], [], 0
-    for kept, tensor, bad in iter_batches(images, config.preprocessing(), batch_size=512, workers=config.workers):
+    preprocessing = preprocessing or config.preprocessing()
+    for kept, tensor, bad in iter_batches(images, preprocessing, batch_size=batch_size, workers=config.workers):
         chunks.append(tensor)
         kept_labels.extend(images[i].label for i in kept)
         skipped += len(bad)
