@@ -32,7 +32,7 @@ from siamesedb.layout import (DEFAULT_HOME, ENCODER_DIR, FORMAT_VERSION, MANIFES
 from siamesedb.locking import LOCK_FILE, OWNER_FILE, IndexWriteLock
 from siamesedb.reading import verify_pair
 from siamesedb.results import SearchResults
-from siamesedb.writing import IndexWrites
+from siamesedb.writing import IndexWrites, with_shared
 
 __all__ = ["SiameseDB", "BuildReport", "verify_pair", "CLASSIFY_METHODS", "DEFAULT_HOME", "MANIFEST_FILE",  # noqa: F822
            "STORE_FILE", "VECTORS_FILE", "ENCODER_DIR", "FORMAT_VERSION", "MIN_GENUINE_PAIRS", "MIN_IMPOSTOR_PAIRS"]
@@ -354,6 +354,11 @@ class SiameseDB(IndexWrites):
         lock = _lock or IndexWriteLock(path, timeout=lock_timeout)
         opened = open_backend(path, manifest, encoder.config.metric,
                               {"device": device, "search_backend": search_backend})
+        try:
+            manifest = with_shared(manifest, opened)  # what every host shares (Milvus: calibrations) over the folder's
+        except BaseException:
+            opened.close()
+            raise
         db = cls(path, opened, encoder, manifest, lock)
         if not db.backend.fresh and lock.try_acquire():
             # Save the rebuilt FAISS file only when no writer is at work (never wait: a reader must not block). A
@@ -404,11 +409,12 @@ class SiameseDB(IndexWrites):
     def refresh(self) -> bool:
         """Catch up with writes another process made to this index (a server's view of it). Returns whether it did.
 
-        Reads only: the manifest is re-read, and the backend catches up (the embedded one reloads its FAISS file
+        Reads only: the manifest is re-read (with what the backend shares between hosts merged over it: another
+        host's calibration), and the backend catches up (the embedded one reloads its FAISS file
         when that mirrors the store's current version, else rebuilds it in memory; never written here, so a reader
         can never race the writer for the files). Caches follow the backend's version by themselves.
         """
-        manifest = read_manifest(self.path)
+        manifest = with_shared(read_manifest(self.path), self.backend)  # and what other hosts published
         version = self.backend.version
         if manifest == self.manifest and self.manifest.get("vectors_store_version", version) == version:
             return False  # nothing changed (this object's own writes keep the two in step)

@@ -33,6 +33,22 @@ from siamesedb.reading import IndexQueries
 TRAINING_SAMPLE_ROWS = 131072  # rows of a bulk add an untrained index type (IVF / PQ) may train on
 
 
+def with_shared(manifest: dict[str, Any], backend: Any) -> dict[str, Any]:
+    """`manifest` with the fields its backend keeps for every host merged over it (VectorBackend.shared_fields:
+    Milvus's calibrations; a dict field entry by entry, so a rule only this folder calibrated stays)."""
+    shared = backend.shared_fields()
+    if not shared:
+        return manifest
+    merged = dict(manifest)
+    for name, value in shared.items():
+        mine = merged.get(name)
+        merged[name] = {**mine, **value} if isinstance(mine, dict) and name in SHARED_PER_ENTRY else value
+    return merged
+
+
+SHARED_PER_ENTRY = ("calibrations",)  # shared manifest fields kept one entry (one rule) per row
+
+
 def _locked_write(method):
     """Run a public write under the index's write lock (see IndexWrites._writing)."""
 
@@ -95,7 +111,7 @@ class IndexWrites(IndexQueries):
     def _catch_up(self) -> None:
         """Under the write lock: drop leftovers of crashed writers, re-read the manifest, let the backend catch up."""
         remove_temporaries(self.path)
-        self.manifest = read_manifest(self.path)
+        self.manifest = with_shared(read_manifest(self.path), self.backend)
         self.backend.catch_up(self.manifest)
 
     def _save(self) -> None:
@@ -363,6 +379,9 @@ class IndexWrites(IndexQueries):
         than MIN_GENUINE_PAIRS genuine or MIN_IMPOSTOR_PAIRS impostor pairs.
         """
         calibration = calibrate_items(self.backend, rule, target_far, self.metric, self.path)
+        # Every host reaching the backend sees it (Milvus: the collection's side collection; FAISS: a no-op).
+        self.backend.publish({"calibrations": {rule: calibration}, "calibration": calibration},
+                             per_entry=SHARED_PER_ENTRY)
         self.manifest["calibrations"] = {**self.calibrations, rule: calibration}
         self.manifest["calibration"] = calibration  # the latest one: the rule `verify` uses when given none
         try:
@@ -372,4 +391,4 @@ class IndexWrites(IndexQueries):
         return calibration
 
 
-__all__ = ["IndexWrites", "TRAINING_SAMPLE_ROWS"]
+__all__ = ["IndexWrites", "SHARED_PER_ENTRY", "TRAINING_SAMPLE_ROWS", "with_shared"]

@@ -277,10 +277,11 @@ def test_a_second_process_is_told_one_process_per_lite_file(lite, tmp_path):
     assert second.stdout.startswith("IndexLockedError"), second.stdout + second.stderr
     assert "one process at a time" in second.stdout and "Milvus server" in second.stdout
     assert len(second.stdout.strip().splitlines()) == 1 and second.stderr == ""  # one line, no traceback logged
-    assert holder.remove([2]) == 1  # version 2 (add, remove), id mark 2
+    assert holder.remove([2]) == 1  # version 3 (the add's STORED + WRITE log rows, the remove's WRITE), ids to 3
     holder.close()
     third = _run(code)  # once the holder closes it, another process opens the file and sees what was written
-    assert third.stdout.strip() == "OPENED 3 3 [3]", third.stdout + third.stderr  # id 2 is not handed out again
+    # Id 2 is not handed out again; the add moved the version by two (its claim, then its WRITE row).
+    assert third.stdout.strip() == "OPENED 3 5 [3]", third.stdout + third.stderr
 
 
 def test_backend_import_is_numpy_only_and_names_the_extra_when_pymilvus_is_missing(tmp_path):
@@ -438,11 +439,12 @@ def test_ids_are_never_reused_and_the_version_survives_reopening(lite):
     reopened = lite()
     assert reopened.version == version
     np.testing.assert_array_equal(add(reopened), [103])
-    assert reopened.version == version + 1
+    assert reopened.version == version + 2  # its claim, then its WRITE row
     with reopened.snapshot():  # a no-op on Milvus, but a context manager as the protocol says
         assert reopened.count() == 7  # 1 2 3 4 6 100 103
     # A collection made before the id record existed: its mark starts at the highest id held.
-    reopened._call("drop_collection", reopened.meta_collection)
+    for name in reopened.side_collections():  # the meta record and the log came later
+        reopened._call("drop_collection", name)
     reopened.close()
     legacy = lite()
     assert legacy.version == 0

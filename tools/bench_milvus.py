@@ -9,18 +9,28 @@ Data: tools/bench_search.py's clustered unit vectors (Gaussian blobs, classes ga
 Timing: one warm-up per engine, then --runs timed runs in rotating order (load drift hits all alike), median.
 Batch 1 times the first --single queries one at a time; batch 100 times all queries in batches of 100.
 
+--server-uri URI adds a Milvus server (standalone or cluster) beside Milvus Lite: the same collection per index type
+(dropped at the end), and --writers 1,2,4: single-item adds/s with that many concurrent writer processes on one
+server collection (each add reserves its ids through the collection's log: backends/milvus/meta.py), median of
+--runs.
+
 Run:  python tools/bench_milvus.py                 # 100k x 64, FLAT + IVF_FLAT + HNSW
       python tools/bench_milvus.py --n 20000 --runs 3 --index-types FLAT
+      python tools/bench_milvus.py --index-types FLAT --server-uri http://127.0.0.1:19530 --writers 1,2,4
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +90,39 @@ def rates(engines: dict, queries: np.ndarray, single: int, runs: int) -> dict[st
     return {name: (statistics.median(batch1[name]), statistics.median(batch100[name])) for name in names}
 
 
+WRITER = """
+import json, sys, time
+import numpy as np
+from siamesedb.backends.milvus import MilvusBackend
+uri, name, dim, adds, start, w = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
+backend = MilvusBackend(uri, name, dim)
+vectors = np.random.default_rng(int(w)).normal(size=(adds, dim)).astype(np.float32)
+while time.time() < start:
+    time.sleep(0.005)
+began = time.perf_counter()
+for i in range(adds):
+    backend.add(None, ["w" + w], [f"{w}/{i}"], [f"{w}/{i}"], vectors[i : i + 1])
+print(json.dumps({"seconds": time.perf_counter() - began, "ended": time.time()}))
+"""
+
+
+def writer_rate(uri: str, dim: int, writers: int, adds: int) -> float:
+    """Single-item adds/s of `writers` concurrent processes on one fresh server collection (all start together;
+    from the common start to the last one's end)."""
+    name = f"bench_writers_{uuid.uuid4().hex[:8]}"
+    MilvusBackend(uri, name, dim).close()
+    start = time.time() + 3 + writers  # every process connected before the first add
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, name, str(dim), str(adds), str(start), str(w)],
+                              stdout=subprocess.PIPE, text=True) for w in range(writers)]
+    ended = max(json.loads(proc.communicate()[0])["ended"] for proc in procs)
+    backend = MilvusBackend(uri, name, dim, must_exist=True)
+    try:
+        assert backend.count() == writers * adds and len(set(backend.vectors()[0].tolist())) == writers * adds
+    finally:
+        backend.drop()
+    return writers * adds / (ended - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000)
@@ -90,6 +133,10 @@ def main() -> None:
     parser.add_argument("--insert-batch", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--index-types", default="FLAT,IVF_FLAT,HNSW", help=f"Comma-separated, of {', '.join(PAIRS)}.")
+    parser.add_argument("--server-uri", default=None, help="Also a Milvus server: search q/s, and --writers.")
+    parser.add_argument("--writers", default="", help="Comma-separated writer counts for the adds/s (needs "
+                        "--server-uri), e.g. 1,2,4")
+    parser.add_argument("--writer-adds", type=int, default=100, help="Single-item adds per writer per run.")
     args = parser.parse_args()
     kinds = [kind.strip() for kind in args.index_types.split(",")]
     if any(kind not in PAIRS for kind in kinds):
@@ -118,8 +165,29 @@ def main() -> None:
     engines: dict = {}
     built: dict[str, str] = {}
     backends: list[MilvusBackend] = []
+    if args.server_uri and args.writers:
+        for writers in [int(w) for w in args.writers.split(",")]:
+            runs = [writer_rate(args.server_uri, args.dim, writers, args.writer_adds) for _ in range(args.runs)]
+            print(f"server writers {writers}: {statistics.median(runs):,.1f} adds/s (single-item adds, "
+                  f"{writers} x {args.writer_adds}, median of {args.runs}: "
+                  + ", ".join(f"{r:.1f}" for r in runs) + ")", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_milvus_") as folder:
         for kind in kinds:
+            if args.server_uri:
+                build_params, _, knobs = PAIRS[kind]
+                server = MilvusBackend(args.server_uri, f"bench_{kind.lower()}_{uuid.uuid4().hex[:8]}", args.dim,
+                                       metric="cosine", index_type=kind, build_params=build_params,
+                                       search_defaults=knobs)
+                backends.append(server)
+                started = time.perf_counter()
+                for start in range(0, args.n, args.insert_batch):
+                    stop = start + args.insert_batch
+                    server.add(ids[start:stop], labels[start:stop], paths[start:stop], hashes[start:stop],
+                               corpus[start:stop])
+                server_insert = args.n / (time.perf_counter() - started)
+                server.search(queries[:1], K)
+                engines[f"milvus-server {kind}"] = (lambda m: lambda q: m.search(q, K)[1])(server)
+                built[f"milvus-server {kind}"] = f"{server_insert:,.0f}"
             build_params, factory, knobs = PAIRS[kind]
             milvus = MilvusBackend(Path(folder) / "bench.db", kind.lower(), args.dim, metric="cosine",
                                    index_type=kind, build_params=build_params, search_defaults=knobs)
@@ -161,7 +229,7 @@ def main() -> None:
         for name, (one, hundred) in measured.items():
             print(f"{name:<24} {built[name]:>26} {one:>12,.0f} {hundred:>14,.0f} {recalls[name]:>10.4f}")
         for milvus in backends:
-            milvus.close()
+            milvus.drop() if not milvus.lite else milvus.close()
 
 if __name__ == "__main__":
     main()

@@ -152,6 +152,108 @@ def run_operation(operation: str, index: str, source: str, extra: str, log_path:
     log({"event": "done"})
 
 
+def server_writer(index: str, prefix: str, extra: str, log_path: str, batch_size: int, seed: int,
+                  remove: str | None) -> None:
+    """--milvus-server / --milvus-uri: one of several writers (each on its own copy of the index folder, "a host")
+    adding to one server collection at once: optionally removes label `remove` first, then adds the images of
+    `extra` under labels `prefix/<label>` in batches of 1..batch_size, every commit logged."""
+    _quiet_child()
+    _log_commits(log_path, "milvus")
+    from siamesedb.data import scan_folder
+    from siamesedb.db import SiameseDB
+    from siamesedb.errors import UnknownLabelError
+
+    rng = random.Random(seed)
+    with SiameseDB.open(index) as db:
+        if remove:
+            try:
+                db.remove(label=remove)
+            except UnknownLabelError:  # that trial's writer was killed before it added anything
+                pass
+        images = scan_folder(extra)
+        rng.shuffle(images)
+        while images:
+            size = rng.randint(1, batch_size)
+            batch, images = images[:size], images[size:]
+            db.add([im.path for im in batch], [f"{prefix}/{im.label}" for im in batch])
+    _log_commits.log({"event": "done"})  # type: ignore[attr-defined]
+
+
+def check_server(index: str, log_paths: list[str], before: list) -> dict:
+    """In a fresh process, after the writers of one server trial were killed (or finished): the index opens, every
+    committed add is there once, no id is held twice, a batch in flight is all there or not at all."""
+    _quiet_child()
+    from siamesedb.db import SiameseDB
+
+    counts: collections.Counter = collections.Counter()
+    try:
+        db = SiameseDB.open(index, lock_timeout=5)
+    except Exception as exc:  # noqa: BLE001 - any failure to open is what this tool counts
+        counts["unopenable"] += 1
+        counts["error: " + f"{type(exc).__name__}: {exc}"[:160]] += 1
+        return {"counts": dict(counts), "rows": before}
+    try:
+        rows = stored_rows(db, "milvus")
+        present = collections.Counter((label, path) for _, label, path in rows)
+        ids_present = collections.Counter(i for i, _, _ in rows)
+        counts["duplicated"] += sum(n - 1 for n in present.values() if n > 1)
+        counts["id_twice"] += sum(n - 1 for n in ids_present.values() if n > 1)
+        counts["inconsistent"] += int(db.backend.count() != len(rows))
+        expected = collections.Counter((label, path) for _, label, path in before)
+        key_of = {int(i): (label, path) for i, label, path in before}
+        in_flight: list[tuple[list | None, list | None]] = []
+        for log_path in log_paths:
+            events = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+            counts["commits"] += sum(e["event"].startswith("commit") for e in events)
+            pending_add = pending_remove = None
+            for e in events:
+                if e["event"] == "begin_add":
+                    pending_add = [tuple(x) for x in e["items"]]
+                elif e["event"] == "commit_add":
+                    for key, new_id in zip(pending_add, e["ids"]):
+                        expected[key] += 1
+                        key_of[new_id] = key
+                    pending_add = None
+                elif e["event"] == "begin_remove":
+                    pending_remove = list(e["ids"])
+                elif e["event"] == "commit_remove":
+                    for i in e["ids"]:
+                        expected[key_of[i]] -= 1
+                    pending_remove = None
+            in_flight.append((pending_add, pending_remove))
+        for pending_add, pending_remove in in_flight:
+            if pending_add:
+                arrived = collections.Counter(pending_add) & (present - expected)
+                counts["half"] += int(0 < sum(arrived.values()) < len(pending_add))
+                expected += arrived
+            if pending_remove:
+                gone = [i for i in pending_remove if i not in ids_present]
+                counts["half"] += int(0 < len(gone) < len(pending_remove))
+                for i in gone:
+                    expected[key_of[i]] -= 1
+        counts["lost"] += sum((expected - present).values())
+        counts["stray"] += sum(n for key, n in (present - expected).items() if expected[key] <= 0)
+        return {"counts": dict(counts), "rows": [list(r) for r in sorted(rows)]}
+    finally:
+        db.close()
+
+
+def server_base(index: str, source: str, batch_size: int, uri: str) -> list:
+    _quiet_child()
+    from siamesedb.db import SiameseDB
+
+    with SiameseDB.build(source, path=index, batch_size=batch_size, workers=0, backend="milvus",
+                         milvus_uri=uri) as db:
+        return [list(r) for r in sorted(stored_rows(db, "milvus"))]
+
+
+def drop_server_index(index: str) -> None:
+    from siamesedb.db import SiameseDB
+
+    with SiameseDB.open(index) as db:
+        db.backend.drop()
+
+
 def stored_rows(db, backend: str) -> list[tuple[int, str, str]]:
     """(id, label, path) of every stored row, duplicates included. faiss: items.sqlite read with plain sqlite3 (not
     through the store); milvus: every row the collection returns, read through the backend's iter_rows."""
@@ -197,9 +299,10 @@ def check_index(operation: str, index: str, source: str, log_path: str, before: 
         ids_present = {i for i, _, _ in rows}
         counts["duplicated"] += sum(n - 1 for n in present.values() if n > 1)
         if backend == "milvus":  # no derived file; instead: count(*), ids held once, the id mark above every id
-            mark, _ = db.backend._read_meta()
+            mark = int(db.backend._meta_row()["mark"])  # the hint; the log's reservations must cover every id
+            reserved = max([mark + 1, *(int(r["end"]) for r in db.backend._rows_above(mark))])
             counts["inconsistent"] += int(db.backend.count() != len(rows) or len(ids_present) != len(rows)
-                                          or (bool(ids_present) and mark < max(ids_present)))
+                                          or (bool(ids_present) and reserved <= max(ids_present)))
         else:
             counts["inconsistent"] += int(sorted(db.index.ids().tolist()) != sorted(ids_present)
                                           or db.index.ntotal != len(rows))
@@ -300,7 +403,16 @@ def main() -> int:
     parser.add_argument("--work", default=None, help="Scratch folder (default: a temporary one, removed after).")
     parser.add_argument("--data", default=None, help="Folder holding omniglot/images_evaluation.zip (or the zip).")
     parser.add_argument("--no-resume", action="store_true", help="Skip re-running interrupted builds.")
+    parser.add_argument("--milvus-uri", default=None, help="Server trials on this Milvus server: concurrent "
+                        "writers (one index folder each, one collection) killed mid-add.")
+    parser.add_argument("--milvus-server", action="store_true", help="Server trials on a Milvus server of our own "
+                        "(tools/milvus_server.py), also killed (-9) and restarted mid-run.")
+    parser.add_argument("--writers", type=int, default=2, help="Server trials: concurrent writer processes.")
+    parser.add_argument("--server-kill-every", type=int, default=10, help="--milvus-server: kill -9 the server "
+                        "mid-trial every N trials, then restart it.")
     args = parser.parse_args()
+    if args.milvus_uri or args.milvus_server:
+        return server_main(args)
     if args.trials is None:
         args.trials = 100 if args.backend == "milvus" else 200  # a Milvus trial pays Lite's start-up twice or more
     operations = [op.strip() for op in args.operations.split(",") if op.strip()]
@@ -448,6 +560,129 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     bad = sum(totals[k] for k in BAD)
     return 1 if bad else 0
+
+
+def server_main(args) -> int:
+    """Server trials: `--writers` processes, each on its own copy of one index folder ("hosts"), add to one server
+    collection at once (one of them first removes an earlier trial's label); each is killed -9 at its own random
+    moment; every `--server-kill-every`-th trial the server itself is killed -9 mid-trial and restarted. Then a
+    fresh process checks: opens, nothing committed lost, no (label, path) twice, no id twice, no half batch."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from milvus_server import Server
+
+    from siamesedb.datasets import omniglot
+
+    trials = args.trials or 200
+    omniglot_root = Path(omniglot("evaluation", source=args.data))
+    rng = random.Random(args.seed)
+    work = Path(args.work or tempfile.mkdtemp(prefix="siamesedb-torture-server-"))
+    work.mkdir(parents=True, exist_ok=True)
+    server = None
+    if args.milvus_server:
+        import atexit
+
+        server = Server.start(work / "server", tick_ms=20)
+        atexit.register(server.stop)  # also when stopped by SIGTERM (below): never leave our server running
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    uri = args.milvus_uri or server.uri
+    source, extra = work / "source", work / "extra"
+    for folder in (source, extra):
+        shutil.rmtree(folder, ignore_errors=True)
+    used = pick_images(omniglot_root, source, args.classes, args.per_class, rng, set())
+    pick_images(omniglot_root, extra, 2, 3, rng, used)  # each writer adds these 6 under its own labels
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "siamesedb.db", "siamesedb.encoder", "pymilvus", "siamesedb.backends.milvus"])
+    from concurrent.futures import ProcessPoolExecutor
+
+    checker = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+    hosts = [work / f"host{w}" for w in range(args.writers)]
+    before = checker.submit(server_base, str(hosts[0]), str(source), args.batch_size, uri).result()
+    for host in hosts[1:]:
+        shutil.copytree(hosts[0], host)
+
+    def run_writers(trial: int, kill_at: list[float | None], server_kill: float | None) -> tuple[list[Path], int]:
+        logs = [work / f"trial-w{w}.log" for w in range(args.writers)]
+        children = []
+        for w, host in enumerate(hosts):
+            logs[w].write_text("")
+            remove = f"t{trial - 2}/w{w}" if w == 1 and trial >= 2 and trial % 3 == 0 else None
+            child = ctx.Process(target=server_writer, args=(str(host), f"t{trial}/w{w}", str(extra), str(logs[w]),
+                                                            args.batch_size, trial * 100 + w, remove))
+            child.start()
+            children.append(child)
+        began, killed = time.perf_counter(), 0
+        pending = set(range(len(children)))
+        while pending:
+            now = time.perf_counter() - began
+            if server_kill is not None and now >= server_kill:
+                server.kill()
+                server_kill = None
+            for w in list(pending):
+                if not children[w].is_alive():
+                    pending.discard(w)
+                elif (kill_at[w] is not None and now >= kill_at[w]) or now > 120:
+                    os.kill(children[w].pid, signal.SIGKILL)
+                    children[w].join()
+                    killed += 1
+                    pending.discard(w)
+            time.sleep(0.02)
+        return logs, killed
+
+    window = 0.0  # the slowest of two uninterrupted trials (labels t-20, t-21) sets the window kills are drawn from
+    for i in range(2):
+        t0 = time.perf_counter()
+        logs, _ = run_writers(-20 - i, [None] * args.writers, None)
+        window = max(window, time.perf_counter() - t0)
+    before = checker.submit(check_server, str(hosts[0]), [], before).result()["rows"]
+    print(f"server trials on {uri}: {args.writers} writers, uninterrupted trial {window:.1f} s", flush=True)
+    totals: collections.Counter = collections.Counter()
+    errors: collections.Counter = collections.Counter()
+    failures: list[str] = []
+    began = time.perf_counter()
+    for trial in range(trials):
+        kill_at = [rng.uniform(0.0, 1.1 * window) for _ in hosts]
+        server_kill = None
+        if server is not None and args.server_kill_every and trial % args.server_kill_every == args.server_kill_every - 1:
+            server_kill = rng.uniform(0.2, 0.9 * window)
+        logs, killed = run_writers(trial, kill_at, server_kill)
+        totals["writers_killed"] += killed
+        if server_kill is not None:
+            if server.pgid is not None:  # the writers ended before the kill moment: kill it now
+                server.kill()
+            t0 = time.perf_counter()
+            totals["server_starts"] += server.restart()  # may take more than one start (milvus_server.py says why)
+            totals["server_restarts"] += 1
+            totals["restart_seconds"] += round(time.perf_counter() - t0)
+        try:
+            checked = checker.submit(check_server, str(hosts[0]), [str(p) for p in logs], before).result()
+        except Exception as exc:  # noqa: BLE001 - count it, go on
+            checked = {"counts": {"check_failed": 1, f"error: {type(exc).__name__}: {exc}"[:160]: 1}, "rows": before}
+        result, before = checked["counts"], checked["rows"]
+        for key, value in result.items():
+            (errors if key.startswith("error: ") else totals)[key] += value
+        found = {k: v for k, v in result.items() if v and (k in BAD or k == "id_twice")}
+        if found:
+            failures.append(f"trial {trial}: " + ", ".join(f"{k} {v}" for k, v in found.items()))
+            print("  " + failures[-1], flush=True)
+    seconds = time.perf_counter() - began
+    checker.shutdown()
+    print(f"{trials} trials, {totals['lost']} lost, {totals['duplicated']} duplicated, {totals['id_twice']} ids "
+          f"held twice, {totals['unopenable']} unopenable")
+    print(f"  half batches {totals['half']}, stray items {totals['stray']}, count(*) mismatches "
+          f"{totals['inconsistent']}, failed checks {totals['check_failed']}; {totals['commits']} commits checked, "
+          f"{len(before)} items at the end")
+    print(f"  {totals['writers_killed']} writers killed -9; server killed -9 and restarted {totals['server_restarts']} "
+          f"times ({totals['server_starts']} starts, {totals['restart_seconds']} s); {seconds:.0f} s ({seconds / max(trials, 1):.1f} s a trial)")
+    for message, count in errors.items():
+        print(f"  {count} x {message[7:]}")
+    try:
+        drop_server_index(str(hosts[0]))
+    finally:
+        if server is not None:
+            server.stop()
+            if not args.work:
+                shutil.rmtree(work, ignore_errors=True)
+    return 1 if sum(totals[k] for k in (*BAD, "id_twice")) else 0
 
 
 if __name__ == "__main__":

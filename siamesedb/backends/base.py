@@ -258,6 +258,20 @@ class VectorBackend(Protocol):
         object with `set_search_defaults`). InvalidInputError where the backend is not `reindexable`."""
         ...
 
+    # ---------------------------------------------------------------- state every host shares (BackendBase: none)
+
+    def shared_fields(self) -> dict[str, Any]:
+        """Manifest fields kept in the backend itself for every host that reaches it ({} where the index folder's
+        manifest is the only copy, as with FAISS): SiameseDB merges them over its manifest on open, refresh and
+        before each write (Milvus: the calibrations, so `verify` on any host uses any host's calibration)."""
+        ...
+
+    def publish(self, fields: dict[str, Any], per_entry: tuple[str, ...] = ()) -> None:
+        """Keep manifest fields in the backend for every host (a no-op where the manifest is the only copy);
+        fields named in `per_entry` are dicts merged entry by entry, so two hosts publishing two entries keep
+        both. Does not move the version (a calibration published must not make itself stale)."""
+        ...
+
 
 class BackendBase:
     """The lifecycle defaults of a backend whose items are their own truth and index (no derived files): every
@@ -309,6 +323,12 @@ class BackendBase:
         return None
 
     def bulk_sample(self, sample: np.ndarray) -> None:
+        return None
+
+    def shared_fields(self) -> dict[str, Any]:
+        return {}
+
+    def publish(self, fields: dict[str, Any], per_entry: tuple[str, ...] = ()) -> None:
         return None
 
     def reindex(self, manifest: dict[str, Any], factory: str) -> Any:

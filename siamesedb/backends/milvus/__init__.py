@@ -2,7 +2,7 @@
 
     backend.py      MilvusBackend: the collection's schema, creating and opening, writes, search, tuning
     client.py       CollectionClient: the pymilvus connection, Milvus Lite bookkeeping, named errors, paging
-    meta.py         MetaRecord: the `<collection>_meta` record (id high-water mark + version)
+    meta.py         MetaRecord: the side collections (id reservations, the version, shared documents)
     rows.py         RowReads: reads of stored rows (items, counts, scans)
     expr.py         filter expressions (label literals and label filters)
     index_types.py  index types, build parameters, search knobs, metric types, request limits

@@ -22,10 +22,11 @@ FLOAT_VECTOR(D). Choices, and why:
 - Label filters run inside Milvus (expr.py), so k hits of the wanted labels come back whenever they exist.
 - Milvus has no multi-request transaction: `add` refuses ids already held (Milvus would keep both rows), sends
   batches under Milvus's 64 MB request limit, and deletes what it inserted if a later batch fails.
-- Id allocation and the version live in Milvus itself, in `<collection>_meta` (meta.py), so every machine
-  that reaches the collection shares them: `add(None, ...)` spends new ids there before inserting a row (a crash
-  wastes ids, never reuses one), and every committed write moves the version after its rows are in. Safe for
-  **one writer at a time per collection** (meta.py says why and what several writers on a server must do).
+- Id reservations, the version and the documents every host shares (calibrations) live in Milvus itself, in side
+  collections (meta.py), so every machine that reaches the collection shares them: `add(None, ...)` reserves its
+  ids through `<collection>_log` (server-assigned keys; a claim wins only if no other overlaps it), so **any number
+  of writers on any hosts** may add at once and no id is ever handed out twice; a crash wastes ids, never reuses
+  one. Every committed write appends a log row after its rows are in, which moves the version.
 numpy only: no torch import (tests check it).
 """
 
@@ -82,6 +83,9 @@ class MilvusBackend(BackendBase, RowReads, MetaRecord):
     """
 
     name: ClassVar[str] = "milvus"
+    # The side collections hold what every host shares (BackendBase, first in the bases, has no-ops for these).
+    shared_fields = MetaRecord.shared_fields
+    publish = MetaRecord.publish
 
     def __init__(
         self,
@@ -225,7 +229,7 @@ class MilvusBackend(BackendBase, RowReads, MetaRecord):
     ) -> np.ndarray:
         """Store n items; returns their ids (n,) int64 in input order. `ids` None: fresh ids above every id this
         collection ever handed out or stored (its `_meta` mark); given ids: none may be held now (a removed id may
-        come back only this way, as in the SQLite store's import). One writer at a time (module docstring)."""
+        come back only this way, as in the SQLite store's import; not arbitrated against other writers: meta.py)."""
         vectors = as_vectors(vectors, self.dimension)  # (n, D) float32, finite
         n = len(vectors)
         if ids is not None:
@@ -233,17 +237,14 @@ class MilvusBackend(BackendBase, RowReads, MetaRecord):
         labels, paths, hashes = as_item_fields(labels, paths, hashes, n, FIELD_BYTES)
         if n == 0:
             return np.empty(0, dtype=np.int64)
-        mark, version = self._read_meta()
         if ids is None:
-            ids = np.arange(mark + 1, mark + 1 + n, dtype=np.int64)
+            ids = self._reserve(n)  # ids no other writer can be handed (meta.py says why)
         else:
             held = self._held(ids)
             if len(held):
                 shown = ", ".join(str(i) for i in held[:5]) + (" ..." if len(held) > 5 else "")
                 raise InvalidInputError(f"{len(held)} of these ids are already held ({shown}); ids are never reused")
-        top = max(mark, int(ids.max()))
-        if top != mark:
-            self._write_meta(top, version)  # spend the ids before any row carries one: a crash never reuses them
+            self._note_stored(ids)  # before any row carries one: later reservations start above them
         rows = [
             {"id": int(ids[i]), "label": labels[i], "path": paths[i], "sha256": hashes[i], "vector": vectors[i]}
             for i in range(n)
@@ -258,11 +259,11 @@ class MilvusBackend(BackendBase, RowReads, MetaRecord):
             if done:  # undo the batches that went in, so the add is all or nothing (best effort)
                 try:
                     self._client.delete(self.collection, ids=ids[:done].tolist())
-                    self._write_meta(top, version + 1)  # readers may have seen the rows meanwhile
+                    self._bump()  # readers may have seen the rows meanwhile
                 except Exception:  # noqa: BLE001 - the first failure is the one to report
                     pass
             raise
-        self._write_meta(top, version + 1)
+        self._bump()
         return ids.copy()
 
     def remove(self, ids: np.ndarray) -> int:
@@ -442,6 +443,14 @@ class MilvusBackend(BackendBase, RowReads, MetaRecord):
                         f"{self.index_type}",
             "details": details,
         }
+
+    def drop(self) -> None:
+        """Drop the collection and its side collections from Milvus (everything this index stored there), then
+        close. For tests and for deleting an index for good; the index folder is left as it is."""
+        for name in (self.collection, *self.side_collections()):
+            if self._call("has_collection", name):
+                self._call("drop_collection", name)
+        self.close()
 
     def close(self) -> None:
         """Close the connection; for Milvus Lite, also stop this process's server of the file once no handle here
