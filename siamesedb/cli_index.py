@@ -38,7 +38,7 @@ from siamesedb.rules import DEFAULT_RULE, VERIFY_RULES
 @click.option("--ray", "use_ray", is_flag=True,
               help="Run the pipeline on Ray Data: read + decode tasks, encoder actors (one per GPU). pip install 'siamesedb[ray]'.")
 @click.option("--ray-address", default=None, metavar="ADDR",
-              help="With --ray: join this Ray cluster ('auto', 'ray://host:10001'); default: start a local Ray.")
+              help="With --ray: join this Ray cluster ('auto', HOST:PORT of its head, 'ray://host:10001'); default: start a local Ray.")
 @lock_timeout_option
 @quiet_option
 @json_option
@@ -91,7 +91,7 @@ def _build(folder: Path, index_dir: Path, encoder: str, factory: str, device: st
         from siamesedb.ray_build import build_with_ray
 
         return build_with_ray(folder, path=index_dir, encoder=encoder, factory=factory, device=device,
-                              batch_size=batch_size, address=ray_address, progress=not quiet,
+                              batch_size=batch_size, address=ray_address, progress=not quiet, quiet=quiet,
                               **new_index_keywords(backend, milvus_uri))
     return SiameseDB.build(folder, path=index_dir, encoder=encoder, factory=factory, device=device,
                            batch_size=batch_size, workers=workers, progress=not quiet,

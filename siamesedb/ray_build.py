@@ -17,17 +17,29 @@ Resumable like the in-process build: every committed batch is durable, and a rer
 build resumes without loss or duplicates. Blocks keep their order (`preserve_order`), so a fresh build assigns the
 same ids, labels, paths and vectors (within float rounding) as `SiameseDB.build` on the same folder and device.
 
-Install: `pip install siamesedb[ray]`. Without an address a local Ray is started (and shut down afterwards);
-`address="auto"` or `ray://host:10001` joins a running cluster, whose nodes must be able to read FOLDER's paths
-(a shared or identical file system: the driver sends paths, not bytes).
+Install: `pip install siamesedb[ray]`. Without an address a local Ray is started (and shut down afterwards), its
+session files under Ray's own temp root ($RAY_TMPDIR, else $TMPDIR, else /tmp: `ray`); `address="auto"`,
+`"HOST:PORT"` (a head node's GCS port, `ray start --head --port PORT`) or `ray://host:10001` joins a running cluster,
+whose session files stay where its nodes keep them (`ray start --temp-dir`). The cluster's nodes must be able to
+read FOLDER's paths (a shared or identical file system: the driver sends paths, not bytes). A cluster with token
+authentication (Ray turns it on for a head node whenever ~/.ray/auth_token exists) needs RAY_AUTH_MODE=token and
+its token (RAY_AUTH_TOKEN or that file) in the driver's environment too.
+
+`quiet=True` (the CLI's --quiet and --json) keeps Ray's own log lines off this process's stderr: its Python loggers
+at ERROR, no worker logs forwarded, and the C++ core worker's stderr lines (which no logging level reaches) caught
+in an unlinked temp file, replayed to stderr only when the build fails. Which nodes read and encoded is logged
+(`siamesedb.ray_build`, INFO) and, with `progress`, written to stderr after the bar.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +51,11 @@ from siamesedb.encoder import DEFAULT_ENCODER, Encoder
 from siamesedb.errors import EncoderError, EncoderMismatchError, IndexExistsError, InvalidInputError
 from siamesedb.ingest import absolute, split_unindexable  # the in-process build's rules, shared
 from siamesedb.layout import DEFAULT_HOME, MANIFEST_FILE
+
+log = logging.getLogger(__name__)
 WRITE_ROWS = 4096  # new rows per add_vectors call: one commit each (the FAISS file is saved once, at the end)
 DECODE_TASK_MEMORY = 384 << 20  # bytes reserved per read + decode task (its worker process: about 250 MB measured)
+REPLAY_BYTES = 64 << 10  # of Ray's captured stderr, written back when a quiet build fails
 # Row states in the pipeline's `status` column.
 NEW, HELD, SKIPPED = 0, 1, 2
 
@@ -89,6 +104,78 @@ def _create_or_open(path: Path, encoder: Any, factory: str, device: str, expecte
     return db
 
 
+class _RayStderr:
+    """While active: file descriptor 2 (where Ray's C++ core worker writes, below any logging level) goes to an
+    unlinked temp file; `text()` reads it meanwhile. On exit the caught bytes are written back to stderr if the block
+    raised (they may say why) and `on_failure` still says so, or if it did not and `on_success` says so."""
+
+    def __init__(self, active: bool, on_success: bool = False):
+        self.active, self.on_success, self.on_failure = active, on_success, True
+        self.capture: Any = None
+        self.saved = -1
+
+    def __enter__(self) -> _RayStderr:
+        if self.active:
+            sys.stderr.flush()
+            self.capture = tempfile.TemporaryFile()
+            self.saved = os.dup(2)
+            os.dup2(self.capture.fileno(), 2)
+        return self
+
+    def text(self) -> str:
+        if self.capture is None:
+            return ""
+        sys.stderr.flush()
+        with open(self.capture.fileno(), "rb", closefd=False) as raw:
+            raw.seek(0)
+            return raw.read().decode(errors="replace")
+
+    def __exit__(self, kind: object, *exc: object) -> None:
+        if self.capture is None:
+            return
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        if self.on_failure if kind is not None else self.on_success:
+            size = self.capture.seek(0, os.SEEK_END)
+            self.capture.seek(max(0, size - REPLAY_BYTES))
+            os.write(2, self.capture.read())
+        self.capture.close()
+
+
+@contextmanager
+def _ray_stderr(quiet: bool) -> Iterator[None]:
+    """With `quiet`: Ray's stderr lines caught (_RayStderr), written back only if the block raises."""
+    with _RayStderr(quiet):
+        yield
+
+
+def _init_ray(ray: Any, address: str | None, quiet: bool) -> None:
+    """Start or join Ray. Its start-up lines are caught, written back unless `quiet` (or if it fails); a cluster
+    that refuses us for want of its token, or is not there, is one clear line (Ray's 20 s of retrying a refused
+    token are not written back: the line says it all)."""
+    named = os.environ.get("RAY_ADDRESS")
+    where = f"--ray-address {address}" if address else f"$RAY_ADDRESS {named}" if named else "a local Ray"
+    with _RayStderr(True, on_success=not quiet) as caught:
+        try:
+            ray.init(address=address, include_dashboard=False,
+                     logging_level=logging.ERROR if quiet else logging.WARNING, log_to_driver=not quiet,
+                     configure_logging=True)
+        except (ray.exceptions.AuthenticationError, ConnectionError) as exc:
+            # Joining an explicit address, Ray retries a refused token ~20 s ($RAY_gcs_server_port_wait_time_s) and
+            # then raises ConnectionError from a RuntimeError that quotes the AuthenticationError.
+            said = f"{exc} {exc.__cause__} {caught.text()}"
+            refused = isinstance(exc, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in said
+            caught.on_failure = not refused
+            if refused:
+                raise InvalidInputError(
+                    f"{where}: the Ray cluster refused us for want of its authentication token: "
+                    "set RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token its head "
+                    "node used)") from None
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InvalidInputError(f"{where}: no Ray cluster to join there ({reason})") from None
+
+
 def _held_keys(db: SiameseDB) -> tuple[set[tuple[str, str]], dict[tuple[str, str], str]]:
     """(label, sha256) pairs the index holds, and {(label, path): sha256}: the in-process build's resume rule."""
     return db.backend.known_label_hashes(), db.backend.label_path_hashes()
@@ -100,6 +187,8 @@ def _held_keys(db: SiameseDB) -> tuple[set[tuple[str, str]], dict[tuple[str, str
 def _read_hash_decode(batch: dict[str, np.ndarray], prep: dict[str, Any]) -> dict[str, np.ndarray]:
     """Ray task: read, hash, decode one block. Every input row comes out once, with its status; decoded pixels
     travel as float32 bytes (b"" for held and skipped rows, which are never decoded or encoded)."""
+    import ray
+
     paths = [str(p) for p in batch["path"]]
     expected = [str(e) or None for e in batch["expected"]]
     array, kept, hashes, held, skipped = hash_and_decode(paths, expected, prep)
@@ -116,8 +205,9 @@ def _read_hash_decode(batch: dict[str, np.ndarray], prep: dict[str, Any]) -> dic
         status[i] = HELD
     for i, reason in skipped:
         reasons[i] = reason
+    node = ray.get_runtime_context().get_node_id()  # which node read this block (the driver counts them)
     return {"pos": np.asarray(batch["pos"], dtype=np.int64), "status": status, "sha256": digests,
-            "reason": reasons, "pixels": pixels}
+            "reason": reasons, "pixels": pixels, "read_node": np.array([node] * n, dtype=object)}
 
 
 class _EncodeActor:
@@ -125,6 +215,7 @@ class _EncodeActor:
 
     def __init__(self, config: dict[str, Any], state: Any, fingerprint: str, device: str, threads: int | None,
                  batch_size: int):
+        import ray
         import torch
 
         from siamesedb.encoder import EncoderConfig, resolve_device
@@ -142,6 +233,7 @@ class _EncodeActor:
         self.shape = (prep.channels, *prep.size)
         self.encoder = encoder
         self.batch_size = batch_size
+        self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -153,7 +245,8 @@ class _EncodeActor:
             stacked = np.stack([np.frombuffer(batch["pixels"][j], dtype=np.float32).reshape(self.shape) for j in new])
             vectors[new] = self.encoder.encode_tensors(torch.from_numpy(stacked), batch_size=self.batch_size)
         return {"pos": batch["pos"], "status": status, "sha256": batch["sha256"], "reason": batch["reason"],
-                "vector": vectors}
+                "vector": vectors, "read_node": batch["read_node"],
+                "encode_node": np.array([self.node] * len(status), dtype=object)}
 
 
 def _encoder_plan(ray: Any, device: str, actors: int | None, threads: int | None) -> dict[str, Any]:
@@ -192,15 +285,16 @@ def build_with_ray(
     backend: str = "faiss",
     milvus_uri: str | None = None,
     backend_options: dict[str, Any] | None = None,
+    quiet: bool = False,
     _after_write: Callable[[int], None] | None = None,
 ) -> SiameseDB:
     """`SiameseDB.build` on Ray Data: same index, same resume rule, same `db.last_report` (a BuildReport).
 
     `address`: None starts a local Ray (unless one is already initialised in this process, or $RAY_ADDRESS names a
-    cluster), "auto" or "ray://host:10001" joins a cluster. `actors`: encoder actors (default: one per GPU, else one
-    per 8 CPUs). `write_rows`: new images per commit.
+    cluster), "auto", "HOST:PORT" (a head node's GCS) or "ray://host:10001" joins a cluster. `actors`: encoder
+    actors (default: one per GPU, else one per 8 CPUs). `write_rows`: new images per commit.
     `backend` / `backend_options` / `milvus_uri`: for a new index, as `SiameseDB.create` (an existing one keeps
-    its own).
+    its own). `quiet`: Ray's own log lines kept off stderr (see the module's docstring).
     `_after_write(rows committed so far)` is a test hook called after each commit.
     """
     if batch_size < 1:
@@ -214,26 +308,26 @@ def build_with_ray(
     images = absolute(images)  # paths are stored absolute, as the in-process build stores them
     path = Path(path) if path is not None else DEFAULT_HOME / folder.resolve().name
     options = {**(backend_options or {}), **({"uri": milvus_uri} if milvus_uri is not None else {})}
-    db = _create_or_open(path, encoder, factory, device, len(images), lock_timeout, backend, options)
-    db.check_domain([image.path for image in images])
 
     started_ray = False
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=True, configure_logging=True)
+    if not ray.is_initialized():  # joined first: an unreachable cluster creates no index
+        _init_ray(ray, address, quiet)
         started_ray = True
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR if quiet else logging.WARNING)
     # "Progress bars disabled": ours is the driver's tqdm bar (Ray Data's per-operator bars are off on purpose).
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     try:
+        db = _create_or_open(path, encoder, factory, device, len(images), lock_timeout, backend, options)
+        db.check_domain([image.path for image in images])  # our own warning: outside the stderr capture
         # The whole build holds the index's write lock, as the in-process build does: the held set read below stays
         # true until the last commit, so two builds of one folder cannot both add a file.
-        with db.bulk_writes():  # the FAISS file and manifest are saved once, at the end
+        with _ray_stderr(quiet), db.bulk_writes():  # the FAISS file and manifest are saved once, at the end
             report = _run(ray, db, images, device, batch_size, actors, encoder_threads, write_rows, progress,
                           _after_write)
     finally:
         if started_ray:
-            ray.shutdown()
+            with _ray_stderr(quiet):
+                ray.shutdown()
     report.scanned += len(unstorable)
     report.skipped[:0] = unstorable
     db.last_report = report
@@ -299,6 +393,8 @@ def _stream(ray: Any, db: SiameseDB, images: list[LabelledImage], expected: list
 
     bar = tqdm(total=len(images), unit="img", disable=not progress, desc="build (ray)")
     pending: dict[str, list] = {"vectors": [], "labels": [], "paths": [], "hashes": []}
+    read_nodes: set[str] = set()  # Ray node ids that read + decoded / encoded at least one block
+    encode_nodes: set[str] = set()
 
     def commit() -> None:
         if not pending["labels"]:
@@ -314,6 +410,8 @@ def _stream(ray: Any, db: SiameseDB, images: list[LabelledImage], expected: list
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             status, positions = batch["status"], batch["pos"]
+            read_nodes.update(batch["read_node"])
+            encode_nodes.update(batch["encode_node"])
             rows: list[int] = []
             for row, (pos, state_) in enumerate(zip(positions, status)):
                 image = images[int(pos)]
@@ -340,6 +438,12 @@ def _stream(ray: Any, db: SiameseDB, images: list[LabelledImage], expected: list
     finally:
         bar.close()
     report.seconds = time.perf_counter() - started
+    alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+    summary = (f"build (ray): read + decode on {len(read_nodes)} node(s), encode on {len(encode_nodes)} node(s), "
+               f"{len(read_nodes | encode_nodes)} of the cluster's {alive} node(s) used")
+    log.info(summary, extra={"read_nodes": sorted(read_nodes), "encode_nodes": sorted(encode_nodes)})
+    if progress:
+        print(summary, file=sys.stderr)
     return report
 
 

@@ -137,3 +137,32 @@ def test_ray_build_cli_flags(tmp_path):
 
     result = CliRunner().invoke(cli, ["build", str(tmp_path), "--index", str(tmp_path / "i"), "--ray-address", "auto"])
     assert result.exit_code != 0 and "--ray-address needs --ray" in result.output
+
+
+def test_quiet_ray_stderr_is_caught_and_replayed_only_on_failure(capfd):
+    """--quiet / --json: what Ray's C++ side writes to file descriptor 2 (no logging level reaches it) is caught, and
+    written back only when the build fails, since then it may say why (the real cluster: tests/test_ray_cluster.py)."""
+    import os
+
+    from siamesedb.ray_build import _RayStderr
+
+    with _RayStderr(True):
+        os.write(2, b"core_worker.cc:2465: Actor ... constructor arguments in the object store\n")
+    assert capfd.readouterr().err == ""
+    with pytest.raises(RuntimeError, match="build failed"), _RayStderr(True) as caught:
+        os.write(2, b"raylet: why it failed\n")
+        assert caught.text() == "raylet: why it failed\n"
+        os.write(2, b"and more\n")  # still caught after text() read it
+        raise RuntimeError("build failed")
+    assert capfd.readouterr().err == "raylet: why it failed\nand more\n"
+    with _RayStderr(True, on_success=True):  # Ray's start-up lines when not quiet: written back afterwards
+        os.write(2, b"started\n")
+    assert capfd.readouterr().err == "started\n"
+    with pytest.raises(RuntimeError), _RayStderr(True) as caught:
+        os.write(2, b"20 s of refused-token retries\n")
+        caught.on_failure = False  # the one-line error says it all
+        raise RuntimeError("refused")
+    assert capfd.readouterr().err == ""
+    with _RayStderr(False):  # inactive: nothing caught
+        os.write(2, b"shown\n")
+    assert capfd.readouterr().err == "shown\n"
