@@ -1,4 +1,5 @@
-"""One writer at a time per index: an exclusive file lock (`write.lock`) beside the store, with its holder named.
+"""One writer at a time per index: an exclusive file lock (`write.lock`) beside the store, with its holder named;
+and ReadWriteLock, the in-process guard of an in-memory index that threads search while one of them writes.
 
 Readers take no lock: SQLite in WAL mode gives each read a consistent snapshot, and the FAISS file and manifest are
 replaced by atomic renames, so a reader sees the state before a write or after it. Writers (build, add, remove,
@@ -17,6 +18,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -135,4 +138,68 @@ class IndexWriteLock:
         os.replace(tmp, self.folder / OWNER_FILE)  # a waiter never reads half a line
 
 
-__all__ = ["IndexWriteLock", "lock_owner", "parse_timeout", "LOCK_FILE", "OWNER_FILE", "TIMEOUT_ENV", "DEFAULT_TIMEOUT"]
+class ReadWriteLock:
+    """Many readers or one writer, between the threads of one process (a server's searches against its own adds).
+
+    Writer-preferring: once a writer waits, new readers queue behind it, so a stream of searches cannot starve a
+    write; the writer's exclusive part is meant to be short (an in-memory FAISS add), everything slow happens
+    outside it. Re-entrant: a thread that holds it (reading or writing) may take it again for reading, and a writer
+    again for writing. A reader asking to write would deadlock and is refused with RuntimeError.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0  # reads held, all threads together
+        self._writer: int | None = None  # thread ident of the writer
+        self._writer_depth = 0
+        self._writers_waiting = 0
+        self._local = threading.local()  # .reads: reads this thread holds
+
+    def _my_reads(self) -> int:
+        return getattr(self._local, "reads", 0)
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer != me and not self._my_reads():  # a nested read never waits (no deadlock)
+                while self._writer is not None or self._writers_waiting:
+                    self._cond.wait()
+            self._readers += 1
+        self._local.reads = self._my_reads() + 1
+        try:
+            yield
+        finally:
+            self._local.reads -= 1
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer == me:
+                self._writer_depth += 1
+            else:
+                if self._my_reads():
+                    raise RuntimeError("a thread holding the read lock cannot take the write lock")
+                self._writers_waiting += 1
+                try:
+                    while self._writer is not None or self._readers:
+                        self._cond.wait()
+                finally:
+                    self._writers_waiting -= 1
+                self._writer, self._writer_depth = me, 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer_depth -= 1
+                if not self._writer_depth:
+                    self._writer = None
+                    self._cond.notify_all()
+
+
+__all__ = ["IndexWriteLock", "ReadWriteLock", "lock_owner", "parse_timeout", "LOCK_FILE", "OWNER_FILE", "TIMEOUT_ENV", "DEFAULT_TIMEOUT"]

@@ -98,6 +98,10 @@ class IndexQueries:
         """Every item in id order, `chunk` at a time (bounded memory): (ids, rows of the named columns)."""
         return self.backend.iter_rows(columns, chunk=chunk)
 
+    def ids_by_label_hash(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """{(label, sha256): id} of the pairs the index holds already (an add that must not store a twin)."""
+        return self.backend.ids_by_label_hash(list(pairs))
+
     def known_label_hashes(self) -> set[tuple[str, str]]:
         """(label, sha256) of every item held: what an import or a resumed build skips."""
         return self.backend.known_label_hashes()
@@ -143,17 +147,22 @@ class IndexQueries:
         return hits[0] if single else hits
 
     def search_vectors(
-        self, vectors: np.ndarray, k: int = 5, nprobe: int | None = None, ef_search: int | None = None
+        self, vectors: np.ndarray, k: int = 5, nprobe: int | None = None, ef_search: int | None = None,
+        fetch: bool = False,
     ) -> SearchResults:
         """Array-level search: (nq, D) vectors -> one list of Hits per query (fewer than k if the index is small).
 
         The result also holds the raw `scores` / `ids` arrays (FAISS's (D, I), -1 for none); labels and paths are
         read from the backend in one query when a Hit is first asked for, or before this handle next writes or
-        closes, whichever comes first (an item another process removes before then is left out).
+        closes, whichever comes first (an item another process removes before then is left out). `fetch=True`
+        reads them now, in this thread (a server answering at once while another thread writes: nothing is left
+        for that write to read on this caller's behalf).
         """
         k = as_k(k)  # an integer of at least 1; a k beyond the collection returns what there is (rows min(k, held))
         D, I = self.backend.search(self._queries(vectors), k, nprobe=nprobe, ef_search=ef_search)
         results = SearchResults(D, I, self._labels_and_paths, metric=self.metric)
+        if fetch:
+            return results.fetch()
         self._unread_results = [r for r in self._unread_results if r() is not None and not r().fetched]
         self._unread_results.append(weakref.ref(results))
         return results
@@ -393,9 +402,10 @@ def verify_pair(
     if threshold is not None:
         threshold = as_threshold(threshold)
     else:
-        threshold, source = enc.config.pair_threshold, "encoder"
+        threshold = enc.config.pair_threshold
         if threshold is None:
             raise NotCalibratedError("this encoder carries no pair threshold; pass one with --threshold")
+        source = str(getattr(threshold, "source", "encoder"))  # e.g. "encoder (training pairs)"
     vectors = np.atleast_2d(enc.encode([image_a, image_b]))
     score = float(score_matrix(vectors[:1], vectors[1:], enc.config.metric)[0, 0])  # Euclidean: -distance
     return Verification(

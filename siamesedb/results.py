@@ -64,7 +64,13 @@ class SearchResults(Sequence[list[Hit]]):
 
     def _items(self) -> dict[int, tuple[str, str]]:
         if self._found is None:
-            self._found = self._lookup(np.unique(self.ids[self.ids >= 0]))
+            # Two threads may read one lazy result at once: the first to finish sets _found and drops the lookup;
+            # the other must neither call a dropped lookup nor overwrite the answer.
+            lookup = self._lookup
+            if lookup is not None:
+                found = lookup(np.unique(self.ids[self.ids >= 0]))
+                if self._found is None:
+                    self._found = found
             self._lookup = None  # type: ignore[assignment]  # drop the store reference
         return self._found
 

@@ -21,6 +21,7 @@ from siamesedb.images import load_image
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # 10 MiB: far above any character or signature scan
 DEFAULT_MAX_PIXELS = 16_000_000  # declared width x height; a 40-byte PNG may declare 10^10 pixels
 # PIL format name -> file extension for saved uploads. Nothing else is opened (no EPS/PDF/ICNS/... plugins).
+DEFAULT_MAX_FILES = 64  # images in one multipart request (a batch); the body cap applies to them all together
 UPLOAD_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif",
                   "PPM": ".pnm"}
 
@@ -108,20 +109,49 @@ def decode_upload(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) 
         raise UploadError(f"{name}: {exc.reason}") from None
 
 
+def _image_part(upload: Any) -> tuple[bytes, str] | None:
+    """None for a form field that is not a file; UploadError for a file part that does not claim to be an image."""
+    if not isinstance(upload, UploadFile):
+        return None
+    part_type = (upload.content_type or "").lower()
+    if part_type and not (part_type.startswith("image/") or part_type == "application/octet-stream"):
+        raise UploadError(f"{display_name(upload.filename)}: content type {part_type!r} is not an image", 415)
+    return b"", display_name(upload.filename)
+
+
+async def read_uploads(request: Request, max_files: int = DEFAULT_MAX_FILES) -> list[tuple[bytes, str]]:
+    """[(bytes, display name)] of the images a request carries: one raw body, or every multipart `file` field (a
+    batch, in the order sent; at most `max_files`, else UploadError 413)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        # One more than allowed is parsed, so that a request over the limit gets this module's 413, not a 400.
+        async with request.form(max_files=max_files + 1, max_fields=16) as form:
+            files = form.getlist("file")
+            if len(files) > max_files:
+                raise UploadError(f"{len(files)} files in one request; the limit is {max_files}", 413)
+            parts = []
+            for upload in files:
+                part = _image_part(upload)
+                if part is None:
+                    raise UploadError("multipart upload needs file fields named 'file' (a text field was sent)", 422)
+                parts.append((await upload.read(), part[1]))
+            if not parts:
+                raise UploadError("multipart upload needs one file field named 'file'", 422)
+            return parts
+    if content_type.startswith("image/") or content_type == "application/octet-stream":
+        return [(await request.body(), display_name(request.query_params.get("name")))]
+    raise UploadError(
+        f"content type {content_type or 'none'!r} is not accepted: send image/* bytes or multipart/form-data", 415
+    )
+
+
 async def read_upload(request: Request) -> tuple[bytes, str]:
-    """(bytes, display name) of the one image a request carries, raw or multipart."""
+    """(bytes, display name) of the one image a request carries, raw or multipart (a second `file` field: 422)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         async with request.form(max_files=1, max_fields=16) as form:
             upload = form.get("file")
-            if not isinstance(upload, UploadFile):
+            if _image_part(upload) is None:
                 raise UploadError("multipart upload needs one file field named 'file'", 422)
-            part_type = (upload.content_type or "").lower()
-            if part_type and not (part_type.startswith("image/") or part_type == "application/octet-stream"):
-                raise UploadError(f"{display_name(upload.filename)}: content type {part_type!r} is not an image", 415)
             return await upload.read(), display_name(upload.filename)
-    if content_type.startswith("image/") or content_type == "application/octet-stream":
-        return await request.body(), display_name(request.query_params.get("name"))
-    raise UploadError(
-        f"content type {content_type or 'none'!r} is not accepted: send image/* bytes or multipart/form-data", 415
-    )
+    return (await read_uploads(request))[0]

@@ -148,7 +148,11 @@ def test_the_openapi_schema_documents_every_endpoint(client):
     body = paths["/search"]["post"]["requestBody"]["content"]
     assert set(body) == {"image/*", "multipart/form-data"}
     answer = paths["/search"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
-    assert answer["$ref"].endswith("/SearchAnswer")
+    # One image: a SearchAnswer; several `file` fields: a list of them.
+    one, several = answer["anyOf"]
+    assert one["$ref"].endswith("/SearchAnswer") and several["items"]["$ref"].endswith("/SearchAnswer")
+    file_field = body["multipart/form-data"]["schema"]["properties"]["file"]
+    assert file_field["type"] == "array" and file_field["items"]["format"] == "binary"
     assert set(schema["components"]["schemas"]["VerifyAnswer"]["properties"]) == {
         "query", "label", "accepted", "score", "threshold", "threshold_source"}
     assert "security" in paths["/items"]["post"] and "security" not in paths["/search"]["post"]

@@ -6,6 +6,10 @@ that names an older store version, and the next open rebuilds the FAISS file fro
 
 FAISS details stay here: training (IVF / PQ train once the store holds enough vectors; until then searches run
 exactly over the store), HNSW tombstones and compaction, the device a search runs on, the file's freshness.
+Threads: one handle may be searched from many threads while one of them writes (a server). The store gives each
+thread its own SQLite connection (store.py), and the in-memory FAISS index is guarded by a ReadWriteLock: searches
+and the file save share it, and only the in-place FAISS change of a write (add, remove) is exclusive; a rebuilt index
+is made aside and swapped in by one assignment, so a search runs on the old index or the new one, never half of one.
 backend_options: "device" (auto | cpu | cuda | cuda:N, default cpu) and "search_backend" (auto | faiss | torch).
 """
 
@@ -31,6 +35,7 @@ from siamesedb.errors import (
     IndexExistsError,
     InvalidInputError,
 )
+from siamesedb.locking import ReadWriteLock
 from siamesedb.scoring import brute_force_search
 
 STORE_FILE = "items.sqlite"  # the truth: every item
@@ -57,6 +62,7 @@ class FaissBackend(BackendBase):
         # The store version the in-memory FAISS index mirrors: a write that finds the store moved on (another
         # process wrote since) rebuilds it first, so this handle never writes a FAISS file missing their items.
         self._index_version: int | None = None
+        self._guard = ReadWriteLock()  # searches and saves share; the in-place FAISS change of a write is exclusive
 
     @property
     def store(self) -> ItemStore:
@@ -190,7 +196,8 @@ class FaissBackend(BackendBase):
     def save(self) -> dict[str, Any]:
         """Write vectors.faiss (atomically); returns the manifest fields that must be saved with it. OSError
         passes to the caller (it turns the disk's refusal into a StorageError)."""
-        self.index.save(self.path / VECTORS_FILE)
+        with self._guard.reading():  # searches go on while the file is written (writes are serialised anyway)
+            self.index.save(self.path / VECTORS_FILE)
         return {"search_defaults": self.index.search_defaults, "vectors_store_version": self.store.version}
 
     def refresh(self, manifest: dict[str, Any]) -> None:
@@ -236,7 +243,8 @@ class FaissBackend(BackendBase):
             ids = np.asarray(ids, dtype=np.int64)
             self.store.insert_with_ids(ids, labels, paths, hashes, vectors)
         if self.index.is_trained:
-            self.index.add(np.asarray(vectors, dtype=np.float32), ids)
+            with self._guard.writing():  # the only part searches wait for: FAISS changes its arrays in place
+                self.index.add(np.asarray(vectors, dtype=np.float32), ids)
         else:
             # Train on everything stored so far once there is enough of it (IVF / PQ); until then search is exact.
             self.index = self.index_from_store(self._own_settings())
@@ -259,7 +267,8 @@ class FaissBackend(BackendBase):
         return removed
 
     def _drop_from_index(self, ids: np.ndarray) -> None:
-        self.index.remove(ids)  # HNSW: tombstones, filtered out of every search
+        with self._guard.writing():
+            self.index.remove(ids)  # HNSW: tombstones, filtered out of every search
         if self.index.needs_compaction:  # rebuild the graph without them, from the exact stored vectors
             self.index = self.index_from_store(self._own_settings())
 
@@ -276,9 +285,11 @@ class FaissBackend(BackendBase):
         k = as_k(k)
         if labels is not None:
             return self._search_within([labels] if isinstance(labels, str) else list(labels), queries, k)
-        if self.index.is_trained or self.store.count() == 0:
-            return self.index.search(queries, k, nprobe=nprobe, ef_search=ef_search)
-        self.index.search(np.empty((0, self.dimension), np.float32), k, nprobe=nprobe, ef_search=ef_search)  # checks
+        index = self.index  # one index for the whole call, even if a rebuilt one is swapped in meanwhile
+        if index.is_trained or self.store.count() == 0:
+            with self._guard.reading():
+                return index.search(queries, k, nprobe=nprobe, ef_search=ef_search)
+        index.search(np.empty((0, self.dimension), np.float32), k, nprobe=nprobe, ef_search=ef_search)  # checks
         ids, corpus = self.store.vectors()
         return self._exact(queries, k, ids, corpus)
 
@@ -307,7 +318,8 @@ class FaissBackend(BackendBase):
         return self.index.search_defaults
 
     def set_search_defaults(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        self.index.set_search_defaults(nprobe=nprobe, ef_search=ef_search)
+        with self._guard.writing():
+            self.index.set_search_defaults(nprobe=nprobe, ef_search=ef_search)
 
     # ------------------------------------------------------------------ reads (the store's)
 

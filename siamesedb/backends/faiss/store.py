@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,6 +75,9 @@ class ItemStore:
     def __init__(self, path: str | os.PathLike, dim: int | None = None):
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = None
+        self._owner = threading.get_ident()  # the opening thread uses _conn; every other thread its own (see _db)
+        self._local = threading.local()
+        self._others: list[sqlite3.Connection] = []  # the other threads' connections, closed with the store
         existed = self.path.exists()
         if not existed and dim is None:
             raise IndexNotFoundError(f"{self.path}: no item store here")
@@ -157,9 +161,20 @@ class ItemStore:
 
     @property
     def _db(self) -> sqlite3.Connection:
+        """This thread's connection. One connection per thread, as one per process: a transaction (a write, a
+        snapshot) belongs to its thread, so a server's searches read committed states while another thread writes,
+        instead of sharing (or colliding with) that thread's open transaction."""
         if self._conn is None:
             raise InvalidInputError(f"{self.path}: the item store is closed")
-        return self._conn
+        if threading.get_ident() == self._owner:
+            return self._conn
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0, check_same_thread=False)
+            conn.execute("PRAGMA synchronous=NORMAL")  # per connection (WAL mode is the file's, set at opening)
+            self._local.conn = conn
+            self._others.append(conn)  # list.append is atomic: no lock needed
+        return conn
 
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -225,6 +240,9 @@ class ItemStore:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        for conn in self._others:
+            conn.close()
+        self._others.clear()
 
     def __enter__(self) -> ItemStore:
         return self
