@@ -193,7 +193,8 @@ def threshold_for(manifest: dict[str, Any], encoder_threshold: float | None, rul
             f"{where}: no threshold for rule {rule!r}: the index is not calibrated for it, and the encoder's "
             f"threshold is a pair score, not on {rule!r}'s scale; {command}"
         )
-    return rule, encoder_threshold, "encoder"
+    # the encoder's threshold says where it was measured (encoder.EncoderThreshold): "encoder (training pairs)"...
+    return rule, float(encoder_threshold), str(getattr(encoder_threshold, "source", "encoder"))
 
 
 def calibration_record(genuine: np.ndarray, impostor: np.ndarray, rule: str, target_far: float | None, items: int,

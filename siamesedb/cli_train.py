@@ -143,36 +143,45 @@ def train(folder: Path, out_dir: Path, loss: str | None, time_budget: str | None
         f"{profile.median_width:g}x{profile.median_height:g} px): {recipe.domain}")
     pretrained = bool(backbone) and backbone.startswith("hf:")
     for key, line in zip(recipe.reasons, recipe.lines()):
-        if not (pretrained and key in _PRETRAINED_OWN):
+        if not (pretrained and (key in _PRETRAINED_OWN or (key in _PRETRAINED_AUGMENT and not unfreeze))):
             say(line)
     if pretrained:
-        say("  input, preprocessing and embedding = the model's own  (its image processor; no image augmentation)")
+        say("  input, preprocessing and embedding = the model's own  (its image processor"
+            + ("; augmentation on each step's pixels)" if unfreeze else "; no image augmentation: features cached once)"))
     settings = train_settings(recipe)
     if (epochs is not None or steps_per_epoch is not None) and time_budget is None:
         settings.pop("patience")  # a fixed schedule runs to its end, as before, unless --patience is given
         say("schedule fixed by --epochs / --steps-per-epoch: no time budget")
+        if settings.get("members", 1) > 1:  # the hand recipe: one member per run, joined by tools/ensemble.py
+            settings["members"] = 1
+            say("  members = 1  (a fixed schedule trains one member; join seeds with tools/ensemble.py)")
     else:
         settings["time_budget"] = parse_duration(time_budget) if time_budget else DEFAULT_TIME_BUDGET
         settings["epochs"] = recipe.max_epochs
         settings["steps_per_epoch"] = 100
     settings.update(given)
+    if val_fraction is not None:
+        settings["validation"] = "classes"  # the flag asks for held-out classes, however few (a warning says so)
     settings["recipe"] = {"domain": recipe.domain, "reasons": recipe.reasons, "profile": profile.to_dict()}
     config = TrainConfig(**settings)
     if config.backbone.startswith("hf:"):  # a pretrained Hugging Face model (siamesedb.pretrained_train)
         from siamesedb.pretrained_train import train_pretrained
 
-        if resume:
-            raise click.UsageError("--resume is not available for hf: backbones yet; run again without it")
         encoder = train_pretrained(folder, out_dir, config, log=say, started=started, head_dim=embedding_dim,
-                                   progress=not quiet)
+                                   progress=not quiet, resume=resume)
+    elif config.members > 1 and not resume:  # several short members in the budget (siamesedb.members)
+        from siamesedb.members import train_members
+
+        encoder = train_members(folder, out_dir, config, progress=not quiet, log=say, started=started)
     else:
         encoder = run_training(folder, out_dir, config, progress=not quiet, resume=resume, log=say, started=started)
     click.echo(f"saved encoder {encoder.fingerprint} ({encoder.config.backbone}, {encoder.dimension}-d) to {out_dir}")
 
 
-# Recipe choices an hf: backbone makes itself (its image processor, its embedding) or does not use (augmentation).
-_PRETRAINED_OWN = frozenset({"image_size", "image_width", "keep_aspect", "width", "embedding_dim", "channels", "invert",
-                             "augment", "augment_strength", "flip", "color_jitter", "precision"})
+# Recipe choices an hf: backbone makes itself (its image processor, its embedding), and the augmentation it uses only
+# with --unfreeze (the frozen path caches each image's features once).
+_PRETRAINED_OWN = frozenset({"image_size", "image_width", "keep_aspect", "width", "embedding_dim", "channels", "invert"})
+_PRETRAINED_AUGMENT = frozenset({"augment", "augment_strength", "flip", "color_jitter"})
 
 
 def _mlp_and_metric_options(backbone: str | None, embedding_dim: int | None, metric: str | None, hidden: str | None,

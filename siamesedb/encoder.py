@@ -76,6 +76,18 @@ def cpu_has_native_bf16() -> bool:
 UNFINGERPRINTED = ("pair_calibration", "data_profile")
 
 
+class EncoderThreshold(float):
+    """An encoder's verify threshold: a float, with `source` naming where it was measured ("encoder" for held-out
+    classes; "encoder (training pairs)" when no class could be held out, a caveat `verify` shows)."""
+
+    source: str
+
+    def __new__(cls, value: float, source: str = "encoder") -> EncoderThreshold:
+        made = super().__new__(cls, float(value))
+        made.source = source
+        return made
+
+
 @dataclass
 class EncoderConfig:
     """Everything needed to rebuild an encoder besides its weights; saved as config.json beside them."""
@@ -184,11 +196,15 @@ class EncoderConfig:
         return d
 
     @property
-    def pair_threshold(self) -> float | None:
+    def pair_threshold(self) -> EncoderThreshold | None:
         """The threshold `verify` uses when nothing else is calibrated: the measured pair calibration, else the
-        equal-error pair threshold training stored in its notes, else None."""
+        equal-error pair threshold training stored in its notes, else None. A float that also says where it was
+        measured (`.source`, what `verify` shows as threshold_source)."""
         value = self.pair_calibration.get("threshold", self.notes.get("pair_threshold"))
-        return None if value is None else float(value)
+        if value is None:
+            return None
+        measured = self.pair_calibration.get("source") if "threshold" in self.pair_calibration else None
+        return EncoderThreshold(value, "encoder" if measured in (None, "held-out classes") else f"encoder ({measured})")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:

@@ -193,10 +193,27 @@ def choose_recipe(profile: FolderProfile, overrides: dict[str, Any] | None = Non
 
     recipe.choose("loss", "proto", "prototypical: beat contrastive and triplet at equal steps (BENCHMARKS ablation)")
     classes = _base_classes(profile)
-    val_fraction = 0.1 if classes >= 40 else (round(max(2, classes * 0.15) / classes, 3) if classes >= 10 else 0.0)
-    recipe.choose("val_fraction", val_fraction,
-                  f"{classes} classes: {'hold out ' + format(val_fraction, '.0%') + ' of them for validation, best epoch kept, early stop' if val_fraction else 'too few to hold whole classes out, so no validation: the last epoch is kept (score it with siamesedb eval on other classes)'}")
+    # What validation measures (validation.plan_validation): held-out writers' verification EER on a forgery
+    # folder; N-way over >= 8 held-out classes; with fewer classes, held-out images of every class.
+    if profile.forgery_classes:
+        val_fraction = round(max(2, classes * 0.15) / classes, 3) if classes >= 8 else 0.2
+        why = (f"{classes} writers with skilled forgeries: hold out {val_fraction:.0%} of them, epochs chosen by their "
+               "verification EER" if classes >= 8 else f"{classes} writers: too few to hold writers out, so 20% of "
+               "each writer's images are held out instead")
+    elif classes >= 40:
+        val_fraction = round(max(0.1, 8 / classes), 3)
+        why = (f"{classes} classes: hold out {val_fraction:.0%} of them (at least 8), epochs chosen by N-way 1-shot "
+               "over all of them, best epoch kept, early stop")
+    else:
+        val_fraction = 0.2
+        why = (f"{classes} classes: too few to hold 8 whole classes out and still train, so 20% of each class's "
+               "images are held out instead (a score on seen classes, optimistic for new ones)")
+    recipe.choose("val_fraction", val_fraction, why)
+    recipe.choose("val_way", 100, "validation episodes as wide as the held-out classes allow (at most 100-way)")
     held = float(overrides.get("val_fraction", val_fraction))  # the episode must fit the split that will really run
+    few = classes < (8 if profile.forgery_classes else 40) or (not profile.forgery_classes and classes * held < 7.5)
+    if few and "val_fraction" not in overrides:  # (a --val-fraction flag holds out classes, however few: cli_train)
+        held = 0.0  # held-out images, not classes: every class trains
     train_classes = classes - int(round(classes * held)) + profile.forgery_classes
     way_cap = {"glyph": 60, "signature": 16, "photo": 20}[domain]
     recipe.choose("way", max(2, min(way_cap, train_classes)),
@@ -204,6 +221,8 @@ def choose_recipe(profile: FolderProfile, overrides: dict[str, Any] | None = Non
                   + {"glyph": "Snell et al.'s 60-way", "signature": "the signature recipe's 16-way",
                      "photo": "20-way tied 60-way at equal images and costs less a step"}[domain] + ")")
     smallest = profile.per_class_min
+    if held == 0.0 and val_fraction and smallest >= 4:  # held-out images leave the smallest class this many to train
+        smallest -= max(2, int(round(smallest * val_fraction)))
     shot = int(overrides.get("shot", 5 if smallest >= 10 else max(1, smallest // 2)))
     recipe.choose("shot", shot, f"smallest class holds {smallest} images")
     queries = max(1, min(5, smallest - shot))
@@ -218,6 +237,10 @@ def choose_recipe(profile: FolderProfile, overrides: dict[str, Any] | None = Non
                   "brightness/contrast jitter for photos" if photo else "off for ink on paper")
     recipe.choose("precision", "auto", "bfloat16 autocast where the CPU has it and the step measured faster")
     recipe.choose("patience", 4, "stop after 4 epochs without a better validation score")
+    if domain == "signature":
+        recipe.choose("members", 3, "3 short members in the budget, then a member or the members joined, whitened "
+                                    "on the training writers or not, and the rule, as held-out writers' EER "
+                                    "chooses (by hand: one member 20.8-24.7%, nine joined + whitened 16.1%)")
     recipe.reasons["steps"] = (f"epochs of 100 steps fitted to the time budget after timing the first steps, at most "
                                f"{recipe.max_epochs}" + (" (longer training overfitted 24 signature writers)"
                                                          if domain == "signature" else ""))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 from collections.abc import Callable
 from typing import Any
 
@@ -69,3 +70,37 @@ def time_steps(net: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_modu
     loss_module.load_state_dict(saved[2])
     torch.set_rng_state(saved[3])
     return seconds
+
+
+def replan(config: Any, state: dict[str, Any], epoch: int, steps: int, train_seconds: float,
+           val_seconds: float, left: float, timed: float | None, cap: int,
+           log: Callable[[str], None]) -> tuple[Any, int]:
+    """After epoch `epoch` (0-based) of a budgeted run: re-fit the epochs left to the `left` seconds at the cost
+    this epoch really had (the timed steps may have promised more or less: other work, warm-up). Slower: fewer
+    epochs of the same steps, or one shorter last one (>= 10 steps), or none. Faster by over a fifth: more steps
+    per epoch, up to `cap`. Returns (config, total steps of the cosine schedule: the ones run + the ones planned);
+    `state["steps_run"]` counts the steps run so far."""
+    step_cost = max(train_seconds / max(steps, 1), 1e-9)
+    planned_left, per_epoch = config.epochs - (epoch + 1), config.steps_per_epoch
+
+    def affordable(n: int) -> int:  # steps per epoch that fit when n epochs are left
+        return int((max(0.0, left) / n - val_seconds) // step_cost)
+
+    epochs_left, new_steps = planned_left, per_epoch
+    if affordable(planned_left) < per_epoch:
+        epochs_left = next((n for n in range(planned_left, 0, -1) if affordable(n) >= per_epoch), 0)
+        if epochs_left == 0 and affordable(1) >= 10:
+            epochs_left, new_steps = 1, affordable(1)
+    elif affordable(planned_left) > 1.2 * per_epoch and per_epoch < cap:
+        new_steps = min(cap, affordable(planned_left))
+    if (epochs_left, new_steps) != (planned_left, per_epoch):
+        than = f", {step_cost:.2f} s a step against {timed:.2f} s timed" if timed else f", {step_cost:.2f} s a step"
+        log(f"re-planned to the time budget: {epoch + 1 + epochs_left} epochs instead of {config.epochs}"
+            + (f", {new_steps} steps each from now on instead of {per_epoch}" if new_steps != per_epoch else "")
+            + f" (epoch {epoch + 1} took {train_seconds + val_seconds:.0f} s{than})")
+        state.setdefault("replanned", []).append({"after_epoch": epoch + 1, "epochs": epoch + 1 + epochs_left,
+                                                  "steps": new_steps, "step_seconds": round(step_cost, 4)})
+    config = replace(config, epochs=epoch + 1 + epochs_left, steps_per_epoch=new_steps)
+    total = state.get("steps_run", 0) + epochs_left * new_steps
+    state["schedule"], state["total_steps"] = [config.epochs, new_steps], total
+    return config, total

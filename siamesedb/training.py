@@ -8,7 +8,6 @@ Their old names stay importable from here.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -24,27 +23,33 @@ from siamesedb.augmentation import augment, photometric
 from siamesedb.backbones import get_backbone
 from siamesedb.batches import BATCH_KINDS
 from siamesedb.checkpoints import restore_checkpoint, save_checkpoint
-from siamesedb.data import Preprocessing, group_of, image_profile, iter_batches, scan_folder, select_groups
+from siamesedb.data import Preprocessing, group_of, iter_batches, scan_folder, select_groups
 from siamesedb.encoder import Encoder, EncoderConfig, cpu_has_native_bf16, resolve_device
 from siamesedb.errors import InvalidInputError
 from siamesedb.losses import LOSS_RECIPES
 from siamesedb.plots import loss_curve
-from siamesedb.schedule import fit_schedule, parse_duration, time_steps  # noqa: F401  (parse_duration: its old home)
-from siamesedb.validation import (  # noqa: F401  (held_out_images: its old home)
+from siamesedb.schedule import fit_schedule, parse_duration, replan, time_steps  # noqa: F401  (parse_duration: its old home)
+from siamesedb.validation import (  # noqa: F401  (held_out_images, held_out_score...: their old home)
+    ValidationPlan,
     forgery_map,
     held_out_images,
     held_out_score,
     lookalike_threshold,
     pair_threshold,
+    plan_validation,
     split_classes,
+    split_images,
     validation_accuracy,
+    writer_eer,
 )
+from siamesedb.validation import finish_run
 from siamesedb.whitening import whitened_encoder, within_class_whitening  # noqa: F401  (their old home)
 
 # Old names, kept importable: the one bf16 probe is the encoder's; the split, the loss curve moved.
 cpu_supports_bf16 = cpu_has_native_bf16
 _split_classes = split_classes
 plot_history = loss_curve
+_finish = finish_run  # pretrained_train's name for the end of a run
 
 LOSSES = tuple(LOSS_RECIPES)
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -86,7 +91,13 @@ class TrainConfig:
     device: str = "auto"
     val_fraction: float = 0.1  # of the classes, held out whole for validation
     val_episodes: int = 200
-    val_way: int = 20
+    val_way: int = 20  # classes of a held-out N-way episode, at most (the recipe: every held-out class)
+    # What picks the epoch (validation.plan_validation): "auto" (verification EER where held-out writers have
+    # skilled forgeries, N-way over held-out classes when >= 8 are held out, else held-out images of every class),
+    # or "classes" (held-out classes whatever their number, the old behaviour).
+    validation: str = "auto"
+    split_seed: int | None = None  # seed of the held-out split (None: `seed`); members of one run share one split
+    members: int = 1  # > 1: that many short members in the one budget, joined + whitened as validation chooses (members.py)
     workers: int = 2  # decoding processes while loading the folder
     groups: str | None = None  # train only on these groups (first label component): "U01-U30", "Latin,Greek"
     hard_negative_fraction: float = 0.5  # of impostor pairs drawn as (genuine, its skilled forgery) where forgeries exist
@@ -129,6 +140,8 @@ class TrainConfig:
             raise InvalidInputError(f"--unfreeze applies to hf: backbones (a number of blocks >= 0), not {self.backbone!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise InvalidInputError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
+        if self.validation not in ("auto", "classes"):
+            raise InvalidInputError(f"unknown validation {self.validation!r}; choose from auto, classes")
         if self.precision not in PRECISIONS:
             raise InvalidInputError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         if self.time_budget is not None and not self.time_budget > 0:
@@ -213,24 +226,38 @@ class _Classes:
     forgeries: dict[int, int]
     group_of_class: dict[int, int]
     val_way: int
+    plan: ValidationPlan
+    originals: int  # the first `originals` training items are the folder's own (the rest: rotated / mirrored copies)
 
     @property
     def has_val(self) -> bool:
-        return self.val_way >= 2
+        return self.val_way >= 2 or self.plan.task == "verification"
 
 
 def _split_for_training(folder: str | os.PathLike, images: torch.Tensor, labels: np.ndarray, names: list[str],
                         config: TrainConfig, log: Callable[[str], None]) -> _Classes:
     """Hold out `config.val_fraction` of the classes whole, and add the symmetry copies of the training classes."""
-    train_classes, val_classes = split_classes(names, config.val_fraction, config.seed)
+    split_seed = config.seed if config.split_seed is None else config.split_seed
+    train_classes, val_classes = split_classes(names, config.val_fraction, split_seed)
     forgeries = forgery_map(names)
     if forgeries:
         log(f"{len(forgeries)} classes of skilled forgeries serve as hard impostors of their genuine classes")
+    plan = plan_validation(names, forgeries, val_classes, config.val_fraction, labels)
+    if config.validation == "classes" and plan.task == "images":
+        plan = ValidationPlan("classes", f"WARNING: only {len(set(val_classes.tolist()) - set(forgeries))} held-out "
+                                         "classes (held-out classes asked for): too few to choose an epoch by, the "
+                                         "score below says little")
+    if plan.task == "images":
+        train_mask = ~split_images(labels, config.val_fraction, split_seed)  # every class trains
+        train_classes = np.unique(labels[train_mask])
+    else:
+        train_mask = np.isin(labels, train_classes)
+    log(f"validation: {plan.reason}")
     if len(train_classes) < 2:
         raise InvalidInputError(f"{folder}: training needs at least two classes, found {len(train_classes)}")
-    train_mask = np.isin(labels, train_classes)
     x_train, y_train = images[train_mask], labels[train_mask]
     x_val, y_val = images[~train_mask], labels[~train_mask]
+    originals = len(y_train)
     if config.rotate_classes:
         # A character turned by 90 degrees is a new character: 4x the training classes, none of the held-out ones.
         n_names = len(names)
@@ -250,9 +277,15 @@ def _split_for_training(folder: str | os.PathLike, images: torch.Tensor, labels:
     group_index = {g: i for i, g in enumerate(group_names)}
     group_of_class = {int(c): group_index[group_of(names[c % len(names)])] + len(group_names) * (int(c) // len(names))
                       for c in np.unique(y_train)}
-    val_way = min(config.val_way, len(set(val_classes.tolist()) - set(forgeries)))  # enrollable held-out classes
-    log(f"{len(images)} images of {len(names)} classes: {len(train_classes)} for training, {len(val_classes)} held out")
-    return _Classes(x_train, y_train, x_val, y_val, names, forgeries, group_of_class, val_way)
+    # enrollable held-out classes with a support and a query
+    counts = np.bincount(y_val, minlength=len(names)) if len(y_val) else np.zeros(len(names), dtype=np.int64)
+    val_way = min(config.val_way, int(sum(1 for c in range(len(names)) if counts[c] >= 2 and c not in forgeries)))
+    if plan.task == "none":
+        val_way = 0
+    held = (f"{len(y_val)} images of every class held out" if plan.task == "images"
+            else f"{len(set(val_classes.tolist()))} held out")
+    log(f"{len(images)} images of {len(names)} classes: {len(train_classes)} for training, {held}")
+    return _Classes(x_train, y_train, x_val, y_val, names, forgeries, group_of_class, val_way, plan, originals)
 
 
 def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig | None = None,
@@ -265,7 +298,7 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
     """
     from tqdm import tqdm
 
-    run_started = started if started is not None else time.perf_counter()  # loading the folder counts too
+    run_started = started if started is not None else _clock()  # loading the folder counts too
     config = config or TrainConfig()
     log = log or (lambda line: None)
     out = Path(out_dir)
@@ -322,34 +355,51 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
         optimizer.step()
         return float(loss.detach()), len(inputs)
 
-    def validate() -> float | None:
-        return (validation_accuracy(encoder, data.x_val, data.y_val, val_way, config.val_episodes, seed=config.seed,
-                                    exclude=set(data.forgeries)) if has_val else None)
+    plan = data.plan
+
+    def validate() -> tuple[float | None, dict[str, Any]]:
+        """(the score that picks the epoch, higher better; what to record): 1 - EER of held-out writers, or
+        N-way 1-shot accuracy of held-out classes / images."""
+        if not has_val:
+            return None, {"val_accuracy": None}
+        if plan.task == "verification":
+            eer = writer_eer(encoder, data.x_val, data.y_val, data.forgeries, plan.references, seed=config.seed)["eer"]
+            return 1.0 - eer, {"val_accuracy": None, "val_eer": eer, "val_references": plan.references}
+        accuracy = validation_accuracy(encoder, data.x_val, data.y_val, val_way, config.val_episodes, seed=config.seed,
+                                       exclude=set(data.forgeries))
+        return accuracy, {"val_accuracy": accuracy, "val_way": val_way, "val_task": plan.task}
+
+    def describe(fields_: dict[str, Any]) -> str:
+        if "val_eer" in fields_:
+            return f"held-out verification EER {fields_['val_eer']:.2%} ({plan.references} references)"
+        where = "held-out images" if plan.task == "images" else "held-out"
+        return f"{where} {val_way}-way 1-shot {fields_['val_accuracy']:.2%}" if fields_["val_accuracy"] is not None else ""
 
     # Time budget: time one validation and a few throwaway steps, then fit the schedule (config.epochs is the cap).
-    val_seconds, reserve = 0.0, 0.0
+    val_seconds, reserve, step_seconds = 0.0, 0.0, None
+    steps_cap = state.setdefault("steps_cap", config.steps_per_epoch)  # a re-plan never grows epochs past it
     if config.time_budget is not None:
         if has_val:
-            clock = time.perf_counter()
-            untrained = validate()
-            val_seconds = time.perf_counter() - clock
+            clock = _clock()
+            _, untrained = validate()
+            val_seconds = _clock() - clock
             if not state["history"]:
-                log(f"before training: held-out {val_way}-way 1-shot {untrained:.2%} ({val_seconds:.1f} s a validation)")
+                log(f"before training: {describe(untrained)} ({val_seconds:.1f} s a validation)")
         reserve = 3 * val_seconds + 2.0  # the final score and pair threshold after the last epoch, roughly
         if "schedule" in state:
             epochs, steps_per_epoch = state["schedule"]
         else:
             step_seconds = time_steps(encoder.net, optimizer, loss_module, make_batches, train_step, config.lr)
-            left = config.time_budget - (time.perf_counter() - run_started) - reserve
+            left = config.time_budget - (_clock() - run_started) - reserve
             epochs, steps_per_epoch = fit_schedule(left, step_seconds, val_seconds, config.steps_per_epoch, config.epochs)
             estimate = epochs * (steps_per_epoch * step_seconds + val_seconds) + reserve
             log(f"time budget {config.time_budget / 60:.1f} min: {step_seconds:.3f} s a step, {val_seconds:.1f} s a "
                 f"validation -> {epochs} epochs x {steps_per_epoch} steps, about {estimate / 60:.1f} min of training "
-                f"and scoring ({(time.perf_counter() - run_started) / 60:.1f} min spent loading and timing)")
+                f"and scoring ({(_clock() - run_started) / 60:.1f} min spent loading and timing)")
             state["schedule"] = [epochs, steps_per_epoch]
         config = replace(config, epochs=epochs, steps_per_epoch=steps_per_epoch)
     deadline = None if config.time_budget is None else run_started + config.time_budget
-    total_steps = config.epochs * config.steps_per_epoch
+    total_steps = state.get("total_steps") or config.epochs * config.steps_per_epoch
 
     for epoch in range(state["epoch"], config.epochs):
         if state.get("stopped") or epoch >= config.epochs:  # config.epochs may shrink below (a re-fitted budget)
@@ -359,91 +409,60 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
         generator = torch.Generator().manual_seed(epoch_seed)
         draw = make_batches(epoch_seed)
         encoder.net.train()
-        losses, started, seen = [], time.perf_counter(), 0
+        losses, started, seen = [], _clock(), 0
+        done = state.get("steps_run", epoch * config.steps_per_epoch)  # steps of the epochs before: the cosine schedule runs over all of them
         bar = tqdm(range(config.steps_per_epoch), disable=not progress, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step")
         for step in bar:
-            if deadline is not None and losses and time.perf_counter() > deadline - reserve - val_seconds:
+            if deadline is not None and losses and _clock() > deadline - reserve - val_seconds:
                 state["stopped"] = f"time budget reached after {step} steps of epoch {epoch + 1}"
                 break
-            global_step = epoch * config.steps_per_epoch + step
-            lr = config.lr * 0.5 * (1 + math.cos(math.pi * global_step / total_steps))  # cosine decay to zero
+            lr = config.lr * 0.5 * (1 + math.cos(math.pi * min(done + step, total_steps) / total_steps))  # cosine decay to zero
             loss_value, images_seen = train_step(draw, generator, lr)
             losses.append(loss_value)
             seen += images_seen
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", img_s=f"{seen / max(_clock() - started, 1e-9):.0f}")
         bar.close()
-        val = validate()
-        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_accuracy": val, "val_way": val_way, "lr": lr,
-                  "steps": len(losses), "seconds": round(time.perf_counter() - started, 2),
-                  "images_per_second": round(seen / (time.perf_counter() - started), 1)}
+        trained_seconds = _clock() - started
+        val, measured = validate()
+        elapsed = max(_clock() - started, 1e-9)
+        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), **measured, "lr": lr,
+                  "steps": len(losses), "seconds": round(elapsed, 2), "images_per_second": round(seen / elapsed, 1)}
         state["history"].append(record)
+        state["steps_run"] = state.get("steps_run", 0) + len(losses)
         if val is None or state["best_val"] is None or val >= state["best_val"]:
             state["best_val"] = val
             state["best_epoch"] = epoch + 1
+            state["best_record"] = measured
             encoder.save(out / "best")
         state["epoch"] = epoch + 1
         if config.patience and has_val and epoch + 1 - state["best_epoch"] >= config.patience and not state.get("stopped"):
             state["stopped"] = f"early stop: no better validation for {config.patience} epochs"
         if deadline is not None and not state.get("stopped") and epoch + 1 < config.epochs:
-            # The machine may run slower than the timed steps promised (other work, warm-up): re-fit the epochs
-            # that are left to this epoch's real cost, so the cosine schedule ends inside the budget instead of the
-            # deadline cutting it short. Only ever fewer epochs.
-            epoch_seconds = time.perf_counter() - started
-            fits = epoch + 1 + int(max(0.0, deadline - time.perf_counter() - reserve) // epoch_seconds)
-            if fits < config.epochs:
-                log(f"re-fitted to the time budget: {max(fits, epoch + 1)} epochs instead of {config.epochs} "
-                    f"(this epoch took {epoch_seconds:.0f} s)")
-                config = replace(config, epochs=max(fits, epoch + 1))
-                total_steps = config.epochs * config.steps_per_epoch
-                state["schedule"] = [config.epochs, config.steps_per_epoch]
+            config, total_steps = replan(config, state, epoch, len(losses), trained_seconds, elapsed - trained_seconds,
+                                         deadline - _clock() - reserve, step_seconds, steps_cap, log)
         save_checkpoint(checkpoint, encoder, optimizer, loss_module, state)
-        log(f"epoch {epoch + 1}: loss {record['loss']:.4f}" + (f", held-out {val_way}-way 1-shot {val:.2%}" if val is not None else ""))
+        log(f"epoch {epoch + 1}: loss {record['loss']:.4f}" + (f", {describe(measured)}" if val is not None else ""))
     if state.get("stopped"):
         log(f"stopped: {state['stopped']}")
     final = Encoder.load(out / "best", device=device)
     if state.get("best_epoch") != state["epoch"]:
         log(f"restored the best epoch, {state.get('best_epoch')} of {state['epoch']}")
-    _finish(final, folder, out, config, data, state, bf16, log)
+    budget = None
     if config.time_budget is not None:
-        log(f"run took {(time.perf_counter() - run_started) / 60:.2f} min of its {config.time_budget / 60:.2f}-minute budget")
+        budget = {"budget_s": round(config.time_budget, 1), "steps": state.get("steps_run", 0)}
+        if budget["steps"] < MIN_STEPS:
+            line = (f"only {budget['steps']} training steps fitted the {config.time_budget / 60:.1f}-minute budget "
+                    f"(fewer than {MIN_STEPS}): this encoder is barely trained; give a longer --time-budget")
+            budget["warning"] = line
+            log(f"WARNING: {line}")
+    finish_run(final, folder, out, config, data, state, bf16, log, budget=budget,
+               used=lambda: _clock() - run_started)
     return final
 
 
-def _finish(final: Encoder, folder: str | os.PathLike, out: Path, config: TrainConfig, data: _Classes,
-            state: dict[str, Any], bf16: bool, log: Callable[[str], None]) -> None:
-    """Score the best epoch's encoder on the held-out classes, give it its thresholds and notes, and write it with
-    the run's config, history and loss curve into `out`."""
-    forgeries, val_way = data.forgeries, data.val_way
-    notes: dict[str, Any] = {"trained_on": str(folder), "train_config": config.to_dict(),
-                             "best_epoch": state.get("best_epoch"), "val_accuracy": state.get("best_val"),
-                             "epochs_run": state["epoch"], "stopped": state.get("stopped"),
-                             "precision": "bf16" if bf16 else "fp32"}
-    if data.has_val:
-        accuracy, ci = held_out_score(final, data.x_val, data.y_val, val_way, config.final_episodes,
-                                      seed=config.seed + 1, exclude=set(forgeries))
-        held = len(set(np.unique(data.y_val).tolist()) - set(forgeries))
-        notes["held_out"] = {"way": val_way, "shot": 1, "accuracy": accuracy, "ci95": ci,
-                             "episodes": config.final_episodes, "classes": held}
-        log(f"held-out score: {val_way}-way 1-shot {accuracy:.2%} ± {ci:.2%} (95% CI, {config.final_episodes} episodes "
-            f"on the {held} held-out classes" + (", which also chose the best epoch)" if state["epoch"] else ")"))
-        notes.update(pair_threshold(final, data.x_val, data.y_val, seed=config.seed, forgery_of=forgeries))
-        if forgeries:
-            notes["held_out"]["pair_eer"] = notes["pair_eer"]
-            notes["held_out"]["pair_eer_ci95"] = notes.get("pair_eer_ci95")
-            log(f"held-out pair EER (impostors half skilled forgeries): {notes['pair_eer']:.2%} ± "
-                f"{notes.get('pair_eer_ci95', 0.0):.2%} (95% bootstrap CI, {notes['pair_count']} pairs)")
-    final.config.notes = notes
-    if data.has_val:
-        final.config.pair_calibration = lookalike_threshold(final, data.x_val, data.y_val, data.names, forgeries,
-                                                            seed=config.seed)
-        if final.config.pair_calibration:
-            cal = final.config.pair_calibration
-            log(f"verify threshold {cal['threshold']:.4f}: FAR {cal['far']:.2%} / FRR {cal['frr']:.2%} on held-out "
-                f"classes, one reference each, impostors: {cal['impostors']}")
-    final.config.data_profile = image_profile([image.path for image in scan_folder(folder)], limit=64)
-    final.config.name = final.config.name or Path(out).name
-    final._fingerprint = None
-    final.save(out)
-    (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    (out / "history.json").write_text(json.dumps(state["history"], indent=2) + "\n")
-    loss_curve(state["history"], out / "loss_curve.png")
+MIN_STEPS = 50  # fewer training steps than this and a budgeted run says the encoder is barely trained
+
+
+def _clock() -> float:
+    """The run's clock (seconds); tests replace it to play a slow machine without waiting."""
+    return time.perf_counter()

@@ -106,7 +106,7 @@ def test_signatures_with_forgeries_get_the_signature_recipe(tmp_path):
     assert recipe.domain == "signature" and recipe.max_epochs == 6
     assert (s["backbone"], s["image_size"], s["image_width"], s["keep_aspect"], s["invert"]) == ("signet", 64, 128, True, True)
     assert s["flip"] is False
-    assert s["shot"] == 3 and s["queries"] == 3  # 6 images a class
+    assert s["shot"] == 2 and s["queries"] == 2  # 6 images a class, 2 of them held out (few classes: images held out)
 
 
 def test_wide_strokes_without_forgeries_are_signatures_too(tmp_path):
@@ -120,7 +120,7 @@ def test_colour_photos_get_three_channels_flips_and_jitter(tmp_path):
     assert profile.colour_share == 1.0 and recipe.domain == "photo"
     assert (s["backbone"], s["channels"], s["invert"], s["image_size"]) == ("resnet", 3, False, 32)
     assert s["flip"] is True and s["color_jitter"] > 0
-    assert s["val_fraction"] == 0.0  # 6 classes: too few to hold whole classes out
+    assert s["val_fraction"] == 0.2  # 6 classes: too few to hold whole classes out, so 20% of each class's images
 
 
 def test_grey_photos_stay_grey_and_large_ones_shrink_to_64(tmp_path):

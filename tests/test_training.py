@@ -38,7 +38,8 @@ def folder(tmp_path_factory):
 
 def tiny(loss="contrastive", **overrides):
     base = dict(loss=loss, epochs=2, steps_per_epoch=3, batch_size=8, image_size=16, width=8, embedding_dim=8,
-                val_fraction=0.34, val_episodes=5, val_way=2, way=3, shot=2, queries=2, per_class=2, workers=0, device="cpu")
+                val_fraction=0.34, val_episodes=5, val_way=2, way=3, shot=2, queries=2, per_class=2, workers=0, device="cpu",
+                validation="classes")  # these tests pin the class split itself (few classes: test_train_validation.py)
     base.update(overrides)
     return TrainConfig(**base)
 
