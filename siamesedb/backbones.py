@@ -93,7 +93,9 @@ def _pretrained(*, channels: int, embedding_dim: int, image_size: tuple[int, int
     return net_from_spec(pretrained)
 
 
-PRETRAINED = Backbone("hf", _pretrained)  # every hf:... name; not in BACKBONES (no one name)
+# Every hf:... name; not in BACKBONES (no one name). bf16_faster: DINOv2-small's feature pass and its unfrozen
+# step measured faster under CPU bf16 autocast (tools/bench_pretrained_train.py, BENCHMARKS.md).
+PRETRAINED = Backbone("hf", _pretrained, bf16_faster=True)
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
