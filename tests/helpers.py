@@ -149,3 +149,16 @@ def unpack(target: Callable[[str, str, str, int], Path | None], alphabets: int =
             if where is not None:
                 where.parent.mkdir(parents=True, exist_ok=True)
                 where.write_bytes(archive.read(name))
+
+
+def exported_items(db) -> dict[str, tuple[str, np.ndarray]]:
+    """{path: (label, vector)} of every item of an open SiameseDB, through the public export (no path twice)."""
+    import pyarrow.parquet as pq
+
+    target = db.path.parent / f"{db.path.name}-export.parquet"
+    db.export_vectors(target)
+    table = pq.read_table(target).to_pydict()
+    target.unlink()
+    paths = table["path"]
+    assert len(set(paths)) == len(paths), "a path stored twice"
+    return {p: (label, np.asarray(v, dtype=np.float32)) for p, label, v in zip(paths, table["label"], table["vector"])}

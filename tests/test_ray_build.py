@@ -22,6 +22,7 @@ from siamesedb.db import SiameseDB  # noqa: E402
 from siamesedb.ray_build import build_with_ray  # noqa: E402
 
 from helpers import OMNIGLOT_EVALUATION, require  # noqa: E402 - tests/helpers.py
+from helpers import exported_items as _items  # noqa: E402
 
 OMNIGLOT_CACHE = Path.home() / ".cache/siamesedb/omniglot/images_evaluation.d/images_evaluation"
 ALPHABETS, CHARACTERS = 2, 3
@@ -57,19 +58,6 @@ def folder(tmp_path_factory) -> Path:
     shutil.copyfile(first, first.with_name("zz_copy_of_" + first.name))  # same content, same label: stored once
     (first.parent / "zz_empty.png").write_bytes(b"")  # unreadable: skipped, reported
     return root
-
-
-def _items(db: SiameseDB) -> dict[str, tuple[str, np.ndarray]]:
-    """{path: (label, vector)} of every item, through the public export."""
-    import pyarrow.parquet as pq
-
-    target = db.path.parent / f"{db.path.name}-export.parquet"
-    db.export_vectors(target)
-    table = pq.read_table(target).to_pydict()
-    target.unlink()
-    paths = table["path"]
-    assert len(set(paths)) == len(paths), "a path stored twice"
-    return {p: (label, np.asarray(v, dtype=np.float32)) for p, label, v in zip(paths, table["label"], table["vector"])}
 
 
 @pytest.fixture(scope="module")

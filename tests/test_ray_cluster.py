@@ -29,7 +29,8 @@ pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install '
 
 from siamesedb.db import SiameseDB  # noqa: E402
 
-from helpers import missing, unpack  # noqa: E402 - tests/helpers.py
+from helpers import exported_items as items  # noqa: E402 - tests/helpers.py
+from helpers import missing, unpack  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SIAMESEDB = Path(sys.executable).with_name("siamesedb")  # the venv's console script: a driver of its own
@@ -65,19 +66,6 @@ def reference(folder, tmp_path_factory) -> tuple[dict[str, tuple[str, np.ndarray
     with SiameseDB.build(folder, path=where, batch_size=16, workers=0) as db:
         held = items(db)
     return held, {p.name for p in where.iterdir()}  # closed: as the CLI leaves its index
-
-
-def items(db: SiameseDB) -> dict[str, tuple[str, np.ndarray]]:
-    """{path: (label, vector)} of every item, through the public export (no path twice)."""
-    import pyarrow.parquet as pq
-
-    target = db.path.parent / f"{db.path.name}-export.parquet"
-    db.export_vectors(target)
-    table = pq.read_table(target).to_pydict()
-    target.unlink()
-    paths = table["path"]
-    assert len(set(paths)) == len(paths), "a path stored twice"
-    return {p: (label, np.asarray(v, dtype=np.float32)) for p, label, v in zip(paths, table["label"], table["vector"])}
 
 
 def assert_same(got: dict[str, tuple[str, np.ndarray]], expected: dict[str, tuple[str, np.ndarray]]) -> None:

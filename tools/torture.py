@@ -179,6 +179,28 @@ def server_writer(index: str, prefix: str, extra: str, log_path: str, batch_size
     _log_commits.log({"event": "done"})  # type: ignore[attr-defined]
 
 
+def replay(events: list[dict], expected: collections.Counter, key_of: dict) -> tuple[list | None, list | None]:
+    """Replay one writer's log into `expected` ((label, path) -> count that must be stored) and `key_of` (id ->
+    (label, path)); returns (the add in flight, the removal in flight): begun, never committed, each may be either."""
+    pending_add: list | None = None
+    pending_remove: list | None = None
+    for e in events:
+        if e["event"] == "begin_add":
+            pending_add = [tuple(x) for x in e["items"]]
+        elif e["event"] == "commit_add":
+            for key, new_id in zip(pending_add, e["ids"]):
+                expected[key] += 1
+                key_of[new_id] = key
+            pending_add = None
+        elif e["event"] == "begin_remove":
+            pending_remove = list(e["ids"])
+        elif e["event"] == "commit_remove":
+            for i in e["ids"]:
+                expected[key_of[i]] -= 1
+            pending_remove = None
+    return pending_add, pending_remove
+
+
 def check_server(index: str, log_paths: list[str], before: list) -> dict:
     """In a fresh process, after the writers of one server trial were killed (or finished): the index opens, every
     committed add is there once, no id is held twice, a batch in flight is all there or not at all."""
@@ -205,22 +227,7 @@ def check_server(index: str, log_paths: list[str], before: list) -> dict:
         for log_path in log_paths:
             events = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
             counts["commits"] += sum(e["event"].startswith("commit") for e in events)
-            pending_add = pending_remove = None
-            for e in events:
-                if e["event"] == "begin_add":
-                    pending_add = [tuple(x) for x in e["items"]]
-                elif e["event"] == "commit_add":
-                    for key, new_id in zip(pending_add, e["ids"]):
-                        expected[key] += 1
-                        key_of[new_id] = key
-                    pending_add = None
-                elif e["event"] == "begin_remove":
-                    pending_remove = list(e["ids"])
-                elif e["event"] == "commit_remove":
-                    for i in e["ids"]:
-                        expected[key_of[i]] -= 1
-                    pending_remove = None
-            in_flight.append((pending_add, pending_remove))
+            in_flight.append(replay(events, expected, key_of))
         for pending_add, pending_remove in in_flight:
             if pending_add:
                 arrived = collections.Counter(pending_add) & (present - expected)
@@ -310,22 +317,7 @@ def check_index(operation: str, index: str, source: str, log_path: str, before: 
         # Replay the log: what must be there, what must be gone, what may be either (the one batch in flight).
         expected = collections.Counter((label, path) for _, label, path in before)
         key_of = {int(i): (label, path) for i, label, path in before}
-        pending_add: list | None = None
-        pending_remove: list | None = None
-        for e in events:
-            if e["event"] == "begin_add":
-                pending_add = [tuple(x) for x in e["items"]]
-            elif e["event"] == "commit_add":
-                for key, new_id in zip(pending_add, e["ids"]):
-                    expected[key] += 1
-                    key_of[new_id] = key
-                pending_add = None
-            elif e["event"] == "begin_remove":
-                pending_remove = list(e["ids"])
-            elif e["event"] == "commit_remove":
-                for i in e["ids"]:
-                    expected[key_of[i]] -= 1
-                pending_remove = None
+        pending_add, pending_remove = replay(events, expected, key_of)
         calibration = db.manifest.get("calibration")
         committed_calibration = any(e["event"] == "commit_calibration" for e in events)
         if committed_calibration and not (isinstance(calibration, dict) and np.isfinite(calibration.get("threshold", np.nan))):
