@@ -201,6 +201,21 @@ def replay(events: list[dict], expected: collections.Counter, key_of: dict) -> t
     return pending_add, pending_remove
 
 
+def settle_in_flight(pending_add: list | None, pending_remove: list | None, expected: collections.Counter,
+                     present: collections.Counter, ids_present, key_of: dict, counts: collections.Counter) -> None:
+    """The add and the removal a kill left in flight: each is all stored (all gone) or none of it, else a "half";
+    what did land moves `expected`."""
+    if pending_add:
+        arrived = collections.Counter(pending_add) & (present - expected)
+        counts["half"] += int(0 < sum(arrived.values()) < len(pending_add))
+        expected += arrived
+    if pending_remove:
+        gone = [i for i in pending_remove if i not in ids_present]
+        counts["half"] += int(0 < len(gone) < len(pending_remove))
+        for i in gone:
+            expected[key_of[i]] -= 1
+
+
 def check_server(index: str, log_paths: list[str], before: list) -> dict:
     """In a fresh process, after the writers of one server trial were killed (or finished): the index opens, every
     committed add is there once, no id is held twice, a batch in flight is all there or not at all."""
@@ -229,15 +244,7 @@ def check_server(index: str, log_paths: list[str], before: list) -> dict:
             counts["commits"] += sum(e["event"].startswith("commit") for e in events)
             in_flight.append(replay(events, expected, key_of))
         for pending_add, pending_remove in in_flight:
-            if pending_add:
-                arrived = collections.Counter(pending_add) & (present - expected)
-                counts["half"] += int(0 < sum(arrived.values()) < len(pending_add))
-                expected += arrived
-            if pending_remove:
-                gone = [i for i in pending_remove if i not in ids_present]
-                counts["half"] += int(0 < len(gone) < len(pending_remove))
-                for i in gone:
-                    expected[key_of[i]] -= 1
+            settle_in_flight(pending_add, pending_remove, expected, present, ids_present, key_of, counts)
         counts["lost"] += sum((expected - present).values())
         counts["stray"] += sum(n for key, n in (present - expected).items() if expected[key] <= 0)
         return {"counts": dict(counts), "rows": [list(r) for r in sorted(rows)]}
@@ -322,15 +329,7 @@ def check_index(operation: str, index: str, source: str, log_path: str, before: 
         committed_calibration = any(e["event"] == "commit_calibration" for e in events)
         if committed_calibration and not (isinstance(calibration, dict) and np.isfinite(calibration.get("threshold", np.nan))):
             counts["lost"] += 1  # a calibration reported written is gone or damaged
-        if pending_add:  # the add in flight: all of it stored, or none of it
-            arrived = collections.Counter(pending_add) & (present - expected)
-            counts["half"] += int(0 < sum(arrived.values()) < len(pending_add))
-            expected += arrived
-        if pending_remove:  # the removal in flight: all of its ids gone, or all still there
-            gone = [i for i in pending_remove if i not in ids_present]
-            counts["half"] += int(0 < len(gone) < len(pending_remove))
-            for i in gone:
-                expected[key_of[i]] -= 1
+        settle_in_flight(pending_add, pending_remove, expected, present, ids_present, key_of, counts)
         counts["lost"] += sum((expected - present).values())
         # Items from nowhere, or removed (committed) yet back; duplicates are counted above.
         counts["stray"] += sum(n for key, n in (present - expected).items() if expected[key] <= 0)
