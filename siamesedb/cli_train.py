@@ -74,6 +74,9 @@ from siamesedb.scoring import METRICS
               help="Proto: this share of episodes draws all its classes from one group (alphabet) (default 0).")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Share of the classes held out for per-epoch validation (default 0.1; 0: train on all).")
+@click.option("--hold-out-groups/--no-hold-out-groups", default=None,
+              help="Validation holds out whole groups (alphabets) and scores within each (default: on for folders "
+                   "of 40+ classes in 3+ groups of several classes).")
 @click.option("--seed", type=int, default=None, help="Random seed (runs are deterministic on CPU).")
 @click.option("--init", "init", default=None, metavar="NAME_OR_DIR",
               help="Start from this encoder's weights (same backbone and input size): fine-tune it.")
@@ -91,7 +94,8 @@ def train(folder: Path, out_dir: Path, loss: str | None, time_budget: str | None
           rotate_classes: bool | None, mirror_classes: bool | None, augment: bool | None, flip: bool | None,
           color_jitter: float | None, precision: str | None,
           augment_strength: float | None, forgery_episodes: bool | None,
-          within_group: float | None, val_fraction: float | None, seed: int | None, init: str | None,
+          within_group: float | None, val_fraction: float | None, hold_out_groups: bool | None, seed: int | None,
+          init: str | None,
           unfreeze: int | None, resume: bool, device: str, quiet: bool, metric: str | None = None, hidden: str | None = None,
           dropout: float | None = None) -> None:
     """Train a Siamese encoder on a labelled FOLDER (twin networks, shared weights).
@@ -130,7 +134,7 @@ def train(folder: Path, out_dir: Path, loss: str | None, time_budget: str | None
         "forgery_episodes": forgery_episodes, "init": init, "within_group": within_group,
         "val_fraction": val_fraction, "channels": int(channels) if channels else None, "invert": invert,
         "flip": flip, "color_jitter": color_jitter, "precision": precision, "patience": patience,
-        "unfreeze": unfreeze,
+        "unfreeze": unfreeze, "hold_out_groups": hold_out_groups,
     }
     overrides.update(_mlp_and_metric_options(backbone, embedding_dim, metric, hidden, dropout))
     given = {key: value for key, value in overrides.items() if value is not None}

@@ -193,6 +193,9 @@ def choose_recipe(profile: FolderProfile, overrides: dict[str, Any] | None = Non
 
     recipe.choose("loss", "proto", "prototypical: beat contrastive and triplet at equal steps (BENCHMARKS ablation)")
     classes = _base_classes(profile)
+    # Groups worth holding out whole (Omniglot's alphabets): several of them, each of several classes. A flat folder
+    # has one group per class; a forgery folder's groups are its writers (validated by verification instead).
+    grouped = not profile.forgery_classes and profile.groups >= 3 and classes >= 4 * profile.groups
     # What validation measures (validation.plan_validation): held-out writers' verification EER on a forgery
     # folder; N-way over >= 8 held-out classes; with fewer classes, held-out images of every class.
     if profile.forgery_classes:
@@ -200,6 +203,11 @@ def choose_recipe(profile: FolderProfile, overrides: dict[str, Any] | None = Non
         why = (f"{classes} writers with skilled forgeries: hold out {val_fraction:.0%} of them, epochs chosen by their "
                "verification EER" if classes >= 8 else f"{classes} writers: too few to hold writers out, so 20% of "
                "each writer's images are held out instead")
+    elif classes >= 40 and grouped:
+        val_fraction = round(max(0.1, 8 / classes), 3)
+        why = (f"{classes} classes in {profile.groups} groups: hold out whole groups holding {val_fraction:.0%} of the "
+               "classes (at least 8, at least 2 groups), epochs chosen by 1-shot accuracy within each held-out group "
+               "(as many ways as it holds), best epoch kept, early stop")
     elif classes >= 40:
         val_fraction = round(max(0.1, 8 / classes), 3)
         why = (f"{classes} classes: hold out {val_fraction:.0%} of them (at least 8), epochs chosen by N-way 1-shot "
@@ -209,6 +217,9 @@ def choose_recipe(profile: FolderProfile, overrides: dict[str, Any] | None = Non
         why = (f"{classes} classes: too few to hold 8 whole classes out and still train, so 20% of each class's "
                "images are held out instead (a score on seen classes, optimistic for new ones)")
     recipe.choose("val_fraction", val_fraction, why)
+    if grouped and classes >= 40:
+        recipe.choose("hold_out_groups", True, f"{profile.groups} groups of about {classes / profile.groups:.0f} "
+                                               "classes: validation meets groups training never saw, as the test does")
     recipe.choose("val_way", 100, "validation episodes as wide as the held-out classes allow (at most 100-way)")
     held = float(overrides.get("val_fraction", val_fraction))  # the episode must fit the split that will really run
     few = classes < (8 if profile.forgery_classes else 40) or (not profile.forgery_classes and classes * held < 7.5)

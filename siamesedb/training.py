@@ -40,6 +40,7 @@ from siamesedb.validation import (  # noqa: F401  (held_out_images, held_out_sco
     split_classes,
     split_images,
     validation_accuracy,
+    within_group_episodes,
     writer_eer,
 )
 from siamesedb.validation import finish_run
@@ -90,6 +91,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     val_fraction: float = 0.1  # of the classes, held out whole for validation
+    hold_out_groups: bool = False  # hold out whole groups (alphabets) and validate within each (the recipe's choice)
     val_episodes: int = 200
     val_way: int = 20  # classes of a held-out N-way episode, at most (the recipe: every held-out class)
     # What picks the epoch (validation.plan_validation): "auto" (verification EER where held-out writers have
@@ -238,11 +240,12 @@ def _split_for_training(folder: str | os.PathLike, images: torch.Tensor, labels:
                         config: TrainConfig, log: Callable[[str], None]) -> _Classes:
     """Hold out `config.val_fraction` of the classes whole, and add the symmetry copies of the training classes."""
     split_seed = config.seed if config.split_seed is None else config.split_seed
-    train_classes, val_classes = split_classes(names, config.val_fraction, split_seed)
     forgeries = forgery_map(names)
+    by_group = config.hold_out_groups and not forgeries
+    train_classes, val_classes = split_classes(names, config.val_fraction, split_seed, by_group)
     if forgeries:
         log(f"{len(forgeries)} classes of skilled forgeries serve as hard impostors of their genuine classes")
-    plan = plan_validation(names, forgeries, val_classes, config.val_fraction, labels)
+    plan = plan_validation(names, forgeries, val_classes, config.val_fraction, labels, by_group)
     if config.validation == "classes" and plan.task == "images":
         plan = ValidationPlan("classes", f"WARNING: only {len(set(val_classes.tolist()) - set(forgeries))} held-out "
                                          "classes (held-out classes asked for): too few to choose an epoch by, the "
@@ -365,6 +368,10 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
         if plan.task == "verification":
             eer = writer_eer(encoder, data.x_val, data.y_val, data.forgeries, plan.references, seed=config.seed)["eer"]
             return 1.0 - eer, {"val_accuracy": None, "val_eer": eer, "val_references": plan.references}
+        if plan.task == "groups":
+            accuracy = within_group_episodes(encoder, data.x_val, data.y_val, data.names, val_way, config.val_episodes,
+                                             seed=config.seed).pooled
+            return accuracy, {"val_accuracy": accuracy, "val_way": val_way, "val_task": plan.task}
         accuracy = validation_accuracy(encoder, data.x_val, data.y_val, val_way, config.val_episodes, seed=config.seed,
                                        exclude=set(data.forgeries))
         return accuracy, {"val_accuracy": accuracy, "val_way": val_way, "val_task": plan.task}
@@ -372,8 +379,12 @@ def train(folder: str | os.PathLike, out_dir: str | os.PathLike, config: TrainCo
     def describe(fields_: dict[str, Any]) -> str:
         if "val_eer" in fields_:
             return f"held-out verification EER {fields_['val_eer']:.2%} ({plan.references} references)"
+        if fields_["val_accuracy"] is None:
+            return ""
+        if plan.task == "groups":
+            return f"held-out within-group 1-shot {fields_['val_accuracy']:.2%} (up to {val_way}-way)"
         where = "held-out images" if plan.task == "images" else "held-out"
-        return f"{where} {val_way}-way 1-shot {fields_['val_accuracy']:.2%}" if fields_["val_accuracy"] is not None else ""
+        return f"{where} {val_way}-way 1-shot {fields_['val_accuracy']:.2%}"
 
     # Time budget: time one validation and a few throwaway steps, then fit the schedule (config.epochs is the cap).
     val_seconds, reserve, step_seconds = 0.0, 0.0, None

@@ -7,6 +7,7 @@ training run reports are the ones `siamesedb eval` and `verify` would give.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,27 +23,44 @@ from siamesedb.trials import oneshot_verification_trials, rates_at, sampled_pair
 if TYPE_CHECKING:
     from siamesedb.encoder import Encoder
 
+MIN_HELD_OUT_CLASSES = 8  # fewer held-out classes than this choose nothing: a 3-way score is near 100% whatever
+VERIFY_REFERENCES = 5  # references per held-out writer, as an index of signatures is enrolled (BENCHMARKS R = 5)
 
-def split_classes(names: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+
+def split_classes(names: list[str], fraction: float, seed: int, by_group: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(training class indices, held-out class indices): a seeded `fraction` of the classes held out whole, a
-    genuine class and its forgeries always on the same side."""
+    genuine class and its forgeries always on the same side. `by_group`: whole groups (alphabets) held out instead,
+    in seeded order until they hold `fraction` of the classes (at least MIN_HELD_OUT_CLASSES, at least 2 groups),
+    so validation meets new groups as the test will (the class split when fewer than 3 groups exist)."""
     def base(name: str) -> str:
         head, _, tail = name.rpartition("/")
         return head if head and tail in (GENUINE, FORGED) else name
 
     bases = sorted({base(n) for n in names})
-    order = np.random.default_rng(seed).permutation(len(bases))
-    held = {bases[i] for i in order[: int(round(len(bases) * fraction))]}
+    rng = np.random.default_rng(seed)
+    group_names = sorted({group_of(b) for b in bases})
+    if by_group and fraction > 0 and len(group_names) >= 3:
+        target = max(int(round(len(bases) * fraction)), MIN_HELD_OUT_CLASSES)
+        held: set[str] = set()
+        for taken, g in enumerate(group_names[i] for i in rng.permutation(len(group_names))):
+            if (len(held) >= target and taken >= 2) or taken == len(group_names) - 1:
+                break  # enough held out, and at least one group always trains
+            held.update(b for b in bases if group_of(b) == g)
+    else:
+        order = rng.permutation(len(bases))
+        held = {bases[i] for i in order[: int(round(len(bases) * fraction))]}
     val = np.asarray([i for i, n in enumerate(names) if base(n) in held], dtype=np.int64)
     train_ = np.asarray([i for i, n in enumerate(names) if base(n) not in held], dtype=np.int64)
     return train_, val
 
 
-def held_out_images(images: list[LabelledImage], fraction: float, seed: int) -> list[LabelledImage]:
-    """The images of the classes a `train` run with this `val_fraction` and `seed` held out of training (the same
-    seeded split as `train`): where thresholds and test-time settings are chosen without touching test classes."""
+def held_out_images(images: list[LabelledImage], fraction: float, seed: int,
+                    by_group: bool = False) -> list[LabelledImage]:
+    """The images of the classes a `train` run with this `val_fraction`, `seed` and `hold_out_groups` held out of
+    training (the same seeded split as `train`): where thresholds and test-time settings are chosen without touching
+    test classes."""
     names = sorted({image.label for image in images})
-    _, held = split_classes(names, fraction, seed)
+    _, held = split_classes(names, fraction, seed, by_group)
     held_names = {names[i] for i in held}
     return [image for image in images if image.label in held_names]
 
@@ -70,6 +88,26 @@ def validation_accuracy(encoder: Encoder, images: torch.Tensor, labels: np.ndarr
     """N-way 1-shot accuracy over every query of `episodes` seeded episodes of held-out classes: what picks the
     best epoch (the same episodes every epoch, so epochs are compared on equal terms)."""
     return one_shot_episodes(encoder, images, labels, way, episodes, seed, exclude).pooled
+
+
+def within_group_episodes(encoder: Encoder, images: torch.Tensor, labels: np.ndarray, names: list[str], way: int,
+                          episodes: int, seed: int) -> EpisodeScores:
+    """1-shot episodes inside one held-out group at a time (Lake's within-alphabet task): every group with two or
+    more classes gets an equal share of `episodes` (at least one), each as many ways as the group holds, at most
+    `way`. Pooled over the groups, every query counted alike; per-episode accuracies give the interval."""
+    vectors = encoder.encode_tensors(images)
+    group = np.asarray([group_of(names[c]) for c in labels.tolist()], dtype=object)
+    groups = [g for g in sorted(set(group.tolist())) if len(np.unique(labels[group == g])) >= 2]
+    if not groups:
+        raise InvalidInputError("no held-out group holds two classes")
+    rng = np.random.default_rng(seed)
+    share = max(1, episodes // len(groups))
+    parts = []
+    for g in groups:
+        members = group == g
+        parts.append(run_episodes(vectors[members], labels[members], min(way, len(np.unique(labels[members]))), 1, 1,
+                                  share, rng, encoder.config.metric))
+    return EpisodeScores(np.concatenate([p.correct for p in parts]), np.concatenate([p.asked for p in parts]))
 
 
 def held_out_score(encoder: Encoder, images: torch.Tensor, labels: np.ndarray, way: int, episodes: int, seed: int,
@@ -127,16 +165,14 @@ def pair_threshold(encoder: Encoder, images: torch.Tensor, labels: np.ndarray, s
 
 # ------------------------------------------------------------------------- what a run validates on (issue 27)
 
-MIN_HELD_OUT_CLASSES = 8  # fewer held-out classes than this choose nothing: a 3-way score is near 100% whatever
-VERIFY_REFERENCES = 5  # references per held-out writer, as an index of signatures is enrolled (BENCHMARKS R = 5)
-
 
 @dataclass
 class ValidationPlan:
     """What a training run measures to pick its epoch (and members, rule), and why, in one line.
 
     task: "verification" (held-out writers: genuine vs their own skilled forgeries and other writers, EER with
-    `references` references), "classes" (N-way 1-shot over every held-out class), "images" (too few classes to hold
+    `references` references), "groups" (whole groups held out: 1-shot within each held-out group, as many ways as it
+    holds), "classes" (N-way 1-shot over every held-out class), "images" (too few classes to hold
     any out: held-out images of the training classes, N-way 1-shot; optimistic for new classes) or "none"."""
 
     task: str
@@ -149,10 +185,11 @@ class ValidationPlan:
 
 
 def plan_validation(names: list[str], forgeries: dict[int, int], val_classes: np.ndarray, val_fraction: float,
-                    labels: np.ndarray) -> ValidationPlan:
+                    labels: np.ndarray, by_group: bool = False) -> ValidationPlan:
     """Choose the validation task from the class split: verification where held-out writers have skilled
-    forgeries, else N-way over held-out classes when at least MIN_HELD_OUT_CLASSES are held out, else held-out
-    images. `labels` (N,): every image's class index (the genuine counts fix the references)."""
+    forgeries, else (with `by_group`, whole groups held out) within-group 1-shot when two or more held-out groups
+    hold two or more classes, else N-way over held-out classes when at least MIN_HELD_OUT_CLASSES are held out,
+    else held-out images. `labels` (N,): every image's class index (the genuine counts fix the references)."""
     if val_fraction <= 0:
         return ValidationPlan("none", "no validation (--val-fraction 0): the last epoch is kept")
     held = set(val_classes.tolist())
@@ -164,6 +201,12 @@ def plan_validation(names: list[str], forgeries: dict[int, int], val_classes: np
                               f" held-out writers ({refs} references each; impostors their own forgeries and the other "
                               "writers)", refs)
     enrollable = len(held - set(forgeries))
+    per_group = Counter(group_of(names[c]) for c in held - set(forgeries))
+    several = sum(1 for n in per_group.values() if n >= 2)
+    if by_group and enrollable >= MIN_HELD_OUT_CLASSES and several >= 2:
+        return ValidationPlan("groups", f"{len(per_group)} whole groups held out ({enrollable} classes): epochs chosen "
+                              "by 1-shot accuracy within each held-out group, as many ways as the group holds (the "
+                              "within-group test: look-alike rivals of one group, groups training never saw)")
     if enrollable >= MIN_HELD_OUT_CLASSES:
         return ValidationPlan("classes", f"epochs chosen by {enrollable}-way 1-shot accuracy on {enrollable} held-out "
                               "classes (all of them, the hardest task they support)")
@@ -305,6 +348,20 @@ def verification_report(final: Encoder, data: Any, plan: ValidationPlan, seed: i
             "by_rule": {r: round(float(v[0]), 5) for r, v in by_rule.items()}}
 
 
+def within_group_report(final: Encoder, data: Any, way: int, episodes: int, seed: int, chose: bool,
+                        log: Any) -> dict[str, Any]:
+    """The lead figure of a folder whose held-out split is whole groups: 1-shot within each held-out group."""
+    scores = within_group_episodes(final, data.x_val, data.y_val, data.names, way, episodes, seed)
+    mean, ci = mean_ci95(scores.accuracies)
+    held = sorted({int(c) for c in np.unique(data.y_val)})
+    groups = sorted({group_of(data.names[c]) for c in held})
+    log(f"held-out score: within-group 1-shot {mean:.2%} ± {ci:.2%} (95% CI, {len(scores.asked)} episodes over "
+        f"{len(groups)} held-out groups of {len(held)} classes, as many ways as each group holds, at most {way}"
+        + (", which also chose the best epoch)" if chose else ")"))
+    return {"task": "groups", "accuracy": mean, "ci95": ci, "episodes": int(len(scores.asked)), "shot": 1,
+            "max_way": way, "groups": len(groups), "classes": len(held)}
+
+
 def finish_run(final: Encoder, folder: Any, out: Any, config: Any, data: Any, state: dict[str, Any], bf16: bool,
                log: Any, budget: dict[str, Any] | None = None, used: Any = None) -> None:
     """Score the best epoch's encoder on what validation held out (the lead figure with its interval), give it its
@@ -326,6 +383,9 @@ def finish_run(final: Encoder, folder: Any, out: Any, config: Any, data: Any, st
         notes["val_eer"] = (state.get("best_record") or {}).get("val_eer")
         notes["held_out"] = verification_report(final, data, plan, config.seed + 1, log)
         notes["verify_rule"] = notes["held_out"]["rule"]
+    if plan.task == "groups":
+        notes["held_out"] = within_group_report(final, data, val_way, config.final_episodes, config.seed + 1,
+                                                bool(state["epoch"]), log)
     if data.has_val and val_way >= 2:
         accuracy, ci = held_out_score(final, data.x_val, data.y_val, val_way, config.final_episodes,
                                       seed=config.seed + 1, exclude=set(forgeries))
@@ -333,14 +393,18 @@ def finish_run(final: Encoder, folder: Any, out: Any, config: Any, data: Any, st
         where = "held-out images of the training classes" if plan.task == "images" else "held-out classes"
         score = {"way": val_way, "shot": 1, "accuracy": accuracy, "ci95": ci, "episodes": config.final_episodes,
                  "classes": held}
+        second = plan.task in ("verification", "groups")  # the lead figure is the EER / the within-group score
         if plan.task == "verification":
             notes["held_out"]["identification"] = score
+        elif plan.task == "groups":
+            notes["held_out"]["unstructured"] = score
         else:
             notes["held_out"] = {"task": plan.task, **score}
-        log(f"{'  writer identification' if plan.task == 'verification' else 'held-out score'}: {val_way}-way 1-shot "
+        label = {"verification": "  writer identification", "groups": "  all held-out classes at once"}
+        log(f"{label.get(plan.task, 'held-out score')}: {val_way}-way 1-shot "
             f"{accuracy:.2%} ± {ci:.2%} (95% CI, {config.final_episodes} episodes on the "
             + (f"held-out images of the {held} training classes" if plan.task == "images" else f"{held} {where}")
-            + (", which also chose the best epoch)" if state["epoch"] and plan.task != "verification" else ")"))
+            + (", which also chose the best epoch)" if state["epoch"] and not second else ")"))
     if data.has_val:
         notes.update(pair_threshold(final, data.x_val, data.y_val, seed=config.seed, forgery_of=forgeries))
         if forgeries and plan.task != "verification":

@@ -91,6 +91,20 @@ def test_ink_glyphs_get_the_default_omniglot_recipe(tmp_path):
     assert all(recipe.reasons[key] for key in s if key != "steps")
 
 
+def test_a_folder_of_many_grouped_classes_holds_out_whole_groups(tmp_path):
+    root = glyphs(tmp_path / "g", classes=48, per_class=4)
+    for n, character in enumerate(sorted(root.glob("*/character*"))):  # two alphabets -> four of 12 characters
+        (root / f"Script{n % 4}").mkdir(exist_ok=True)
+        character.rename(root / f"Script{n % 4}" / character.name)
+    many = choose_recipe(inspect_folder(root))
+    assert inspect_folder(root).groups == 4
+    assert many.settings["hold_out_groups"] is True and "whole groups" in many.reasons["val_fraction"]
+    flat = choose_recipe(inspect_folder(photos(tmp_path / "p", classes=40, per_class=4)))
+    assert "hold_out_groups" not in flat.settings  # one group per class: nothing to hold out whole
+    few = choose_recipe(inspect_folder(glyphs(tmp_path / "few", classes=12)))
+    assert "hold_out_groups" not in few.settings  # 12 classes: held-out images instead (two groups of 6)
+
+
 def test_chalk_on_slate_glyphs_are_not_inverted(tmp_path):
     profile = inspect_folder(glyphs(tmp_path / "g", dark=True))
     recipe = choose_recipe(profile)

@@ -15,7 +15,8 @@ from PIL import Image, ImageDraw
 from siamesedb import training
 from siamesedb.encoder import Encoder
 from siamesedb.training import TrainConfig, train
-from siamesedb.validation import plan_validation, split_images, writer_trials
+from siamesedb.episodes import EpisodeScores
+from siamesedb.validation import plan_validation, split_classes, split_images, writer_trials
 
 from helpers import run_cli
 
@@ -111,6 +112,76 @@ def test_no_validation_still_ships_a_threshold_from_training_pairs(tmp_path):
     pair = run_cli("verify", image, folder / "c0" / "1.png", "--encoder", encoder, "--json")
     assert pair.exit_code == 0, pair.output
     assert json.loads(pair.output)["threshold"] == pytest.approx(cal["threshold"])
+
+
+# ----------------------------------------------------------------------------------------- whole groups held out
+
+
+def grouped(root: Path, groups: int = 6, per_group: int = 5, per_class: int = 6) -> Path:
+    """G0/c0 ... G5/c4: `groups` groups of `per_group` stroke classes each (an alphabet-shaped folder)."""
+    rng = np.random.default_rng(5)
+    for g in range(groups):
+        for c in range(per_group):
+            (root / f"G{g}" / f"c{c}").mkdir(parents=True)
+            strokes = rng.integers(2, 14, size=(2, 4))
+            for i in range(per_class):
+                image = Image.new("L", (16, 16), 255)
+                for stroke in strokes:
+                    ImageDraw.Draw(image).line(tuple((stroke + rng.integers(-1, 2, 4)).tolist()), fill=0, width=2)
+                image.save(root / f"G{g}" / f"c{c}" / f"{i}.png")
+    return root
+
+
+def test_whole_groups_are_held_out_and_validated_within_group(tmp_path):
+    names = [f"G{g}/c{c}" for g in range(6) for c in range(5)]
+    _, held = split_classes(names, 0.2, seed=0, by_group=True)
+    held_groups = {names[i].split("/")[0] for i in held}
+    assert len(held_groups) == 2 and len(held) == 10  # whole groups, until >= 8 classes and >= 2 groups
+    assert all(names[i] in {f"{g}/c{c}" for g in held_groups for c in range(5)} for i in held)
+    _, flat_held = split_classes(names, 0.2, seed=0)  # the class split, as before, without by_group
+    assert len(flat_held) == 6
+
+    folder = grouped(tmp_path / "alphabets")
+    lines: list[str] = []
+    train(folder, tmp_path / "run", tiny(hold_out_groups=True, val_way=20), progress=False, log=lines.append)
+    notes = notes_of(tmp_path / "run")["notes"]
+    assert notes["validation"]["task"] == "groups" and "2 whole groups held out" in notes["validation"]["reason"]
+    held_out = notes["held_out"]
+    assert held_out["task"] == "groups" and held_out["groups"] == 2 and held_out["classes"] == 10
+    assert held_out["max_way"] == 10 and 0 <= held_out["accuracy"] <= 1
+    assert held_out["unstructured"]["way"] == 10  # the second line: all held-out classes in one episode
+    lead = [line for line in lines if line.startswith("held-out score: within-group 1-shot")]
+    assert len(lead) == 1 and "2 held-out groups of 10 classes" in lead[0], lines
+    assert any(line.startswith("  all held-out classes at once: 10-way") for line in lines), lines
+
+
+def test_within_group_scores_pick_the_epoch(tmp_path, monkeypatch):
+    folder = grouped(tmp_path / "alphabets")
+    scripted = iter([0.5, 0.9, 0.7])
+    real = training.within_group_episodes
+
+    def scores(*args, **kwargs):
+        real(*args, **kwargs)  # the real call still runs (shapes, groups)
+        value = next(scripted)
+        return EpisodeScores(np.asarray([round(value * 10)]), np.asarray([10]))
+
+    monkeypatch.setattr(training, "within_group_episodes", scores)
+    train(folder, tmp_path / "run", tiny(hold_out_groups=True, epochs=3), progress=False)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["val_accuracy"] for h in history] == [0.5, 0.9, 0.7]
+    assert [h["val_task"] for h in history] == ["groups"] * 3
+    assert notes_of(tmp_path / "run")["notes"]["best_epoch"] == 2
+
+
+def test_too_few_groups_keep_the_class_split(tmp_path):
+    names = [f"G{g}/c{c}" for g in range(2) for c in range(15)]
+    _, held = split_classes(names, 0.3, seed=0, by_group=True)
+    assert len(held) == 9 and len({names[i][:2] for i in held}) == 2  # 2 groups: a class split across both
+    labels = np.repeat(np.arange(30), 4)
+    assert plan_validation(names, {}, held, 0.3, labels, by_group=True).task == "groups"  # both groups hold several
+    flat = [f"c{i}" for i in range(30)]
+    _, flat_held = split_classes(flat, 0.3, seed=0, by_group=True)
+    assert plan_validation(flat, {}, flat_held, 0.3, labels, by_group=True).task == "classes"  # no group of two
 
 
 # ----------------------------------------------------------------------------------------- verification picks
