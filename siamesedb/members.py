@@ -121,10 +121,11 @@ def train_members(folder: str | os.PathLike, out_dir: str | os.PathLike, config:
             # candidate beats it by more than its 95% interval.
             own = min(table[PREFERRED], key=table[PREFERRED].get)
             if table[choice][rule] >= table[PREFERRED][own] - scored[PREFERRED][own][1]:  # a tie keeps it too
-                why = (f"{choice} ({table[choice][rule]:.2%}) is within the interval of {PREFERRED} "
-                       f"({table[PREFERRED][own]:.2%} ± {scored[PREFERRED][own][1]:.2%}), the measured best recipe")
+                # (accuracies are stored negated, so that lower is better for every task: shown as they are)
+                why = (f"{choice} ({abs(table[choice][rule]):.2%}) is within the interval of {PREFERRED} "
+                       f"({abs(table[PREFERRED][own]):.2%} ± {scored[PREFERRED][own][1]:.2%}), the measured best recipe")
                 choice, rule = PREFERRED, own
-        unit = "EER" if data.plan.task == "verification" else "minus accuracy"
+        unit = "EER" if data.plan.task == "verification" else "1-shot accuracy"
         for name, scores in table.items():
             log(f"  {name}: " + ", ".join(f"{r} {abs(v):.2%}" for r, v in scores.items())
                 + ("  <- chosen" if name == choice else ""))
