@@ -195,7 +195,8 @@ def choose_recipe(profile: FolderProfile, overrides: dict[str, Any] | None = Non
     classes = _base_classes(profile)
     # Groups worth holding out whole (Omniglot's alphabets): several of them, each of several classes. A flat folder
     # has one group per class; a forgery folder's groups are its writers (validated by verification instead).
-    grouped = not profile.forgery_classes and profile.groups >= 3 and classes >= 4 * profile.groups
+    grouped = (not profile.forgery_classes and classes >= 40 and profile.groups >= 3
+               and classes >= 4 * profile.groups)
     # What validation measures (validation.plan_validation): held-out writers' verification EER on a forgery
     # folder; N-way over >= 8 held-out classes; with fewer classes, held-out images of every class.
     if profile.forgery_classes:
@@ -203,21 +204,19 @@ def choose_recipe(profile: FolderProfile, overrides: dict[str, Any] | None = Non
         why = (f"{classes} writers with skilled forgeries: hold out {val_fraction:.0%} of them, epochs chosen by their "
                "verification EER" if classes >= 8 else f"{classes} writers: too few to hold writers out, so 20% of "
                "each writer's images are held out instead")
-    elif classes >= 40 and grouped:
+    elif classes >= 40:
         val_fraction = round(max(0.1, 8 / classes), 3)
         why = (f"{classes} classes in {profile.groups} groups: hold out whole groups holding {val_fraction:.0%} of the "
                "classes (at least 8, at least 2 groups), epochs chosen by 1-shot accuracy within each held-out group "
-               "(as many ways as it holds), best epoch kept, early stop")
-    elif classes >= 40:
-        val_fraction = round(max(0.1, 8 / classes), 3)
-        why = (f"{classes} classes: hold out {val_fraction:.0%} of them (at least 8), epochs chosen by N-way 1-shot "
+               "(as many ways as it holds), best epoch kept, early stop" if grouped else
+               f"{classes} classes: hold out {val_fraction:.0%} of them (at least 8), epochs chosen by N-way 1-shot "
                "over all of them, best epoch kept, early stop")
     else:
         val_fraction = 0.2
         why = (f"{classes} classes: too few to hold 8 whole classes out and still train, so 20% of each class's "
                "images are held out instead (a score on seen classes, optimistic for new ones)")
     recipe.choose("val_fraction", val_fraction, why)
-    if grouped and classes >= 40:
+    if grouped:
         recipe.choose("hold_out_groups", True, f"{profile.groups} groups of about {classes / profile.groups:.0f} "
                                                "classes: validation meets groups training never saw, as the test does")
     recipe.choose("val_way", 100, "validation episodes as wide as the held-out classes allow (at most 100-way)")

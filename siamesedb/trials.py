@@ -7,7 +7,7 @@ for the verification rules), so a trial measures what `verify` would answer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,9 +50,20 @@ def reference_trials(
 
     Each group needs classes `<group>/genuine` and `<group>/forged`; `repeats` draws of the reference set per group.
     """
-    label_array = np.asarray(labels, dtype=object)
     genuine_scores: list[float] = []
     forged_scores: list[float] = []
+    for _, refs, others, forged in reference_draws(labels, groups, references, repeats, rng):
+        support = vectors[refs]
+        genuine_scores.extend(verification_score(vectors[i], support, rule, metric) for i in others)
+        forged_scores.extend(verification_score(vectors[i], support, rule, metric) for i in forged)
+    return np.asarray(genuine_scores), np.asarray(forged_scores)
+
+
+def reference_draws(labels: list[str], groups: list[str], references: int, repeats: int,
+                    rng: np.random.Generator) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(group, reference indices, the group's other genuine indices, its forged indices): `repeats` draws of
+    `references` genuine items per group, in group order, consuming `rng` one permutation a draw."""
+    label_array = np.asarray(labels, dtype=object)
     for group in groups:
         genuine = np.flatnonzero(label_array == f"{group}/{GENUINE}")
         forged = np.flatnonzero(label_array == f"{group}/{FORGED}")
@@ -60,11 +71,7 @@ def reference_trials(
             raise InvalidInputError(f"group {group!r} has {len(genuine)} genuine items; {references} references leave none to query")
         for _ in range(repeats):
             chosen = rng.permutation(genuine)
-            refs, others = chosen[:references], chosen[references:]
-            support = vectors[refs]
-            genuine_scores.extend(verification_score(vectors[i], support, rule, metric) for i in others)
-            forged_scores.extend(verification_score(vectors[i], support, rule, metric) for i in forged)
-    return np.asarray(genuine_scores), np.asarray(forged_scores)
+            yield group, chosen[:references], chosen[references:], forged
 
 
 def pair_scores(vectors: np.ndarray, a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:

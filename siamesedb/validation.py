@@ -353,7 +353,7 @@ def within_group_report(final: Encoder, data: Any, way: int, episodes: int, seed
     """The lead figure of a folder whose held-out split is whole groups: 1-shot within each held-out group."""
     scores = within_group_episodes(final, data.x_val, data.y_val, data.names, way, episodes, seed)
     mean, ci = mean_ci95(scores.accuracies)
-    held = sorted({int(c) for c in np.unique(data.y_val)})
+    held = np.unique(data.y_val).tolist()
     groups = sorted({group_of(data.names[c]) for c in held})
     log(f"held-out score: within-group 1-shot {mean:.2%} ± {ci:.2%} (95% CI, {len(scores.asked)} episodes over "
         f"{len(groups)} held-out groups of {len(held)} classes, as many ways as each group holds, at most {way}"

@@ -42,10 +42,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from siamesedb.data import FORGED, GENUINE, group_of  # noqa: E402
+from siamesedb.data import GENUINE, group_of, parse_groups  # noqa: E402
 from siamesedb.rules import reference_consistency, reference_spread  # noqa: E402
 from siamesedb.scoring import eer_threshold, normalize  # noqa: E402
-from siamesedb.trials import rates_at, reference_trials, roc_auc  # noqa: E402
+from siamesedb.trials import rates_at, reference_draws, reference_trials, roc_auc  # noqa: E402
 
 _MIN_SD = 1e-6  # floor of a cohort's standard deviation (identical cohort scores)
 _RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # LR ridge choices, picked on the calibration writers
@@ -65,16 +65,10 @@ class Draw:
 
 def draw_references(labels: list[str], groups: list[str], references: int, repeats: int,
                     rng: np.random.Generator) -> dict[str, list[Draw]]:
-    """group -> `repeats` draws, consuming `rng` exactly as `trials.reference_trials` does (same sets)."""
-    label_array = np.asarray(labels, dtype=object)
-    draws: dict[str, list[Draw]] = {}
-    for group in groups:
-        genuine = np.flatnonzero(label_array == f"{group}/{GENUINE}")
-        forged = np.flatnonzero(label_array == f"{group}/{FORGED}")
-        draws[group] = []
-        for _ in range(repeats):
-            chosen = rng.permutation(genuine)
-            draws[group].append(Draw(group, chosen[:references], chosen[references:], forged))
+    """group -> `repeats` draws: `trials.reference_draws`, the sets `trials.reference_trials` scores."""
+    draws: dict[str, list[Draw]] = {group: [] for group in groups}
+    for group, refs, others, forged in reference_draws(labels, groups, references, repeats, rng):
+        draws[group].append(Draw(group, refs, others, forged))
     return draws
 
 
@@ -289,7 +283,7 @@ def load_vectors(folder: Path, encoder_name: str, cache: Path | None) -> tuple[n
 
 def groups_of(labels: list[str], first: int, last: int) -> list[str]:
     """The groups U<first>..U<last> present with genuine items, sorted (as evaluation's group selection)."""
-    wanted = {f"U{i:02d}" for i in range(first, last + 1)}
+    wanted = parse_groups(f"U{first:02d}-U{last:02d}") or set()
     return sorted({group_of(l) for l in labels if l.endswith(f"/{GENUINE}") and group_of(l) in wanted})
 
 
