@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -259,6 +260,9 @@ class Encoder:
         self._fingerprint: str | None = None
         self._lanes: tuple[int, ThreadPoolExecutor | None] | None = None  # (torch threads, pool) for CPU encoding
         self.cpu_lanes = True  # False: torch's own intra-op threads instead (tools/bench_build.py compares both)
+        self.channels_last = True  # False: encode on the CPU in torch's default layout (tools/bench_layout.py)
+        self._nhwc: tuple[tuple[Any, ...], nn.Module] | None = None  # (the weights' state, their channels-last copy)
+        self._nhwc_lock = threading.Lock()
 
     @property
     def dimension(self) -> int:
@@ -309,21 +313,53 @@ class Encoder:
         out = self.net(batch.to(self.device)).float()
         return F.normalize(out, dim=1) if self.normalizes else out
 
+    def _inference_net(self) -> nn.Module:
+        """The net inference runs: on the CPU, a channels-last (NHWC) copy of a convolutional net of this package,
+        else the net itself.
+
+        Why: oneDNN's CPU convolutions run directly on NHWC tensors, while the default NCHW layout makes them reorder
+        every layer's input and output; for the small Conv-4 nets here that is 2-4x the time of a forward pass
+        (tools/bench_layout.py, BENCHMARKS.md). The copy is made again whenever a weight or buffer changes (a
+        training step, load_state_dict: the tensors' version counters move), so validation during training encodes
+        with the current weights. Same arithmetic, another summation order: vectors agree to float rounding (about
+        1e-6). Hugging Face backbones and GPUs use the net as it is.
+        """
+        if self.device.type != "cpu" or not self.channels_last or self.config.pretrained:
+            return self.net
+        tensors = [*self.net.parameters(), *self.net.buffers()]
+        state = tuple((t.data_ptr(), t._version) for t in tensors)
+        cached = self._nhwc
+        if cached is not None and cached[0] == state:
+            return cached[1]
+        if not any(isinstance(m, nn.Conv2d) for m in self.net.modules()):
+            self._nhwc = (state, self.net)  # nothing to lay out: an MLP
+            return self.net
+        with self._nhwc_lock:  # concurrent batches of a server: one copy
+            if self._nhwc is None or self._nhwc[0] != state:
+                net = copy.deepcopy(self.net).eval().to(memory_format=torch.channels_last)
+                for tensor in net.parameters():
+                    tensor.requires_grad_(False)
+                self._nhwc = (state, net)
+            return self._nhwc[1]
+
     def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
         """(n, C, H, W) -> (n, D) L2-normalised on the CPU, in inference mode (thread-local: entered here)."""
+        net = self._inference_net()
         with torch.inference_mode():
             chunk = chunk.to(self.device, non_blocking=True)
             shift = self.config.test_time_shift
             if shift:
                 chunk = shifted_views(chunk, shift)  # (5n, C, H, W): the image, then four shifted copies
+            if net is not self.net:
+                chunk = chunk.contiguous(memory_format=torch.channels_last)
             if self.device.type == "cuda":
                 with torch.autocast("cuda", dtype=torch.float16):
-                    out = self.net(chunk)
+                    out = net(chunk)
             elif self.config.precision == "bfloat16":
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    out = self.net(chunk)
+                    out = net(chunk)
             else:
-                out = self.net(chunk)
+                out = net(chunk)
             out = F.normalize(out.float(), dim=1) if self.normalizes else out.float()
             if shift:
                 out = out.view(5, -1, out.shape[1]).mean(dim=0)  # (5, n, D) -> (n, D)

@@ -147,6 +147,46 @@ def test_cpu_lanes_give_the_one_thread_vectors(backbone, size, channels):
     np.testing.assert_allclose(laned, alone, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("backbone, size, channels",
+                         [("conv4", 28, 1), ("conv4map", 28, 1), ("resnet", 32, 3), ("signet", 48, 1), ("mlp", 28, 1)])
+def test_channels_last_encoding_gives_the_default_layouts_vectors(backbone, size, channels):
+    """The CPU's NHWC copy of the net (Encoder._inference_net) is the same model: vectors agree to float rounding."""
+    torch.manual_seed(0)
+    encoder = Encoder(config(backbone, size, channels))
+    batch = torch.randn(20, channels, size, size)
+    encoder.channels_last = False
+    nchw = encoder.encode_tensors(batch)
+    encoder.channels_last = True
+    nhwc = encoder.encode_tensors(batch)
+    assert (encoder._inference_net() is encoder.net) == (backbone == "mlp")  # nothing to lay out in an MLP
+    np.testing.assert_allclose(nhwc, nchw, rtol=0, atol=1e-5)
+
+
+def test_the_channels_last_copy_follows_the_weights():
+    """A training step or a load_state_dict changes the weights in place: the next encode must use the new ones,
+    never a copy made before (validation between epochs encodes with the net being trained)."""
+    torch.manual_seed(0)
+    encoder = Encoder(config())
+    batch = torch.randn(8, 1, 28, 28)
+    before = encoder.encode_tensors(batch)
+    optimizer = torch.optim.SGD(encoder.net.parameters(), lr=0.5)
+    encoder.net.train()
+    loss = encoder.embed(batch).sum() + encoder.embed(batch.flip(-1)).square().sum()
+    loss.backward()
+    optimizer.step()
+    after = encoder.encode_tensors(batch)
+    encoder.channels_last = False
+    assert not np.allclose(after, before, atol=1e-3)
+    np.testing.assert_allclose(after, encoder.encode_tensors(batch), rtol=0, atol=1e-5)
+    encoder.channels_last = True
+    with torch.no_grad():
+        state = {k: torch.zeros_like(v) if k.endswith("running_mean") else v for k, v in encoder.net.state_dict().items()}
+    encoder.net.load_state_dict(state)
+    reloaded = encoder.encode_tensors(batch)
+    encoder.channels_last = False
+    np.testing.assert_allclose(reloaded, encoder.encode_tensors(batch), rtol=0, atol=1e-5)
+
+
 def test_shifted_views_move_the_image_and_replicate_the_edge():
     from siamesedb.encoder import shifted_views
 
