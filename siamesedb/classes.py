@@ -29,6 +29,10 @@ CLASSIFY_METHODS = ("prototype", "knn")
 MIN_GENUINE_PAIRS = 20
 MIN_IMPOSTOR_PAIRS = 100
 _ROWS = 16384  # rows read at a time while summing prototypes
+# A table this small keeps its float64 class sums, so that an add can update it instead of rereading every item:
+# each add copies the (C, D) arrays (readers share the old ones), which beyond this costs more than it saves.
+FOLLOW_MAX_CELLS = 1 << 20  # classes x dimension
+FOLLOW_MAX_ITEMS = 1 << 21
 
 
 @dataclass
@@ -41,6 +45,36 @@ class ClassTable:
     ids: np.ndarray  # (N,) int64, ascending
     codes: np.ndarray  # (N,) int32, codes[i] = class of item ids[i]
     metric: str = "cosine"  # the scoring metric of the prototypes ("cosine" / "euclidean")
+    sums: np.ndarray | None = None  # (C, D) float64 sums of the class members' vectors, kept by small tables
+    counts: np.ndarray | None = None  # (C,) int64 members per class, with `sums`
+
+    def with_added(self, version: int, ids: np.ndarray, labels: Sequence[str], vectors: np.ndarray) -> ClassTable | None:
+        """The table after one add of (n,) new `ids` with their labels and (n, D) vectors (as stored: unit length
+        for a cosine index), at the backend's new `version`; None where only a fresh read can say (no sums kept, a
+        new class, ids not after the held ones): the caller then rebuilds it from the backend.
+
+        Copy on write: rankings being read share this table's arrays, so the new table has its own."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.sums is None or self.counts is None or not len(ids):
+            return None
+        codes = np.empty(len(labels), dtype=np.int32)
+        for n, label in enumerate(labels):
+            r = bisect.bisect_left(self.names, label)
+            if r == len(self.names) or self.names[r] != label:
+                return None  # a new class moves every later code
+            codes[n] = r
+        if (len(self.ids) and ids.min() <= self.ids[-1]) or (len(ids) > 1 and not (np.diff(ids) > 0).all()):
+            return None  # the id column must stay ascending
+        sums, counts = self.sums.copy(), self.counts.copy()
+        np.add.at(sums, codes, np.asarray(vectors, dtype=np.float64))
+        np.add.at(counts, codes, 1)
+        touched = np.unique(codes)
+        prototypes = self.prototypes.copy()
+        prototypes[touched] = _prototypes_of(sums[touched], counts[touched], self.metric)
+        prototypes.setflags(write=False)
+        return ClassTable(version=version, names=self.names, prototypes=prototypes,
+                          ids=np.concatenate([self.ids, ids]), codes=np.concatenate([self.codes, codes]),
+                          metric=self.metric, sums=sums, counts=counts)
 
     def labels_of_hits(self, I: np.ndarray) -> list[list[str | None]]:
         """Labels of a search's (nq, k) hit ids through the sorted id column: no store query, no per-item objects.
@@ -106,22 +140,33 @@ def read_class_table(backend: Any, metric: str, where: object) -> ClassTable:
         del blob, vectors, order
         id_chunks.append(ids)
         code_chunks.append(codes)
-    # Normalise in place (cosine; Euclidean: divide by the class sizes, a plain mean), then one float32 copy.
-    # Row norms by einsum: np.linalg.norm(axis=1) would square into a second (C, D) float64 array first.
-    if metric == "cosine":
-        sums /= np.maximum(np.sqrt(np.einsum("ij,ij->i", sums, sums)), 1e-12)[:, None]
-    else:
-        sums /= np.bincount(np.concatenate(code_chunks), minlength=len(names))[:, None]
-    prototypes = sums.astype(np.float32)
+    all_codes = np.concatenate(code_chunks)
+    counts = np.bincount(all_codes, minlength=len(names)).astype(np.int64)
+    follow = sums.size <= FOLLOW_MAX_CELLS and len(all_codes) <= FOLLOW_MAX_ITEMS
+    prototypes = _prototypes_of(sums, counts, metric, in_place=not follow)
     prototypes.setflags(write=False)  # shared, not copied, by every lazy scoring.Ranking read from it
     return ClassTable(
         version=version,
         names=names,
         prototypes=prototypes,
         ids=np.concatenate(id_chunks),
-        codes=np.concatenate(code_chunks),
+        codes=all_codes,
         metric=metric,
+        sums=sums if follow else None,
+        counts=counts if follow else None,
     )
+
+
+def _prototypes_of(sums: np.ndarray, counts: np.ndarray, metric: str, in_place: bool = False) -> np.ndarray:
+    """(C, D) float32 prototypes from float64 class sums: unit length for cosine, the mean for Euclidean.
+    `in_place` divides `sums` itself (a large table keeps no second (C, D) float64 array). Row norms by einsum:
+    np.linalg.norm(axis=1) would square into a second (C, D) float64 array first."""
+    out = sums if in_place else sums.copy()
+    if metric == "cosine":
+        out /= np.maximum(np.sqrt(np.einsum("ij,ij->i", out, out)), 1e-12)[:, None]
+    else:
+        out /= counts[:, None]
+    return out.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------- verification thresholds

@@ -186,6 +186,25 @@ class IndexQueries:
                 return self.backend.labels_and_paths(ids)
         return table.lookup(ids)
 
+    def follow_add(self, before: int, ids: np.ndarray, labels: Sequence[str], paths: Sequence[str],
+                   vectors: np.ndarray) -> None:
+        """After this handle's add of `ids` under the write lock: bring the cached class table and item table from
+        version `before` to the backend's new one by the add alone (ClassTable / ItemTable.with_added), not a reread
+        of every item; a server classifying between adds would otherwise reread the whole index after each one.
+        Only where one add is one step of the version (the FAISS backend's store, whose writers all hold the index's
+        lock); otherwise, or where a table cannot follow, the tables are left to be rebuilt when next needed."""
+        if self.manifest.get("backend", "faiss") != "faiss":
+            return
+        after = self.backend.version
+        if after != before + 1:
+            return
+        classes = self._prototype_cache
+        if classes is not None and classes.version == before:
+            self._prototype_cache = classes.with_added(after, ids, labels, vectors)
+        items = self._item_table
+        if items is not None and items.version == before:
+            self._item_table = items.with_added(after, ids, labels, paths)
+
     def _class_table(self) -> ClassTable:
         """Per-class prototypes and each item's class code (classes.read_class_table), cached per backend version."""
         version = self.backend.version

@@ -152,8 +152,12 @@ class IndexWrites(IndexQueries):
 
     def _commit(self, labels: list[str], paths: list[str], hashes: list[str], vectors: np.ndarray,
                 ids: np.ndarray | None = None) -> np.ndarray:
-        """The one write path of new items: the backend stores them (allocating ids unless given)."""
-        return self.backend.add(ids, labels, paths, hashes, vectors)
+        """The one write path of new items: the backend stores them (allocating ids unless given); the in-memory
+        class and item tables follow the add instead of being reread (IndexQueries.follow_add)."""
+        before = self.backend.version
+        new_ids = self.backend.add(ids, labels, paths, hashes, vectors)
+        self.follow_add(before, new_ids, labels, paths, vectors)
+        return new_ids
 
     @_locked_write
     def add_folder(
