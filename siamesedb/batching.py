@@ -1,6 +1,7 @@
 """Micro-batching for `siamesedb serve`: MicroBatcher (the dynamic batching of inference servers such as Triton or
-TorchServe); answer_questions, one batch of requests answered with one encode and one search per kind; and
-commit_items, a group of adds stored under one hold of the write lock with one save of the index files.
+TorchServe); answer_questions, one batch of requests answered with one encode and one search per kind;
+commit_items, a group of adds stored under one hold of the write lock; and DeferredSave, the index files saved once
+writes pause rather than after every group.
 
 Requests put their work in one queue; worker threads take up to `max_batch` items at a time and run them together
 (`run_batch`: one encoder forward pass for all their images, then one search per kind of question), and each item's
@@ -220,13 +221,14 @@ class NewItem:
 
 
 def commit_items(db: Any, items: Sequence[NewItem]) -> list[Any]:
-    """Store a group of uploads in one hold of the index's write lock and one save of its files (group commit: the
-    adds that queued while the last group was being saved share the next FAISS file and manifest save). Per item:
+    """Store a group of uploads in one hold of the index's write lock (group commit: the adds that queued while the
+    last group was being written share the next transaction's lock hold); the derived index files are left for
+    `db.save_files()` (DeferredSave), since each item is durable in the store already. Per item:
     (id, 1) when stored; (id, 0) when the index holds it already under that label (same content; also when an
     earlier item of the group was it), as `db.add` counts twins; or the exception that item alone raised. Each item
     is its own store transaction, durable before the answer, as with `db.add`."""
     answers: list[Any] = []
-    with db.bulk_writes():  # the lock held across the group (twin checks see other processes' adds); one save
+    with db.bulk_writes(save=False):  # the lock held across the group (twin checks see other processes' adds)
         for item in items:
             try:
                 held = db.ids_by_label_hash([(item.label, item.digest)])
@@ -241,5 +243,66 @@ def commit_items(db: Any, items: Sequence[NewItem]) -> list[Any]:
     return answers
 
 
-__all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_MAX_WAIT", "MicroBatcher", "NewItem", "Question", "answer_questions",
-           "commit_items"]
+class DeferredSave:
+    """Call `save()` once writes pause: `touched()` after each write; the save runs when `delay` seconds passed
+    without one, or `longest` seconds after the first unsaved write (a steady stream of adds still reaches the
+    files), and at `close()`. A failed save is reported on stderr and tried again after the next write (the writes
+    are durable in the store meanwhile; only the derived files lag, and an index opened meanwhile rebuilds them)."""
+
+    def __init__(self, save: Callable[[], Any], delay: float = 0.5, longest: float = 5.0):
+        self.save, self.delay, self.longest = save, float(delay), float(longest)
+        self.saves = 0  # how many saves ran (for reports and tests)
+        self._first: float | None = None  # when the oldest unsaved write happened
+        self._last = 0.0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="serve-save", daemon=True)
+        self._thread.start()
+
+    def touched(self) -> None:
+        with self._cond:
+            now = time.monotonic()
+            if self._first is None:
+                self._first = now
+            self._last = now
+            self._cond.notify_all()
+
+    def _due(self) -> float | None:
+        """Seconds until the save is due (<= 0: now), or None when nothing waits to be saved."""
+        if self._first is None:
+            return None
+        return min(self._last + self.delay, self._first + self.longest) - time.monotonic()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and ((left := self._due()) is None or left > 0):
+                    self._cond.wait(left)
+                if self._first is None:
+                    return  # closed with nothing to save
+                self._first = None
+                closing = self._closed
+            self._save_once()
+            if closing:
+                return
+
+    def _save_once(self) -> None:
+        try:
+            self.save()
+            self.saves += 1
+        except Exception as exc:  # noqa: BLE001 - a server goes on; the next write retries the save
+            import sys
+
+            print(f"siamesedb serve: saving the index files failed ({exc}); will retry after the next write",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        """Save what waits to be saved, then stop."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=60)
+
+
+__all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_MAX_WAIT", "DeferredSave", "MicroBatcher", "NewItem", "Question",
+           "answer_questions", "commit_items"]

@@ -164,6 +164,7 @@ class SiameseDB(IndexWrites):
         self._unread_results: list[weakref.ref[SearchResults]] = []
         self._domain_checked = False  # check_domain warns once per handle
         self._saves_deferred = False  # inside bulk_writes: the index files are saved once, when it ends
+        self._files_behind = False  # a bulk_writes(save=False) left the index files for save_files()
         self._refreshed_to: tuple[int, dict[str, Any]] | None = None  # what refresh() last caught up to
 
     def __repr__(self) -> str:
@@ -398,6 +399,8 @@ class SiameseDB(IndexWrites):
     def close(self) -> None:
         if not self.backend.closed:
             self._read_pending_results()
+            if self._files_behind:
+                self.save_files()
         self.backend.close()
 
     def __enter__(self) -> SiameseDB:

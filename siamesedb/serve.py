@@ -63,8 +63,8 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from siamesedb import __version__
-from siamesedb.batching import (DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT, MicroBatcher, NewItem, Question, answer_questions,
-                                commit_items)
+from siamesedb.batching import (DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT, DeferredSave, MicroBatcher, NewItem, Question,
+                                answer_questions, commit_items)
 from siamesedb.checks import as_label, as_threshold
 from siamesedb.data import load_image
 from siamesedb.errors import (EmptyIndexError, ImageLoadError, IndexNotFoundError, InvalidInputError,
@@ -237,6 +237,7 @@ def create_app(
         yield
         batcher.close()
         writer.close()
+        saver.close()  # the index files saved before the process ends
 
     app = FastAPI(
         title="siamesedb",
@@ -418,9 +419,16 @@ def create_app(
 
     def commit(items: list[NewItem]) -> list[Any]:
         with writing():
-            return commit_items(db, items)
+            answers = commit_items(db, items)  # durable in the store; the index files wait for `saver`
+        saver.touched()
+        return answers
+
+    def save_files() -> None:
+        with writing():
+            db.save_files()
 
     writer = app.state.writer = MicroBatcher(commit, max_batch=256, max_wait=0, workers=1, name="serve-write")
+    saver = app.state.saver = DeferredSave(save_files)
 
     @app.delete("/items/{item_id}", response_model=RemoveAnswer, responses={401: {"model": ErrorAnswer}, **ERRORS},
                 dependencies=[Depends(require_token)], tags=["items"])

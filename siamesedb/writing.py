@@ -65,6 +65,7 @@ class IndexWrites(IndexQueries):
 
     _lock: IndexWriteLock
     _saves_deferred: bool
+    _files_behind: bool
     last_report: BuildReport | None
     last_add_duplicates: int
 
@@ -93,11 +94,15 @@ class IndexWrites(IndexQueries):
             self._lock.release()
 
     @contextmanager
-    def bulk_writes(self) -> Iterator[IndexWrites]:
+    def bulk_writes(self, save: bool = True) -> Iterator[IndexWrites]:
         """Hold the write lock across many writes (`add_vectors`, `add`, `remove`...) and save the index files and
         manifest once, when the block ends, instead of after each write: for pipelines that commit many batches
         (the Ray build). Every batch is durable in the backend when its call returns, as always; only the derived
-        FAISS file waits (a crash meanwhile leaves it stale, and the next open rebuilds it from the store)."""
+        FAISS file waits (a crash meanwhile leaves it stale, and the next open rebuilds it from the store).
+
+        `save=False` leaves even that save to a later `save_files()` (or `close()`): a server committing small
+        groups of adds saves the files once writes pause, not after every group (the FAISS file is a full copy of
+        the index: rewriting it per add costs O(items) each time)."""
         with self._writing():
             outermost = not self._saves_deferred
             self._saves_deferred = True
@@ -106,7 +111,21 @@ class IndexWrites(IndexQueries):
             finally:
                 if outermost:
                     self._saves_deferred = False
-                    self._save()
+                    if save:
+                        self._save()
+                    else:
+                        self._files_behind = True
+
+    def save_files(self) -> bool:
+        """Save the index files and manifest that a `bulk_writes(save=False)` left behind, under the write lock
+        (a writer in another process may have moved the index on meanwhile: the save then mirrors that). Whether
+        anything was saved."""
+        if not self._files_behind:
+            return False
+        with self._writing():
+            if self._files_behind:
+                self._save()
+        return True
 
     def _catch_up(self) -> None:
         """Under the write lock: drop leftovers of crashed writers, re-read the manifest, let the backend catch up."""
@@ -122,6 +141,7 @@ class IndexWrites(IndexQueries):
         try:
             self.manifest.update(self.backend.save())
             write_json_atomic(self.path / MANIFEST_FILE, self.manifest)
+            self._files_behind = False
         except OSError as exc:  # disk full, read-only folder, a folder where the file should be...
             raise StorageError(
                 f"{self.path}: cannot save the index files ({exc.strerror or exc}); the item store is intact and "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -252,15 +253,18 @@ def test_batch_requests_are_refused_whole_with_the_right_codes(noise_index):
 
 @pytest.mark.parametrize("hook", ["transaction", "file_save"])
 def test_a_long_write_does_not_block_reads(index_copy, monkeypatch, hook):
-    """The add is held (inside its open SQLite transaction, or in the FAISS file save) until the reads are done."""
-    in_write, release = threading.Event(), threading.Event()
+    """A write held inside its open SQLite transaction, or in the FAISS file save (which the server runs after
+    the add is answered, batching.DeferredSave), until the reads are done: the reads are answered meanwhile."""
+    in_write, release, saved = threading.Event(), threading.Event(), threading.Event()
     original = ItemStore._bump if hook == "transaction" else FaissBackend.save
 
     def held(self, *args, **kwargs):
         if threading.current_thread().name != "MainThread" and not release.is_set():
             in_write.set()
             release.wait(WAIT)
-        return original(self, *args, **kwargs)
+        result = original(self, *args, **kwargs)
+        saved.set()
+        return result
 
     monkeypatch.setattr(ItemStore if hook == "transaction" else FaissBackend,
                         "_bump" if hook == "transaction" else "save", held)
@@ -271,15 +275,45 @@ def test_a_long_write_does_not_block_reads(index_copy, monkeypatch, hook):
             reads = [server.post("/search?k=1", png_bytes(noise(5))), server.post("/classify", png_bytes(noise(6))),
                      server.post("/verify?label=c07", png_bytes(noise(7)))]
             labels = server.get("/labels")
-            write_still_held = not add.done()
+            if hook == "transaction":
+                write_still_held = not add.done()
+            else:  # the add was answered without waiting for the file save, which is still held
+                status, added = add.result(WAIT)
+                write_still_held = not saved.is_set()
+                found = server.post("/search?k=1", png_bytes(noise(100)))
             release.set()
             status, added = add.result(WAIT)
-    assert write_still_held, "the add finished before the reads: nothing was tested"
+        assert saved.wait(WAIT) or hook == "transaction"
+    assert write_still_held, "the write finished before the reads: nothing was tested"
     assert [r[0] for r in reads] == [200, 200, 200]
     assert reads[0][1]["hits"][0]["label"] == "c05" and reads[1][1]["label"] == "c06"
     if hook == "transaction":  # read while the transaction was open: the committed state, not half of the write
         assert "new" not in {entry["label"] for entry in labels}
+    else:  # answered before its file save: already seen by searches
+        assert found[1]["hits"][0]["label"] == "new"
     assert status == 200 and added["added"] == 1
+
+
+def test_the_index_files_catch_up_once_adds_pause(index_copy):
+    """Adds are durable in the store when answered; the FAISS file and manifest are saved once writes pause
+    (DeferredSave), and an index opened before that save still holds every answered add (rebuilt from the store)."""
+    from siamesedb.db import SiameseDB
+    from siamesedb.layout import read_manifest
+
+    app = create_app(index_copy, device="cpu")
+    app.state.saver.delay = 0.3
+    with ThreadServer(app) as server:
+        for n in range(3):
+            assert server.post(f"/items?label=late{n}", png_bytes(noise(300 + n)))[0] == 200
+        with SiameseDB.open(index_copy, device="cpu") as other:  # before the save: rebuilt from the store
+            assert {f"late{n}" for n in range(3)} <= set(other.label_counts())
+            assert other.search(noise(301), k=1)[0].label == "late1"
+        deadline = time.monotonic() + WAIT
+        while app.state.saver.saves == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert app.state.saver.saves >= 1
+        with SiameseDB.open(index_copy, device="cpu") as other:
+            assert read_manifest(index_copy)["vectors_store_version"] == other.backend.version  # the file caught up
 
 
 def test_a_read_after_an_acknowledged_add_sees_it(index_copy):

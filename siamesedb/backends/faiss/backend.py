@@ -209,8 +209,9 @@ class FaissBackend(BackendBase):
         if index is not None:
             self.index = index
             self._index_version = version
-        else:
-            self.index = self.index_from_store(manifest)
+        elif self._index_version != version:  # else the index in memory mirrors the store already: this handle's
+            self.index = self.index_from_store(manifest)  # own write, whose file save is still to come
+
 
     def reindex(self, manifest: dict[str, Any], factory: str) -> VectorIndex:
         """A FAISS index of type `factory` rebuilt from every stored vector (tombstones dropped); made the live one."""
