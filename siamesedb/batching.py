@@ -39,7 +39,8 @@ class MicroBatcher:
     """Run queued items in batches on `workers` threads: run_batch(items) -> one result or exception per item."""
 
     def __init__(self, run_batch: Callable[[Sequence[Any]], Sequence[Any]], max_batch: int = DEFAULT_MAX_BATCH,
-                 max_wait: float = DEFAULT_MAX_WAIT, workers: int = 1, name: str = "batch"):
+                 max_wait: float = DEFAULT_MAX_WAIT, workers: int = 1, name: str = "batch",
+                 initializer: Callable[[], Any] | None = None):
         if int(max_batch) != max_batch or max_batch < 1:
             raise InvalidInputError(f"max_batch must be an integer of at least 1, got {max_batch}")
         if not (max_wait >= 0) or max_wait > 10:  # `not >=`: NaN too
@@ -47,6 +48,7 @@ class MicroBatcher:
         if int(workers) != workers or workers < 1:
             raise InvalidInputError(f"workers must be an integer of at least 1, got {workers}")
         self.run_batch = run_batch
+        self._initializer = initializer  # run first in each worker thread (the server sets its torch threads)
         self.max_batch, self.max_wait = int(max_batch), float(max_wait)
         self.batch_sizes: Counter[int] = Counter()
         self._queue: deque[tuple[Any, Future]] = deque()
@@ -121,6 +123,8 @@ class MicroBatcher:
                     return [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
 
     def _work(self) -> None:
+        if self._initializer is not None:
+            self._initializer()
         while (batch := self._take()) is not None:
             self.batch_sizes[len(batch)] += 1
             items = [item for item, _ in batch]

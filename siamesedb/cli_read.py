@@ -245,14 +245,15 @@ def info(index_dir: Path, list_labels: bool, as_json: bool) -> None:
 @click.option("--token", envvar="SIAMESEDB_TOKEN", default=None,
               help="Bearer token for POST /items and DELETE /items/ID (env SIAMESEDB_TOKEN; made up when needed).")
 @click.option("--max-upload-mb", type=float, default=10.0, show_default=True, help="Largest accepted request body.")
-@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Server processes sharing the port (each opens the index; writes take turns through its lock).")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="Server processes sharing the port (each opens the index; writes take turns through its lock). "
+                   "Default: one per CPU core (at most 4) for a FAISS index on the CPU, else 1.")
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="Most concurrent requests encoded together in one forward pass.")
 @click.option("--max-wait-ms", type=click.FloatRange(0, 1000), default=2.0, show_default=True,
               help="Longest a batch waits for requests still being decoded (never for ones not yet sent).")
 @device_option
-def serve(index_dir: Path, host: str, port: int, token: str | None, max_upload_mb: float, workers: int,
+def serve(index_dir: Path, host: str, port: int, token: str | None, max_upload_mb: float, workers: int | None,
           max_batch: int, max_wait_ms: float, device: str) -> None:
     """Serve an index over HTTP: a JSON API and a web page at http://HOST:PORT/.
 
@@ -267,10 +268,12 @@ def serve(index_dir: Path, host: str, port: int, token: str | None, max_upload_m
       siamesedb serve --index indexes/omniglot-demo --port 8000
       curl -s -H 'Content-Type: image/png' --data-binary @new.png 'http://127.0.0.1:8000/search?k=5'
     """
-    from siamesedb.serve import serve as run_server
+    from siamesedb.serve import default_workers, serve as run_server
 
     open_db(index_dir, device).close()  # a missing or broken index fails here, as one line, before the server starts
-    click.echo(f"serving {index_dir} on http://{host}:{port}/ (API schema: /docs; Ctrl-C stops)", err=True)
+    workers = workers or default_workers(index_dir, device)
+    click.echo(f"serving {index_dir} on http://{host}:{port}/ with {workers} process{'es' if workers > 1 else ''} "
+               "(API schema: /docs; Ctrl-C stops)", err=True)
     run_server(index_dir, host=host, port=port, token=token, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                device=device, workers=workers, max_batch=max_batch, max_wait_ms=max_wait_ms)
 

@@ -314,16 +314,10 @@ class Encoder:
         return F.normalize(out, dim=1) if self.normalizes else out
 
     def _inference_net(self) -> nn.Module:
-        """The net inference runs: on the CPU, a channels-last (NHWC) copy of a convolutional net of this package,
-        else the net itself.
-
-        Why: oneDNN's CPU convolutions run directly on NHWC tensors, while the default NCHW layout makes them reorder
-        every layer's input and output; for the small Conv-4 nets here that is 2-4x the time of a forward pass
-        (tools/bench_layout.py, BENCHMARKS.md). The copy is made again whenever a weight or buffer changes (a
-        training step, load_state_dict: the tensors' version counters move), so validation during training encodes
-        with the current weights. Same arithmetic, another summation order: vectors agree to float rounding (about
-        1e-6). Hugging Face backbones and GPUs use the net as it is.
-        """
+        """The net inference runs: on the CPU a channels-last (NHWC) copy of a convolutional net of this package
+        (oneDNN convolves NHWC directly; NCHW costs a reorder around every layer: 1.1-2.2x, tools/bench_layout.py),
+        made again whenever a weight or buffer changes (their version counters move: a training step,
+        load_state_dict). Vectors agree with the net's own to float rounding. HF backbones and GPUs: the net."""
         if self.device.type != "cpu" or not self.channels_last or self.config.pretrained:
             return self.net
         tensors = [*self.net.parameters(), *self.net.buffers()]

@@ -59,7 +59,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from siamesedb import __version__
@@ -71,6 +70,8 @@ from siamesedb.errors import (EmptyIndexError, ImageLoadError, IndexNotFoundErro
                               NotCalibratedError, SiameseDBError, UnknownLabelError)
 from siamesedb.classes import CLASSIFY_METHODS
 from siamesedb.rules import VERIFY_RULES
+from siamesedb.serve_models import (ERRORS, IMAGE_BODY, AddAnswer, ClassifyAnswer, ErrorAnswer, ItemAnswer, LabelCount,
+                                    RemoveAnswer, SearchAnswer, VerifyAnswer)
 from siamesedb.uploads import (DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES,  # noqa: F401
                                UPLOAD_FORMATS, BodySizeLimit, UploadTooLarge, decode_upload, display_name, read_upload,
                                read_uploads, too_large)
@@ -85,94 +86,13 @@ ERROR_STATUS: list[tuple[type[SiameseDBError], int]] = [
 ]
 
 
-# ---------------------------------------------------------------------------------------------- answer schemas
-
-
-class HitModel(BaseModel):
-    id: int
-    label: str
-    path: str
-    score: float
-    distance: float | None = None  # Euclidean indexes only (score = -distance), as the CLI's JSON; left out otherwise
-
-
-class SearchAnswer(BaseModel):
-    query: str
-    hits: list[HitModel]
-
-
-class RankedLabel(BaseModel):
-    label: str
-    score: float
-
-
-class ClassifyAnswer(BaseModel):
-    query: str
-    label: str
-    score: float
-    ranking: list[RankedLabel]
-
-
-class VerifyAnswer(BaseModel):
-    query: str
-    label: str
-    accepted: bool
-    score: float
-    threshold: float
-    threshold_source: str  # index:<rule>:<genuine>/<impostor> pairs, encoder, or given
-
-
-class ItemAnswer(BaseModel):
-    id: int
-    label: str
-    path: str
-    sha256: str
-    image: str  # URL of the item's image on this server
-
-
-class AddAnswer(BaseModel):
-    label: str
-    ids: list[int]
-    paths: list[str]  # as stored (absolute), the path GET /items/{id} gives
-    added: int  # 1, or 0 when the index held this image under this label already (its id is returned)
-    already_stored: int  # 1 - added, as `siamesedb add --json` counts them
-
-
-class RemoveAnswer(BaseModel):
-    removed: int
-    items: int
-
-
-class LabelCount(BaseModel):
-    label: str
-    count: int
-
-
-class ErrorAnswer(BaseModel):
-    detail: str
-
-
-# The request body of every image endpoint, for the OpenAPI schema (the handlers read the body themselves so that
-# raw bytes and multipart are both accepted and the size limit applies while streaming).
-IMAGE_BODY = {
-    "requestBody": {
-        "required": True,
-        "description": "The image: raw bytes with an image/* Content-Type, or multipart/form-data with a `file` "
-                       "field; /search, /classify and /verify take several `file` fields (then answer a list).",
-        "content": {
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {
-                "schema": {"type": "object", "required": ["file"],
-                           "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"},
-                                                   "description": "One image, or several (a batch)."}}}
-            },
-        },
-    }
-}
-ERRORS = {status: {"model": ErrorAnswer} for status in (400, 404, 409, 413, 415, 422)}
-
-
 # ---------------------------------------------------------------------------------------------- the app
+
+
+def one_torch_thread() -> None:
+    """A CPU batch worker runs torch on one thread: the server runs one such worker per core, and a worker whose
+    torch spread over every core too would ask for cores x cores threads (OpenMP teams spinning on each other)."""
+    torch.set_num_threads(1)
 
 
 def is_loopback(host: str) -> bool:
@@ -230,7 +150,8 @@ def create_app(
             yield
 
     batcher = MicroBatcher(lambda questions: answer_questions(db, questions, reading), max_batch=max_batch,
-                           max_wait=max_wait_ms / 1000, workers=encode_workers, name="serve-batch")
+                           max_wait=max_wait_ms / 1000, workers=encode_workers, name="serve-batch",
+                           initializer=one_torch_thread if db.encoder.device.type == "cpu" else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -460,6 +381,26 @@ def app_from_env() -> FastAPI:
     return create_app(settings.pop("index"), **settings)
 
 
+MAX_DEFAULT_WORKERS = 4
+
+
+def default_workers(index: str | os.PathLike, device: str = "auto") -> int:
+    """`serve`'s process count when none is given: one per CPU core (at most 4) for a FAISS index encoded on the
+    CPU, else 1. Why processes: one Python process serves HTTP, decodes, runs the encoder's layers and searches
+    under one interpreter lock, so on the CPU it uses about one core however many there are (BENCHMARKS.md "Serving
+    under load"); a GPU does the encoding in one process, and a Milvus Lite file admits one process only."""
+    from siamesedb import devices
+    from siamesedb.layout import read_manifest
+
+    try:
+        backend = read_manifest(Path(index)).get("backend", "faiss")
+    except Exception:  # noqa: BLE001 - the index is checked (one clear line) where it is opened
+        backend = "faiss"
+    if backend != "faiss" or devices.resolve_device(device) != "cpu":
+        return 1
+    return max(1, min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1))
+
+
 def serve(
     index: str | os.PathLike,
     host: str = "127.0.0.1",
@@ -468,20 +409,22 @@ def serve(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     device: str = "auto",
     log_level: str = "info",
-    workers: int = 1,
+    workers: int | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_wait_ms: float = DEFAULT_MAX_WAIT * 1000,
 ) -> None:
     """Open the index and serve it with uvicorn until interrupted.
 
     Bound to anything but a loopback address, the write endpoints always need a token: a random one is made (and
-    printed on stderr) when none is given. `workers` > 1: that many server processes share the port (uvicorn's
+    printed on stderr) when none is given. `workers`: default_workers' choice when None; > 1: that many server
+    processes share the port (uvicorn's
     workers), each with the index open: their writes take turns through the index's write lock, and each catches
     up with the others' writes before answering (SiameseDB.refresh), so an add answered by one is seen by the next
     request whichever process takes it; one token for all.
     """
     import uvicorn
 
+    workers = workers or default_workers(index, device)
     if token is None and not is_loopback(host):
         token = secrets.token_urlsafe(24)
         print(f"write endpoints (POST /items, DELETE /items/ID) need: Authorization: Bearer {token}",

@@ -456,6 +456,40 @@ def test_serve_passes_its_batching_and_worker_options_on(noise_index, monkeypatc
     assert refused.exit_code == 2 and "--max-batch" in refused.output
 
 
+def test_serve_runs_one_process_per_core_on_the_cpu_by_default(noise_index, monkeypatch, tmp_path):
+    """One Python process serves on about one core (its interpreter lock), so `serve` with no --workers runs one
+    per core, at most 4, for a FAISS index on the CPU; one on a GPU and for other backends."""
+    import json as json_module
+
+    from click.testing import CliRunner
+
+    import siamesedb.serve
+    from siamesedb import devices
+    from siamesedb.cli import cli
+    from siamesedb.serve import default_workers
+
+    monkeypatch.setattr(siamesedb.serve.os, "cpu_count", lambda: 2)
+    assert default_workers(noise_index, "cpu") == 2
+    monkeypatch.setattr(siamesedb.serve.os, "cpu_count", lambda: 16)
+    assert default_workers(noise_index, "cpu") == 4
+    monkeypatch.setattr(siamesedb.serve.os, "cpu_count", lambda: 1)
+    assert default_workers(noise_index, "cpu") == 1
+    monkeypatch.setattr(siamesedb.serve.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(devices, "resolve_device", lambda device: "cuda")
+    assert default_workers(noise_index, "auto") == 1
+    monkeypatch.setattr(devices, "resolve_device", lambda device: "cpu")
+    milvus = tmp_path / "milvus-index"
+    milvus.mkdir()
+    manifest = json_module.loads((noise_index / "manifest.json").read_text())
+    (milvus / "manifest.json").write_text(json_module.dumps({**manifest, "backend": "milvus"}))
+    assert default_workers(milvus, "cpu") == 1
+    seen = {}
+    monkeypatch.setattr(siamesedb.serve, "serve", lambda index, **kwargs: seen.update(kwargs))
+    result = CliRunner().invoke(cli, ["serve", "--index", str(noise_index), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert seen["workers"] == 4 and "with 4 processes" in result.output
+
+
 def test_adds_queued_behind_a_save_are_committed_together_once_each(index_copy, monkeypatch):
     app = create_app(index_copy, device="cpu")
     writer, saves, held = app.state.writer, [], threading.Event()
