@@ -2,9 +2,11 @@
 numbers of concurrent clients, search-only and mixed, and the encode batch sizes the micro-batcher reached.
 
 BEFORE is `siamesedb/serve.py` as it was at --before-ref (read with `git show`, one lock around every index call,
-each request encoded alone), AFTER the working tree's; both run over the same package otherwise, each in its own
-server process (uvicorn, one process, on 127.0.0.1) started fresh on a fresh copy of the index for every setting,
-with the clients in this process (one keep-alive HTTP connection per client thread).
+each request encoded alone), AFTER the working tree's `create_app` in one process (uvicorn, on 127.0.0.1), and
+`serve wN` the working tree's `siamesedb serve --workers N` (N server processes on one port; `--serve-workers`);
+all run over the same package otherwise, each started fresh on a fresh copy of the index for every setting, with
+the clients in this process (one keep-alive HTTP connection per client thread). `siamesedb serve` with no
+--workers runs `serve.default_workers` processes (one per core, at most 4, on the CPU).
 
 Mixed load at 10 clients: 4 searching, 2 classifying, 2 adding with the token (images of drawer 04, each added
 once), 1 tokenless writer (401s), 1 junk uploader (400s); other client counts take the same roles in the order of
@@ -14,6 +16,7 @@ Every answer counts (errors too: they are answers); any 5xx or transport error i
 The index: drawers 01-02 of every Omniglot evaluation character (as `make demo`, 1,318 items); queries drawer 03.
 
 Run:  python tools/bench_serve.py [--data PATH] [--seconds 10] [--clients 1 4 10 32] [--loads search mixed]
+          [--serve-workers 1 2]
 """
 
 from __future__ import annotations
@@ -74,11 +77,17 @@ def free_port() -> int:
 
 def start(variant: str, index: Path, settings: str = "") -> tuple[subprocess.Popen, int]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-c", LAUNCHER, variant, str(index), str(port), TOKEN, settings],
-                               cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    if variant.startswith("serve:"):  # the real command, N processes (no batch-size route: uvicorn's workers)
+        command = [sys.executable, "-m", "siamesedb", "serve", "--index", str(index), "--port", str(port),
+                   "--token", TOKEN, "--device", "cpu", "--workers", variant.split(":")[1]]
+    else:
+        command = [sys.executable, "-c", LAUNCHER, variant, str(index), str(port), TOKEN, settings]
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: an unread pipe would stall a chatty server
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True)
     for _ in range(600):
         if process.poll() is not None:
-            raise SystemExit(f"server ({variant}) exited: {process.stderr.read()}")
+            log.seek(0)
+            raise SystemExit(f"server ({variant}) exited: {log.read()}")
         try:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             connection.request("GET", "/info")
@@ -95,7 +104,9 @@ def stop(process: subprocess.Popen, port: int) -> Counter:
     """Stop the server; returns its batch sizes (empty for BEFORE, which has no batcher)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     connection.request("GET", "/_bench/batches")
-    batches = Counter({int(k): v for k, v in json.loads(connection.getresponse().read()).items()})
+    response = connection.getresponse()
+    body = response.read()
+    batches = Counter({int(k): v for k, v in json.loads(body).items()}) if response.status == 200 else Counter()
     connection.close()
     process.terminate()
     try:
@@ -196,6 +207,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["before", "after"], choices=["before", "after"])
     parser.add_argument("--after-settings", nargs="+", default=[""], metavar="MAX_BATCH:MAX_WAIT_MS",
                         help="AFTER's batcher settings to compare, e.g. 32:2 8:0 (default: create_app's defaults).")
+    parser.add_argument("--serve-workers", type=int, nargs="*", default=[], metavar="N",
+                        help="Also measure `siamesedb serve --workers N` for each N (e.g. 1 2).")
     parser.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
     args = parser.parse_args()
 
@@ -232,6 +245,8 @@ def main() -> None:
                 raise SystemExit(f"git show {args.before_ref}:siamesedb/serve.py failed: {source.stderr.strip()}")
             before.write_text(source.stdout, encoding="utf-8")
             variants["before"] = (str(before), "")
+        for n in args.serve_workers:
+            variants[f"serve w{n}"] = (f"serve:{n}", "")
         print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cpus, {platform.processor() or platform.machine()}"
               f", load average {os.getloadavg()[0]:.2f} at start; index {len(queries)} queries, {args.seconds:g} s per "
               f"setting after {args.warmup:g} s warm-up; before = {args.before_ref}:siamesedb/serve.py", flush=True)
@@ -247,7 +262,7 @@ def main() -> None:
                     row["variant"] = name
                     rows.append(row)
                     batch = (f"{row['batches']} | {row['mean_batch']:.2f} | {row['max_batch']}" if variant == "after"
-                             else "- | 1 | 1")
+                             else "- | - | -" if variant.startswith("serve:") else "- | 1 | 1")
                     print(f"| {load} | {clients} | {name} | {row['per_s']:.1f} | {row['p50']:.1f} | {row['p99']:.1f} | "
                           f"{row['errors_5xx']} | {row['added']} | {batch} |", flush=True)
                     if load == "mixed":  # per role: answers/s, p50 / p99 ms
