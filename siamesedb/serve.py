@@ -28,12 +28,13 @@ Under load (batching.py): each request's images are decoded in a worker thread, 
 together, one encoder call per batch (`max_batch` requests, waiting at most `max_wait_ms` for requests still being
 decoded, never for ones not sent), and searched with one call per kind of question. Reads never wait behind writes:
 an add encodes through the same batcher, outside any lock, then commits through `db.add_vectors`, the adds that
-queued meanwhile in one group (one hold of the index's write lock, one save of its files); searches meanwhile read the committed state (each thread its own SQLite connection) and
-wait only for the in-memory FAISS add itself, not the commit nor the file save. An add that has been answered is
+queued meanwhile in one group (one hold of the index's write lock); the derived index files are saved once writes
+pause (batching.DeferredSave). Searches meanwhile read the committed state (each thread its own SQLite connection)
+and wait only for the in-memory FAISS add itself, not the commit nor the file save. An add that has been answered is
 seen by every later request. (That is the FAISS backend; over any other the server asks the index one thing
 at a time, as before.) Before reading, the server catches up with what other processes wrote
 (`SiameseDB.refresh`), except while it is writing itself (its write catches up under the lock). `serve --workers N`
-runs N such processes on one port (see `serve`).
+runs N such processes on one port (see `serve`; by default one per CPU core, `default_workers`).
 """
 
 from __future__ import annotations
