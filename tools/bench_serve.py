@@ -55,10 +55,15 @@ else:
     sys.modules["serve_before"] = module  # pydantic resolves the answer models' annotations through it
     spec.loader.exec_module(module)
 extra = {}
+nchw = settings == "nchw"  # BEFORE with the encoder in torch's NCHW layout too: the server as it was, whole
+if nchw:
+    settings = ""
 if settings:  # AFTER's batcher settings, "MAX_BATCH:MAX_WAIT_MS"
     batch, wait = settings.split(":")
     extra = {"max_batch": int(batch), "max_wait_ms": float(wait)}
 app = module.create_app(index, token=token, device="cpu", **extra)
+if nchw:
+    app.state.db.encoder.channels_last = False
 
 @app.get("/_bench/batches")
 def batches():  # the batch sizes reached, read by the benchmark before it stops the server
@@ -207,6 +212,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["before", "after"], choices=["before", "after"])
     parser.add_argument("--after-settings", nargs="+", default=[""], metavar="MAX_BATCH:MAX_WAIT_MS",
                         help="AFTER's batcher settings to compare, e.g. 32:2 8:0 (default: create_app's defaults).")
+    parser.add_argument("--before-nchw", action="store_true",
+                        help="Also measure BEFORE with the encoder's NCHW layout, as the package was before issue 28 "
+                             "('before nchw'; BEFORE itself runs over today's package, channels-last encoding included).")
     parser.add_argument("--serve-workers", type=int, nargs="*", default=[], metavar="N",
                         help="Also measure `siamesedb serve --workers N` for each N (e.g. 1 2).")
     parser.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
@@ -245,6 +253,8 @@ def main() -> None:
                 raise SystemExit(f"git show {args.before_ref}:siamesedb/serve.py failed: {source.stderr.strip()}")
             before.write_text(source.stdout, encoding="utf-8")
             variants["before"] = (str(before), "")
+            if args.before_nchw:
+                variants["before nchw"] = (str(before), "nchw")
         for n in args.serve_workers:
             variants[f"serve w{n}"] = (f"serve:{n}", "")
         print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cpus, {platform.processor() or platform.machine()}"
