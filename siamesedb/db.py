@@ -425,5 +425,8 @@ class SiameseDB(IndexWrites):
             return False  # caught up already; the writer has not finished its FAISS file and manifest yet
         self._refreshed_to = (version, manifest)
         self.manifest = manifest
-        self.backend.refresh(manifest)
+        appended = self.backend.refresh(manifest)
+        if appended is not None:  # only rows appended by other processes: the tables take them alone
+            self.follow_rows(appended.start, appended.version, appended.ids, appended.labels, appended.paths,
+                             appended.vectors)
         return True

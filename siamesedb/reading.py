@@ -189,21 +189,23 @@ class IndexQueries:
     def follow_add(self, before: int, ids: np.ndarray, labels: Sequence[str], paths: Sequence[str],
                    vectors: np.ndarray) -> None:
         """After this handle's add of `ids` under the write lock: bring the cached class table and item table from
-        version `before` to the backend's new one by the add alone (ClassTable / ItemTable.with_added), not a reread
-        of every item; a server classifying between adds would otherwise reread the whole index after each one.
-        Only where one add is one step of the version (the FAISS backend's store, whose writers all hold the index's
-        lock); otherwise, or where a table cannot follow, the tables are left to be rebuilt when next needed."""
-        if self.manifest.get("backend", "faiss") != "faiss":
-            return
-        after = self.backend.version
-        if after != before + 1:
-            return
+        version `before` to the backend's new one by the add alone (follow_rows), not a reread of every item; a
+        server classifying between adds would otherwise reread the whole index after each one. Only where one add
+        is one step of the version (the FAISS backend's store, whose writers all hold the index's lock)."""
+        if self.manifest.get("backend", "faiss") == "faiss" and self.backend.version == before + 1:
+            self.follow_rows(before, before + 1, ids, labels, paths, vectors)
+
+    def follow_rows(self, before: int, after: int, ids: np.ndarray, labels: Sequence[str], paths: Sequence[str],
+                    vectors: np.ndarray) -> None:
+        """The cached tables at version `before`, moved to `after` by these appended rows alone (this handle's add,
+        or other processes' appends a catch-up took: FaissBackend.Appended); a table that cannot follow
+        (ClassTable / ItemTable.with_added: a new class...) is dropped, to be rebuilt when next needed."""
         classes = self._prototype_cache
         if classes is not None and classes.version == before:
-            self._prototype_cache = classes.with_added(after, ids, labels, vectors)
+            self._prototype_cache = classes.with_added(after, ids, labels, vectors) if len(ids) else None
         items = self._item_table
         if items is not None and items.version == before:
-            self._item_table = items.with_added(after, ids, labels, paths)
+            self._item_table = items.with_added(after, ids, labels, paths) if len(ids) else None
 
     def _class_table(self) -> ClassTable:
         """Per-class prototypes and each item's class code (classes.read_class_table), cached per backend version."""

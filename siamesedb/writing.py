@@ -131,7 +131,10 @@ class IndexWrites(IndexQueries):
         """Under the write lock: drop leftovers of crashed writers, re-read the manifest, let the backend catch up."""
         remove_temporaries(self.path)
         self.manifest = with_shared(read_manifest(self.path), self.backend)
-        self.backend.catch_up(self.manifest)
+        appended = self.backend.catch_up(self.manifest)
+        if appended is not None:  # only rows appended by other processes: the tables take them alone
+            self.follow_rows(appended.start, appended.version, appended.ids, appended.labels, appended.paths,
+                             appended.vectors)
 
     def _save(self) -> None:
         """Save the backend's derived files (FAISS) and then the manifest that names what they mirror (at the end of

@@ -93,3 +93,49 @@ def test_large_tables_keep_no_sums_and_are_reread(tmp_path, monkeypatch):
     assert db._prototype_cache is None
     assert_same(db._class_table(), fresh(db)[0])
     db.close()
+
+
+def test_another_handles_appends_are_followed_and_anything_else_rebuilds(tmp_path, monkeypatch):
+    """A second handle (another server process) catching up with the first one's adds takes the appended rows
+    alone (FaissBackend.follow_appends: no rebuild of its FAISS index, tables followed); after a removal or an
+    import with given ids it rebuilds, and every answer matches a fresh read."""
+    from siamesedb.backends.faiss.backend import FaissBackend
+
+    writer = make("cosine", tmp_path / "index")
+    writer.add_vectors(rows(30, 0), [f"c{n % 5}" for n in range(30)], paths=[f"/d/{n}.png" for n in range(30)])
+    reader = SiameseDB.open(tmp_path / "index", device="cpu")
+    reader.classify_vectors(rows(1, 1))
+    reader._labels_and_paths(np.arange(1, 31))
+    rebuilds = []
+    original = FaissBackend.index_from_store
+    monkeypatch.setattr(FaissBackend, "index_from_store",
+                        lambda self, *args, **kwargs: rebuilds.append(1) or original(self, *args, **kwargs))
+
+    new = rows(4, 7)
+    ids = writer.add_vectors(new, ["c2", "c4", "c2", "c0"], paths=[f"/n/{n}.png" for n in range(4)])
+    assert reader.refresh()
+    assert rebuilds == []  # followed, not rebuilt
+    assert reader._prototype_cache is not None and reader._prototype_cache.version == reader.backend.version
+    assert_same(reader._prototype_cache, fresh(reader)[0])
+    found = reader.search_vectors(new, k=1, fetch=True)
+    assert [results[0].id for results in found] == [int(i) for i in ids]
+    assert [results[0].label for results in found] == ["c2", "c4", "c2", "c0"]
+
+    more = writer.add_vectors(rows(2, 8), ["c1", "c3"])  # then the reader writes: its catch-up follows too
+    reader.add_vectors(rows(1, 9), ["c1"])
+    assert rebuilds == []
+    assert [r[0].id for r in reader.search_vectors(rows(2, 8), k=1, fetch=True)] == [int(i) for i in more]
+    assert_same(reader._class_table(), fresh(reader)[0])
+
+    writer.remove(ids=[int(ids[0])])  # a removal is never followed: the reader loads the saved file (or rebuilds)
+    reader.refresh()
+    assert int(ids[0]) not in {r[0].id for r in reader.search_vectors(new, k=1, fetch=True)}
+    assert_same(reader._class_table(), fresh(reader)[0])
+    rebuilds.clear()
+    writer.backend.add(np.array([int(ids[0])]), ["c3"], [""], ["h" * 64], rows(1, 10))  # an import keeping an id
+    writer.backend.end_write(None, False)
+    reader.refresh()
+    assert rebuilds, "an insert under a given id is not an append: rebuilt"
+    assert reader.search_vectors(rows(1, 10), k=1, fetch=True)[0][0].label == "c3"
+    reader.close()
+    writer.close()

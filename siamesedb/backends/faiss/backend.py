@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -43,6 +44,19 @@ VECTORS_FILE = "vectors.faiss"  # derived: the FAISS index over the store's vect
 TRAIN_SAMPLE = 131072  # rows an untrained index (IVF...) is trained on, from the start of a bulk add
 
 
+@dataclass(frozen=True)
+class Appended:
+    """Rows other processes appended between two store versions, as a catch-up took them: (n,) ids ascending,
+    their labels, paths and (n, D) stored vectors."""
+
+    start: int
+    version: int
+    ids: np.ndarray
+    labels: list[str]
+    paths: list[str]
+    vectors: np.ndarray
+
+
 class FaissBackend(BackendBase):
     """The items of one index folder in SQLite, searched through FAISS (see the module docstring)."""
 
@@ -62,6 +76,8 @@ class FaissBackend(BackendBase):
         # The store version the in-memory FAISS index mirrors: a write that finds the store moved on (another
         # process wrote since) rebuilds it first, so this handle never writes a FAISS file missing their items.
         self._index_version: int | None = None
+        self._max_id: int | None = None  # the largest id held at _index_version (None: not known, then no appends
+        # are followed: follow_appends)
         self._guard = ReadWriteLock()  # searches and saves share; the in-place FAISS change of a write is exclusive
 
     @property
@@ -101,7 +117,7 @@ class FaissBackend(BackendBase):
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{store_path}{suffix}").unlink(missing_ok=True)
         backend = cls(path, ItemStore(store_path, dim=index.dim), index, device, search_backend)
-        backend._index_version = backend.store.version
+        backend._index_version, backend._max_id = backend.store.version, 0
         return backend, {"vectors_store_version": backend.version}
 
     @classmethod
@@ -125,11 +141,11 @@ class FaissBackend(BackendBase):
     def _load_file(self, manifest: dict[str, Any]) -> bool:
         """Load vectors.faiss when it mirrors the store; else rebuild from the store. Returns whether it loaded."""
         with self.store.snapshot():  # version and count of one committed state, even while a writer commits
-            version, count = self.store.version, self.store.count()
+            version, count, max_id = self.store.version, self.store.count(), self.store.max_id()
         index = self._saved_index(manifest, version, count)
         if index is not None and index.dim == self.dimension and index.metric == self.index.metric:
             self.index = index
-            self._index_version = version
+            self._index_version, self._max_id = version, max_id
             return True
         self.index = self.index_from_store(manifest)
         return False
@@ -158,7 +174,7 @@ class FaissBackend(BackendBase):
             ids, vectors = self.store.vectors()
         factory = factory or manifest.get("factory", "Flat")
         index = VectorIndex(self.dimension, factory=factory, metric=self.index.metric, **self._search_args)
-        self._index_version = version
+        self._index_version, self._max_id = version, int(ids.max()) if len(ids) else 0
         if len(ids):
             if not index.is_trained:
                 try:
@@ -170,11 +186,38 @@ class FaissBackend(BackendBase):
             index.set_search_defaults(**manifest["search_defaults"])
         return index
 
-    def catch_up(self, manifest: dict[str, Any]) -> None:
-        """Under the write lock: rebuild the FAISS index when the store moved on since it was made (another
-        process wrote, or a write of ours failed part-way)."""
+    def catch_up(self, manifest: dict[str, Any]) -> Appended | None:
+        """Under the write lock: bring the FAISS index up to the store when it moved on since it was made (another
+        process wrote, or a write of ours failed part-way): by the appended rows alone when only appends followed
+        (returned, for the caller's tables), else by a rebuild."""
         if self._index_version is None or self._index_version != self.store.version:
+            appended = self.follow_appends()
+            if appended is not None:
+                return appended
             self.index = self.index_from_store(manifest)
+        return None
+
+    def follow_appends(self) -> Appended | None:
+        """Add to the in-memory index the rows other processes appended since the version it mirrors, when the
+        store's `rewrite_version` says nothing but appends happened since (their ids are above every id held then:
+        AUTOINCREMENT); None when that cannot be said (a removal, an import with given ids, paths rerooted, an
+        untrained index, an unknown start): the caller rebuilds. O(rows appended) instead of O(items)."""
+        start, max_id = self._index_version, self._max_id
+        if start is None or max_id is None or not self.index.is_trained:
+            return None
+        with self.store.snapshot():  # version, its rewrite mark and the new rows: one committed state
+            version, rewrite = self.store.version, self.store.rewrite_version
+            if version == start or rewrite is None or rewrite > start:
+                return None
+            chunks = list(self.store.iter_rows("label, path, vector", after=max_id))
+        rows = [row for _, part in chunks for row in part]
+        ids = np.concatenate([part_ids for part_ids, _ in chunks]) if chunks else np.empty(0, np.int64)
+        vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(len(rows), self.dimension)
+        if len(ids):
+            with self._guard.writing():
+                self.index.add(np.asarray(vectors, dtype=np.float32), ids)
+        self._index_version, self._max_id = version, int(ids.max()) if len(ids) else max_id
+        return Appended(start, version, ids, [r[0] for r in rows], [r[1] for r in rows], vectors)
 
     def begin_write(self) -> int | None:
         """The store version a write starts from (under the write lock, after catch_up)."""
@@ -184,14 +227,14 @@ class FaissBackend(BackendBase):
         """After a write under the lock: a clean one leaves the index in step with the store; a failed one that
         changed the store (part-way) makes the next write rebuild first. A refused write changed nothing."""
         if not failed:
-            self._index_version = self.store.version
+            self._index_version, self._max_id = self.store.version, self.store.max_id()  # under the write lock
             return
         try:
             unchanged = started_at is not None and self.store.version == started_at
         except Exception:  # noqa: BLE001 - a store that cannot say its version: rebuild to be safe
             unchanged = False
         if not unchanged:
-            self._index_version = None
+            self._index_version = self._max_id = None
 
     def save(self) -> dict[str, Any]:
         """Write vectors.faiss (atomically); returns the manifest fields that must be saved with it. OSError
@@ -200,17 +243,22 @@ class FaissBackend(BackendBase):
             self.index.save(self.path / VECTORS_FILE)
         return {"search_defaults": self.index.search_defaults, "vectors_store_version": self.store.version}
 
-    def refresh(self, manifest: dict[str, Any]) -> None:
+    def refresh(self, manifest: dict[str, Any]) -> Appended | None:
         """A reader catching up with another process's writes: the FAISS file when it mirrors the store's current
         version, else a rebuild in memory (never written: a reader must not race the writer for the files).
         Keeps this handle's search device, as open() gave it."""
         version = self.store.version
+        if self._index_version is not None and self._index_version != version:
+            appended = self.follow_appends()  # another process only added: take its new rows alone
+            if appended is not None:
+                return appended
         index = self._saved_index(manifest, version, self.store.count())
         if index is not None:
             self.index = index
-            self._index_version = version
+            self._index_version, self._max_id = version, None  # (the largest id of that file is not read here)
         elif self._index_version != version:  # else the index in memory mirrors the store already: this handle's
             self.index = self.index_from_store(manifest)  # own write, whose file save is still to come
+        return None
 
 
     def reindex(self, manifest: dict[str, Any], factory: str) -> VectorIndex:
@@ -238,6 +286,7 @@ class FaissBackend(BackendBase):
 
     def add(self, ids: np.ndarray | None, labels: Sequence[str], paths: Sequence[str], hashes: Sequence[str],
             vectors: np.ndarray) -> np.ndarray:
+        self._max_id = None  # the index moves ahead of _index_version: appends are followed again after end_write
         if ids is None:
             ids = self.store.add(labels, paths, hashes, vectors)
         else:
@@ -268,6 +317,7 @@ class FaissBackend(BackendBase):
         return removed
 
     def _drop_from_index(self, ids: np.ndarray) -> None:
+        self._max_id = None  # as in add
         with self._guard.writing():
             self.index.remove(ids)  # HNSW: tombstones, filtered out of every search
         if self.index.needs_compaction:  # rebuild the graph without them, from the exact stored vectors

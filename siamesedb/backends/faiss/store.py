@@ -219,8 +219,23 @@ class ItemStore:
                 except sqlite3.Error as exc:
                     raise _named_error(self.path, exc) from None
 
-    def _bump(self) -> None:
+    def _bump(self, rewrite: bool = True) -> None:
+        """Move the version; `rewrite` (every write but an append of new ids) also records it as `rewrite_version`,
+        so a reader at a later version knows that only appends followed (FaissBackend.follow_appends)."""
+        before = self._meta("rewrite_version")
         self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'version'")
+        if rewrite or before is None:  # a store without the mark (made before it existed) gets it now
+            self._set_meta("rewrite_version", str(self.version if rewrite else self.version - 1))
+
+    def max_id(self) -> int:
+        """The largest id held (0 when empty)."""
+        return int(self._db.execute("SELECT COALESCE(MAX(id), 0) FROM items").fetchone()[0])
+
+    @property
+    def rewrite_version(self) -> int | None:
+        """The version of the last write that was not a pure append (None: not recorded, so unknown)."""
+        value = self._meta("rewrite_version")
+        return None if value is None else int(value)
 
     @property
     @_named_sqlite_errors
@@ -273,7 +288,7 @@ class ItemStore:
             )
             if len(ids) != n:  # cannot happen under the write lock; refuse to return wrong ids if it ever does
                 raise CorruptIndexError(f"{self.path}: inserted {n} items but found {len(ids)} new ids")
-            self._bump()
+            self._bump(rewrite=False)  # an append: ids above every id ever used (AUTOINCREMENT)
         return ids
 
     def _checked_batch(self, labels: Sequence[str], paths: Sequence[str | os.PathLike], hashes: Sequence[str],
@@ -416,9 +431,10 @@ class ItemStore:
             self._bump()
 
     def iter_rows(
-        self, columns: str = "label, vector", chunk: int = 65536
+        self, columns: str = "label, vector", chunk: int = 65536, after: int = 0
     ) -> Iterator[tuple[np.ndarray, list[tuple]]]:
-        """(ids (n,) int64, rows) in id order, `chunk` rows at a time: all items in bounded memory.
+        """(ids (n,) int64, rows) in id order, `chunk` rows at a time: all items (with an id above `after`) in
+        bounded memory.
 
         `columns` is a comma-separated subset of label, path, sha256, vector (checked: never user text in SQL).
         """
@@ -426,7 +442,8 @@ class ItemStore:
         if not wanted or any(c not in ("label", "path", "sha256", "vector") for c in wanted):
             raise InvalidInputError(f"unknown columns {columns!r}")
         try:
-            cursor = self._db.execute(f"SELECT id, {', '.join(wanted)} FROM items ORDER BY id")
+            cursor = self._db.execute(f"SELECT id, {', '.join(wanted)} FROM items WHERE id > ? ORDER BY id",
+                                      (int(after),))
         except sqlite3.Error as exc:
             raise _named_error(self.path, exc) from None
         while True:
