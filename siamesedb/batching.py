@@ -18,6 +18,7 @@ themselves.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -295,8 +296,6 @@ class DeferredSave:
             self.save()
             self.saves += 1
         except Exception as exc:  # noqa: BLE001 - a server goes on; the next write retries the save
-            import sys
-
             print(f"siamesedb serve: saving the index files failed ({exc}); will retry after the next write",
                   file=sys.stderr, flush=True)
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from siamesedb.checks import as_target_far
 from siamesedb.errors import CorruptIndexError, EmptyIndexError, InvalidInputError, NotCalibratedError, UnknownLabelError
+from siamesedb.item_table import appends_after
 from siamesedb.rules import DEFAULT_RULE, check_rule, genuine_impostor_scores, get_rule
 from siamesedb.scoring import brute_force_search, eer_threshold, far_threshold
 
@@ -63,7 +64,7 @@ class ClassTable:
             if r == len(self.names) or self.names[r] != label:
                 return None  # a new class moves every later code
             codes[n] = r
-        if (len(self.ids) and ids.min() <= self.ids[-1]) or (len(ids) > 1 and not (np.diff(ids) > 0).all()):
+        if not appends_after(self.ids, ids):
             return None  # the id column must stay ascending
         sums, counts = self.sums.copy(), self.counts.copy()
         np.add.at(sums, codes, np.asarray(vectors, dtype=np.float64))

@@ -427,6 +427,5 @@ class SiameseDB(IndexWrites):
         self.manifest = manifest
         appended = self.backend.refresh(manifest)
         if appended is not None:  # only rows appended by other processes: the tables take them alone
-            self.follow_rows(appended.start, appended.version, appended.ids, appended.labels, appended.paths,
-                             appended.vectors)
+            self.follow_appended(appended)
         return True

@@ -18,6 +18,11 @@ from siamesedb.errors import CorruptIndexError
 FOLLOW_MAX_ITEMS = 1 << 18
 
 
+def appends_after(held: np.ndarray, ids: np.ndarray) -> bool:
+    """Whether new (n,) `ids` extend the ascending id column `held` and stay ascending (what a table can follow)."""
+    return bool(len(ids)) and not (len(held) and ids.min() <= held[-1]) and bool((np.diff(ids) > 0).all())
+
+
 @dataclass
 class ItemTable:
     version: int  # the store version this table mirrors
@@ -61,7 +66,7 @@ class ItemTable:
         ids = np.asarray(ids, dtype=np.int64)
         if len(self.ids) > FOLLOW_MAX_ITEMS:  # each add copies the columns: beyond this a rebuild costs less
             return None
-        if not len(ids) or (len(self.ids) and ids.min() <= self.ids[-1]) or (len(ids) > 1 and not (np.diff(ids) > 0).all()):
+        if not appends_after(self.ids, ids):
             return None
         names = list(self.names)
         code_of = {name: code for code, name in enumerate(names)}

@@ -195,6 +195,11 @@ class IndexQueries:
         if self.manifest.get("backend", "faiss") == "faiss" and self.backend.version == before + 1:
             self.follow_rows(before, before + 1, ids, labels, paths, vectors)
 
+    def follow_appended(self, appended: Any) -> None:
+        """The tables follow the rows other processes appended, as a catch-up took them (FaissBackend.Appended)."""
+        self.follow_rows(appended.start, appended.version, appended.ids, appended.labels, appended.paths,
+                         appended.vectors)
+
     def follow_rows(self, before: int, after: int, ids: np.ndarray, labels: Sequence[str], paths: Sequence[str],
                     vectors: np.ndarray) -> None:
         """The cached tables at version `before`, moved to `after` by these appended rows alone (this handle's add,

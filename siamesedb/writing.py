@@ -133,8 +133,7 @@ class IndexWrites(IndexQueries):
         self.manifest = with_shared(read_manifest(self.path), self.backend)
         appended = self.backend.catch_up(self.manifest)
         if appended is not None:  # only rows appended by other processes: the tables take them alone
-            self.follow_rows(appended.start, appended.version, appended.ids, appended.labels, appended.paths,
-                             appended.vectors)
+            self.follow_appended(appended)
 
     def _save(self) -> None:
         """Save the backend's derived files (FAISS) and then the manifest that names what they mirror (at the end of

@@ -260,7 +260,6 @@ class FaissBackend(BackendBase):
             self.index = self.index_from_store(manifest)  # own write, whose file save is still to come
         return None
 
-
     def reindex(self, manifest: dict[str, Any], factory: str) -> VectorIndex:
         """A FAISS index of type `factory` rebuilt from every stored vector (tombstones dropped); made the live one."""
         self.index = self.index_from_store(manifest, factory)
